@@ -1,0 +1,543 @@
+"""The message bus: every stream, consumer and subject of a run, declared in one place.
+
+One JetStream stream per run holds all of the run's subjects (`<prefix>.<run>.>`) with interest
+retention: a message stays until every durable consumer whose filter matches it has acked it.
+All durable consumers are declared here and created by `Bus.ensure()` (idempotent, called by every
+service at start), so no message is published before the consumers that must see it exist.
+
+- Publishing that matters goes through JetStream with a `Nats-Msg-Id` (server-side dedup).
+- `Bus.consume` is the pull loop every service uses: batched fetch, handler, ack; a handler that
+  raises is nak'ed with a delay and, at its last delivery, dead-lettered with the error; a payload
+  that does not parse (or names another run) is dead-lettered and terminated at once.
+- Fan-out subjects (policy.weights, control) are also read by plain subscriptions in every replica,
+  and the policy head and paused flag live in the run's KV bucket for services that start late.
+
+Not covered: what a message means. Handlers are idempotent by the ids each message carries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from google.protobuf.message import DecodeError, Message
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from prometheus_client import Counter, Histogram
+
+from offbeat.config import BusConfig
+from offbeat.v1 import policy_pb2
+
+log = logging.getLogger("offbeat.bus")
+
+T = TypeVar("T", bound=Message)
+R = TypeVar("R", bound=Message)
+
+SANDBOX_EXEC: Final = "sandbox.exec"
+HEAD_KEY: Final = "policy.head"
+PAUSED_KEY: Final = "control.paused"
+
+PUBLISHED = Counter("offbeat_bus_published_total", "Messages published through JetStream", ["kind"])
+HANDLED = Counter("offbeat_bus_handled_total", "Messages handled by a consumer", ["consumer", "outcome"])
+HANDLE_SECONDS = Histogram(
+    "offbeat_bus_handle_seconds",
+    "Handler time per message",
+    ["consumer"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+)
+
+
+class Subjects:
+    """Subject names of one run: `<prefix>.<run>.<kind>`."""
+
+    KINDS: Final = (
+        "rollout.request",
+        "rollout.completion",
+        "rollout.scored",
+        "policy.weights",
+        "policy.live",
+        "trainer.step",
+        "control",
+        "dlq",
+    )
+
+    def __init__(self, prefix: str, run_id: str) -> None:
+        if run_id == SANDBOX_EXEC.split(".")[0]:
+            raise ValueError(
+                f"run id {run_id!r} is reserved: its stream would capture {prefix}.{SANDBOX_EXEC}"
+            )
+        self.prefix = prefix
+        self.run_id = run_id
+        self.root = f"{prefix}.{run_id}"
+        self.rollout_request = f"{self.root}.rollout.request"
+        self.rollout_completion = f"{self.root}.rollout.completion"
+        self.rollout_scored = f"{self.root}.rollout.scored"
+        self.policy_weights = f"{self.root}.policy.weights"
+        self.policy_live = f"{self.root}.policy.live"
+        self.trainer_step = f"{self.root}.trainer.step"
+        self.dlq = f"{self.root}.dlq"
+        self.all = f"{self.root}.>"
+        self.control_all = f"{self.root}.control.*"
+        self.sandbox_exec = f"{prefix}.{SANDBOX_EXEC}"
+        self.stream = f"OFFBEAT_{prefix}_{run_id}".replace("-", "_").upper()
+        self.kv_bucket = f"offbeat_{prefix}_{run_id}".replace("-", "_")
+
+    def control(self, command: str) -> str:
+        return f"{self.root}.control.{command}"
+
+    def kind(self, subject: str) -> str:
+        """The kind part of one of our subjects (`rollout.request`), for metrics and logs."""
+        return subject[len(self.root) + 1 :] if subject.startswith(self.root + ".") else subject
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer; every limit explicit."""
+
+    durable: str
+    filter_subject: str
+    ack_wait_s: float
+    max_deliver: int
+    max_ack_pending: int
+    description: str
+
+
+def consumer_specs(cfg: BusConfig, subjects: Subjects) -> dict[str, ConsumerSpec]:
+    """The run's durable consumers: one per service queue, and the ledger's view of everything."""
+
+    def spec(name: str, subject: str, what: str, *, max_ack_pending: int | None = None) -> ConsumerSpec:
+        return ConsumerSpec(
+            durable=name,
+            filter_subject=subject,
+            ack_wait_s=cfg.ack_wait_s,
+            max_deliver=cfg.max_deliver,
+            max_ack_pending=max_ack_pending or cfg.max_ack_pending,
+            description=what,
+        )
+
+    return {
+        "inference": spec(
+            "inference", subjects.rollout_request, "rollout requests for the inference replicas"
+        ),
+        "scorer": spec("scorer", subjects.rollout_completion, "completions for the scorer replicas"),
+        "trainer": spec(
+            "trainer",
+            subjects.rollout_scored,
+            "scored trajectories for the trainer",
+            max_ack_pending=max(cfg.max_ack_pending, 65536),
+        ),
+        "ledger": spec(
+            "ledger",
+            subjects.all,
+            "every event of the run, for the ledger writer",
+            max_ack_pending=max(cfg.max_ack_pending, 65536),
+        ),
+    }
+
+
+class Reject(Exception):
+    """Raised by a handler for a message that can never succeed: dead-lettered at once."""
+
+
+class Delivery:
+    """One delivered message; a handler may `defer()` the ack and ack it later itself."""
+
+    __slots__ = ("_msg", "acked", "deferred", "num_delivered", "stream_seq", "subject")
+
+    def __init__(self, msg: Msg, num_delivered: int, stream_seq: int) -> None:
+        self._msg = msg
+        self.subject = msg.subject
+        self.num_delivered = num_delivered
+        self.stream_seq = stream_seq
+        self.deferred = False
+        self.acked = False
+
+    @property
+    def msg_id(self) -> str:
+        return (self._msg.headers or {}).get("Nats-Msg-Id", "")
+
+    def defer(self) -> None:
+        """The handler takes over acknowledgement (e.g. ack only once a checkpoint is durable)."""
+        self.deferred = True
+
+    async def ack(self, *, sync: bool = False, timeout_s: float = 5.0) -> None:
+        if self.acked:
+            return
+        if sync:
+            await self._msg.ack_sync(timeout=timeout_s)
+        else:
+            await self._msg.ack()
+        self.acked = True
+
+    async def nak(self, delay_s: float | None = None) -> None:
+        await self._msg.nak(delay=delay_s)
+        self.acked = True
+
+    async def in_progress(self) -> None:
+        """Extend the ack deadline of a message that takes long to handle."""
+        await self._msg.in_progress()
+
+
+Handler = Callable[[T, Delivery], Awaitable[None]]
+
+
+@dataclass
+class Publication(Generic[T]):
+    subject: str
+    message: T
+    msg_id: str
+
+
+class Bus:
+    """A connection to NATS for one run, with the run's subjects, stream, consumers and KV."""
+
+    def __init__(self, nc: NATS, cfg: BusConfig, subjects: Subjects, name: str) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream(timeout=cfg.publish_timeout_s)
+        self.cfg = cfg
+        self.subjects = subjects
+        self.run_id = subjects.run_id
+        self.name = name
+        self.consumers = consumer_specs(cfg, subjects)
+        self._kv: Any = None
+
+    @classmethod
+    async def connect(cls, cfg: BusConfig, run_id: str, *, name: str) -> Bus:
+        """Connect (retrying until `connect_timeout_s` per attempt) and reconnect forever after."""
+        subjects = Subjects(cfg.prefix, run_id)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected", extra={"service": name})
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected", extra={"service": name})
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error: %s", exc, extra={"service": name})
+
+        nc = await nats.connect(
+            servers=[s.strip() for s in cfg.nats_url.split(",")],
+            name=name,
+            connect_timeout=cfg.connect_timeout_s,  # type: ignore[arg-type]
+            reconnect_time_wait=cfg.reconnect_wait_s,  # type: ignore[arg-type]
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            pending_size=4 * cfg.max_payload_bytes,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+        )
+        return cls(nc, cfg, subjects, name)
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Drain subscriptions and flush pending publishes, then close."""
+        if self.nc.is_closed:
+            return
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+            await self.nc.drain()
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    # --- declaration -----------------------------------------------------------------------
+
+    def stream_config(self) -> api.StreamConfig:
+        cfg = self.cfg
+        return api.StreamConfig(
+            name=self.subjects.stream,
+            subjects=[self.subjects.all],
+            retention=api.RetentionPolicy.INTEREST,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.NEW,
+            max_age=cfg.stream_max_age_s,
+            max_bytes=cfg.stream_max_bytes,
+            max_msg_size=cfg.max_payload_bytes,
+            max_msgs=-1,
+            max_consumers=-1,
+            duplicate_window=cfg.duplicate_window_s,
+            num_replicas=1,
+        )
+
+    async def ensure(self) -> None:
+        """Create (or update to the declared config) the stream, every consumer and the KV bucket."""
+        config = self.stream_config()
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+        for spec in self.consumers.values():
+            await self.js.add_consumer(
+                self.subjects.stream,
+                api.ConsumerConfig(
+                    durable_name=spec.durable,
+                    description=spec.description,
+                    filter_subject=spec.filter_subject,
+                    deliver_policy=api.DeliverPolicy.ALL,
+                    ack_policy=api.AckPolicy.EXPLICIT,
+                    ack_wait=spec.ack_wait_s,
+                    max_deliver=spec.max_deliver,
+                    max_ack_pending=spec.max_ack_pending,
+                    max_waiting=512,
+                    replay_policy=api.ReplayPolicy.INSTANT,
+                    inactive_threshold=None,
+                ),
+            )
+        self._kv = await self.js.create_key_value(
+            bucket=self.subjects.kv_bucket,
+            history=self.cfg.kv_history,
+            description=f"offbeat run {self.run_id}",
+        )
+
+    # --- publish ---------------------------------------------------------------------------
+
+    async def publish(self, subject: str, message: Message, *, msg_id: str) -> api.PubAck:
+        """JetStream publish with dedup id; returns the server's ack (`duplicate` set on repeats)."""
+        ack = await self.js.publish(subject, message.SerializeToString(), headers={"Nats-Msg-Id": msg_id})
+        PUBLISHED.labels(self.subjects.kind(subject)).inc()
+        return ack
+
+    async def publish_many(self, items: Iterable[Publication[Any]]) -> list[api.PubAck]:
+        """Pipelined JetStream publishes (async acks), all awaited before returning."""
+        futures = []
+        counts: dict[str, int] = {}
+        for item in items:
+            futures.append(
+                await self.js.publish_async(
+                    item.subject, item.message.SerializeToString(), headers={"Nats-Msg-Id": item.msg_id}
+                )
+            )
+            kind = self.subjects.kind(item.subject)
+            counts[kind] = counts.get(kind, 0) + 1
+        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=self.cfg.publish_timeout_s)
+        for kind, n in counts.items():
+            PUBLISHED.labels(kind).inc(n)
+        return list(acks)
+
+    async def control(
+        self, kind: policy_pb2.ControlKind.ValueType, *, command_id: str, version: int = 0, reason: str = ""
+    ) -> None:
+        """Publish a control command (pause, resume, rollback, stop) and record pause state in KV."""
+        cmd = policy_pb2.ControlCommand(
+            run_id=self.run_id,
+            command_id=command_id,
+            kind=kind,
+            version=version,
+            reason=reason,  # type: ignore[arg-type]
+            issued_at=time.time(),
+        )
+        name = policy_pb2.ControlKind.Name(kind).removeprefix("CONTROL_KIND_").lower()
+        if kind in (policy_pb2.CONTROL_KIND_PAUSE, policy_pb2.CONTROL_KIND_RESUME):
+            await self.kv_put(PAUSED_KEY, b"1" if kind == policy_pb2.CONTROL_KIND_PAUSE else b"0")
+        await self.publish(self.subjects.control(name), cmd, msg_id=f"control:{command_id}")
+
+    # --- consume ---------------------------------------------------------------------------
+
+    async def _pull(self, consumer: str) -> JetStreamContext.PullSubscription:
+        spec = self.consumers[consumer]
+        return await self.js.pull_subscribe_bind(
+            durable=spec.durable, stream=self.subjects.stream, pending_msgs_limit=-1, pending_bytes_limit=-1
+        )
+
+    async def consume(
+        self,
+        consumer: str,
+        message_type: type[T],
+        handler: Handler[T],
+        *,
+        stop: asyncio.Event,
+        max_in_flight: int = 1,
+        batch: int | None = None,
+    ) -> None:
+        """Pull from a declared consumer until `stop` is set.
+
+        With `max_in_flight == 1` messages are handled one after another in fetch order; above it,
+        each message is handled in its own task and no more than `max_in_flight` are held at once
+        (the engine's capacity, for inference). On stop, handlers in flight are awaited.
+        """
+        batch = batch or self.cfg.fetch_batch
+        sub = await self._pull(consumer)
+        tasks: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                want = batch if max_in_flight == 1 else min(batch, max_in_flight - len(tasks))
+                if want <= 0:
+                    await asyncio.wait(
+                        tasks, return_when=asyncio.FIRST_COMPLETED, timeout=self.cfg.fetch_timeout_s
+                    )
+                    continue
+                try:
+                    msgs = await sub.fetch(want, timeout=self.cfg.fetch_timeout_s)
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    if stop.is_set() or self.nc.is_closed:
+                        break
+                    raise
+                except (nats.errors.Error, nats.js.errors.Error) as exc:
+                    log.warning("fetch on %s failed (%s); re-binding", consumer, exc)
+                    await asyncio.sleep(self.cfg.reconnect_wait_s)
+                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+                        sub = await self._pull(consumer)
+                    continue
+                for msg in msgs:
+                    if max_in_flight == 1:
+                        await self._handle(consumer, message_type, handler, msg)
+                    else:
+                        task = asyncio.create_task(self._handle(consumer, message_type, handler, msg))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+        finally:
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
+                await sub.unsubscribe()
+
+    async def _handle(self, consumer: str, message_type: type[T], handler: Handler[T], msg: Msg) -> None:
+        meta = msg.metadata
+        delivery = Delivery(msg, meta.num_delivered, meta.sequence.stream)
+        started = time.perf_counter()
+        try:
+            try:
+                message = message_type.FromString(msg.data)
+            except DecodeError as exc:
+                raise Reject(f"malformed {message_type.__name__}: {exc}") from None
+            run_id = getattr(message, "run_id", None)
+            if run_id is not None and run_id != self.run_id:
+                raise Reject(f"{message_type.__name__}.run_id is {run_id!r}, expected {self.run_id!r}")
+            await handler(message, delivery)
+        except Reject as exc:
+            await self._dead_letter(consumer, msg, delivery, str(exc))
+            return
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if delivery.num_delivered >= self.consumers[consumer].max_deliver:
+                await self._dead_letter(
+                    consumer, msg, delivery, f"failed {delivery.num_delivered} times; last: {reason}"
+                )
+            else:
+                log.warning(
+                    "handler on %s failed (delivery %d): %s", consumer, delivery.num_delivered, reason
+                )
+                backoff = self.cfg.nak_backoff_s
+                await delivery.nak(
+                    backoff[min(delivery.num_delivered, len(backoff)) - 1] if backoff else None
+                )
+                HANDLED.labels(consumer, "nak").inc()
+            return
+        finally:
+            HANDLE_SECONDS.labels(consumer).observe(time.perf_counter() - started)
+        if not delivery.deferred:
+            await delivery.ack()
+        HANDLED.labels(consumer, "ok").inc()
+
+    async def _dead_letter(self, consumer: str, msg: Msg, delivery: Delivery, reason: str) -> None:
+        letter = policy_pb2.DeadLetter(
+            subject=msg.subject,
+            payload=msg.data,
+            reason=reason,
+            consumer=consumer,
+            deliveries=delivery.num_delivered,
+            msg_id=delivery.msg_id,
+            dead_at=time.time(),
+        )
+        log.error("dead-lettered from %s: %s", consumer, reason)
+        await self.publish(self.subjects.dlq, letter, msg_id=f"dlq:{consumer}:{delivery.stream_seq}")
+        await msg.term()
+        HANDLED.labels(consumer, "dead_letter").inc()
+
+    # --- fan-out subscriptions, request/reply ----------------------------------------------
+
+    async def subscribe(
+        self, subject: str, message_type: type[T], handler: Callable[[T], Awaitable[None]]
+    ) -> Any:
+        """A plain subscription (every replica sees every message); bad payloads are logged, skipped."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                message = message_type.FromString(msg.data)
+            except DecodeError as exc:
+                log.error("malformed %s on %s: %s", message_type.__name__, msg.subject, exc)
+                return
+            await handler(message)
+
+        return await self.nc.subscribe(subject, cb=on_msg)
+
+    async def request(self, subject: str, message: Message, reply_type: type[R], *, timeout_s: float) -> R:
+        msg = await self.nc.request(subject, message.SerializeToString(), timeout=timeout_s)
+        return reply_type.FromString(msg.data)
+
+    async def serve(
+        self,
+        subject: str,
+        request_type: type[T],
+        handler: Callable[[T], Awaitable[Message]],
+        *,
+        queue: str,
+        on_malformed: Callable[[str], Message],
+    ) -> Any:
+        """Answer requests on `subject` in queue group `queue`, each in its own task."""
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(msg: Msg) -> None:
+            try:
+                request = request_type.FromString(msg.data)
+            except DecodeError as exc:
+                reply = on_malformed(f"malformed {request_type.__name__}: {exc}")
+            else:
+                reply = await handler(request)
+            if msg.reply:
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(reply.SerializeToString())
+
+        async def on_msg(msg: Msg) -> None:
+            task = asyncio.create_task(answer(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    # --- KV ----------------------------------------------------------------------------------
+
+    async def _bucket(self) -> Any:
+        if self._kv is None:
+            self._kv = await self.js.key_value(self.subjects.kv_bucket)
+        return self._kv
+
+    async def kv_put(self, key: str, value: bytes) -> None:
+        await (await self._bucket()).put(key, value)
+
+    async def kv_get(self, key: str) -> bytes | None:
+        try:
+            entry = await (await self._bucket()).get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return entry.value  # type: ignore[no-any-return]
+
+    async def put_head(self, version: policy_pb2.WeightVersion) -> None:
+        await self.kv_put(HEAD_KEY, version.SerializeToString())
+
+    async def get_head(self) -> policy_pb2.WeightVersion | None:
+        raw = await self.kv_get(HEAD_KEY)
+        return None if raw is None else policy_pb2.WeightVersion.FromString(raw)
+
+    async def is_paused(self) -> bool:
+        return (await self.kv_get(PAUSED_KEY)) == b"1"
+
+    async def consumer_pending(self, consumer: str) -> tuple[int, int]:
+        """(messages not yet delivered, delivered but unacked) of a declared consumer."""
+        info = await self.js.consumer_info(self.subjects.stream, self.consumers[consumer].durable)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)

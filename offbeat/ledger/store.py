@@ -1,0 +1,234 @@
+"""The ledger's async store: batched idempotent upserts and the questions asked of it.
+
+Trajectory rows are merged, never overwritten: a column keeps its value unless the new event
+brings one, and the status only moves forward (requested < generated < scored < terminal). Once
+terminal, a status never changes: a batch skips such rows (so replays are harmless) and
+`transition()` raises `TerminalStatusError`; a database trigger refuses it for any other writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, case, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from offbeat.ledger.models import (
+    STATUS_RANK,
+    TERMINAL,
+    AdminAction,
+    DeadLetterRow,
+    PolicyVersion,
+    Run,
+    TrainerStep,
+    Trajectory,
+)
+
+TRAJECTORIES: Table = Trajectory.__table__  # type: ignore[assignment]
+TRAJECTORY_COLUMNS = tuple(c.name for c in TRAJECTORIES.columns)
+KEY = ("run_id", "trajectory_id")
+
+
+class TerminalStatusError(ValueError):
+    """A trajectory in a terminal status was asked to change status."""
+
+
+class UnknownTrajectoryError(KeyError):
+    """No such trajectory in the ledger."""
+
+
+def ts(unix: float | None) -> datetime | None:
+    return None if not unix else datetime.fromtimestamp(unix, tz=UTC)
+
+
+def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fold rows with the same key the way the upsert would, so one batch touches a row once."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for row in rows:
+        key = (row["run_id"], row["trajectory_id"])
+        have = merged.get(key)
+        if have is None:
+            merged[key] = {c: row.get(c) for c in TRAJECTORY_COLUMNS}
+            continue
+        old_status = have["status"]
+        for c, v in row.items():
+            if v is not None and c != "status":
+                have[c] = v
+        new = row.get("status")
+        if new and old_status not in TERMINAL and STATUS_RANK[new] > STATUS_RANK[old_status]:
+            have["status"] = new
+    return list(merged.values())
+
+
+class Ledger:
+    """Async access to the ledger database (asyncpg or psycopg through SQLAlchemy 2)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._upsert = self._trajectory_upsert()
+
+    @classmethod
+    def connect(cls, url: str, *, pool_size: int = 5) -> Ledger:
+        return cls(create_async_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    @staticmethod
+    def _trajectory_upsert() -> Any:
+        stmt = insert(TRAJECTORIES)
+        existing, new = TRAJECTORIES.c, stmt.excluded
+        rank = func.offbeat_status_rank
+        status = case(
+            (rank(existing.status) >= STATUS_RANK["trained"], existing.status),
+            (rank(new.status) > rank(existing.status), new.status),
+            else_=existing.status,
+        )
+        sets: dict[str, Any] = {"status": status}
+        for c in TRAJECTORY_COLUMNS:
+            if c not in KEY and c != "status":
+                sets[c] = func.coalesce(getattr(new, c), getattr(existing, c))
+        return stmt.on_conflict_do_update(index_elements=list(KEY), set_=sets)
+
+    async def upsert_trajectories(self, rows: Sequence[dict[str, Any]], *, batch_size: int = 1000) -> int:
+        """Merge trajectory events into rows; idempotent. Returns the number of distinct rows touched."""
+        merged = merge_rows(rows)
+        async with self.engine.begin() as conn:
+            for i in range(0, len(merged), batch_size):
+                await conn.execute(self._upsert, merged[i : i + batch_size])
+        return len(merged)
+
+    async def transition(
+        self, run_id: str, trajectory_id: str, status: str, *, reason: str | None = None
+    ) -> None:
+        """Move one trajectory to `status`; a terminal trajectory refuses any other status."""
+        async with self.engine.begin() as conn:
+            current = (
+                await conn.execute(
+                    select(TRAJECTORIES.c.status)
+                    .where(TRAJECTORIES.c.run_id == run_id, TRAJECTORIES.c.trajectory_id == trajectory_id)
+                    .with_for_update()
+                )
+            ).scalar_one_or_none()
+            if current is None:
+                raise UnknownTrajectoryError(trajectory_id)
+            if current == status:
+                return
+            if current in TERMINAL:
+                raise TerminalStatusError(
+                    f"trajectory {trajectory_id} is {current}; refusing change to {status}"
+                )
+            values: dict[str, Any] = {"status": status, "reason": reason}
+            if status in TERMINAL:
+                values["finished_at"] = datetime.now(UTC)
+            await conn.execute(
+                update(TRAJECTORIES)
+                .where(TRAJECTORIES.c.run_id == run_id, TRAJECTORIES.c.trajectory_id == trajectory_id)
+                .values(**values)
+            )
+
+    async def upsert_run(self, run_id: str, *, config: dict[str, Any], status: str = "running") -> None:
+        stmt = insert(Run).values(id=run_id, config=config, status=status)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"config": stmt.excluded.config, "status": stmt.excluded.status, "updated_at": func.now()},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def upsert_policy_versions(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        stmt = insert(PolicyVersion)
+        sets = {
+            c: func.coalesce(getattr(stmt.excluded, c), getattr(PolicyVersion.__table__.c, c))
+            for c in ("step", "parent", "uri", "sha256", "live_at", "eval_reward", "eval_count")
+        }
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                stmt.on_conflict_do_update(index_elements=["run_id", "version"], set_=sets),
+                [_fill(r, PolicyVersion, defaults={"eval_count": 0, "status": "active"}) for r in rows],
+            )
+
+    async def upsert_trainer_steps(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        stmt = insert(TrainerStep)
+        cols = ("version", "consumed", "dropped", "metrics", "started_at", "finished_at")
+        sets: dict[str, Any] = {c: getattr(stmt.excluded, c) for c in cols}
+        sets["rolled_back"] = False
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                stmt.on_conflict_do_update(index_elements=["run_id", "step"], set_=sets),
+                [_fill(r, TrainerStep, defaults={"rolled_back": False}) for r in rows],
+            )
+
+    async def add_dead_letters(self, rows: Sequence[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(DeadLetterRow).on_conflict_do_nothing(), [_fill(r, DeadLetterRow) for r in rows]
+            )
+
+    async def audit(
+        self, run_id: str, action: str, *, args: dict[str, Any], actor: str, ok: bool, result: str
+    ) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                insert(AdminAction).values(
+                    run_id=run_id, action=action, args=args, actor=actor, ok=ok, result=result
+                )
+            )
+
+    # --- questions -----------------------------------------------------------------------------
+
+    async def trajectory_fates(self, run_id: str) -> dict[str, int]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(TRAJECTORIES.c.status, func.count())
+                .where(TRAJECTORIES.c.run_id == run_id)
+                .group_by(TRAJECTORIES.c.status)
+            )
+            return {status: int(n) for status, n in rows}
+
+    async def staleness_histogram(self, run_id: str, *, status: str = "trained") -> dict[int, int]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(TRAJECTORIES.c.staleness, func.count())
+                .where(
+                    TRAJECTORIES.c.run_id == run_id,
+                    TRAJECTORIES.c.status == status,
+                    TRAJECTORIES.c.staleness.is_not(None),
+                )
+                .group_by(TRAJECTORIES.c.staleness)
+                .order_by(TRAJECTORIES.c.staleness)
+            )
+            return {int(s): int(n) for s, n in rows}
+
+    async def count_trajectories(self, run_id: str) -> int:
+        async with self.engine.connect() as conn:
+            return int(
+                (
+                    await conn.execute(
+                        select(func.count()).select_from(TRAJECTORIES).where(TRAJECTORIES.c.run_id == run_id)
+                    )
+                ).scalar_one()
+            )
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+
+def _fill(row: dict[str, Any], model: type, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every column present (None where absent), so a multi-row statement has one shape."""
+    cols = [c.name for c in model.__table__.columns if not (c.autoincrement is True and c.primary_key)]  # type: ignore[attr-defined]
+    out = {c: row.get(c) for c in cols if c in row or c not in ("created_at", "at")}
+    for k, v in (defaults or {}).items():
+        if out.get(k) is None:
+            out[k] = v
+    return out

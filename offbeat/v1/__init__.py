@@ -1,0 +1,1 @@
+"""Generated protobuf bindings for the offbeat.v1 contracts (see proto/; `make proto`)."""

@@ -1,0 +1,1 @@
+"""offbeat inference service: Samples the policy: engines, continuous batching, in-flight weight updates."""

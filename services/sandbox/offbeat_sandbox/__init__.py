@@ -1,0 +1,1 @@
+"""offbeat sandbox service: Runs untrusted code in isolated, resource-limited workers."""

@@ -1,0 +1,1 @@
+"""offbeat scorer service: Scores completions with the environments' rubrics."""

@@ -1,0 +1,1 @@
+"""offbeat trainer service: Turns scored trajectories into new policy versions."""

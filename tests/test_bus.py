@@ -1,0 +1,200 @@
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from offbeat.bus import Bus, Delivery, Publication
+from offbeat.config import BusConfig
+from offbeat.testing import wait_for
+from offbeat.v1 import policy_pb2, rollout_pb2
+
+pytestmark = pytest.mark.integration
+HERE = Path(__file__).parent
+
+
+def _request(run_id: str, i: int) -> rollout_pb2.RolloutRequest:
+    return rollout_pb2.RolloutRequest(
+        run_id=run_id,
+        request_id=f"req-{i}",
+        group_id=f"g-{i}",
+        env="math",
+        text=f"What is {i}+1?",
+        n=1,
+        trajectory_ids=[f"tr-{i}"],
+    )
+
+
+async def _dead_letters(bus: Bus, n: int, timeout_s: float = 15.0) -> list[policy_pb2.DeadLetter]:
+    letters: list[policy_pb2.DeadLetter] = []
+    sub = await bus.js.subscribe(bus.subjects.dlq, ordered_consumer=True)
+    deadline = time.monotonic() + timeout_s
+    while len(letters) < n and time.monotonic() < deadline:
+        try:
+            msg = await sub.next_msg(timeout=0.5)
+        except TimeoutError:
+            continue
+        letters.append(policy_pb2.DeadLetter.FromString(msg.data))
+    await sub.unsubscribe()
+    return letters
+
+
+async def test_publish_is_deduplicated_by_msg_id(bus: Bus, run_id):
+    first = await bus.publish(bus.subjects.rollout_request, _request(run_id, 1), msg_id="req-1")
+    second = await bus.publish(bus.subjects.rollout_request, _request(run_id, 1), msg_id="req-1")
+    assert not first.duplicate and second.duplicate
+    assert await bus.consumer_pending("inference") == (1, 0)
+
+
+@pytest.mark.slow
+async def test_sigkilled_consumer_loses_nothing(bus: Bus, run_id, postgres_server, tmp_path):
+    dsn = postgres_server.dsn
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS handled (run_id text, request_id text, deliveries int DEFAULT 1, "
+            "PRIMARY KEY (run_id, request_id))"
+        )
+    total = 10_000
+    for start in range(0, total, 1000):
+        await bus.publish_many(
+            Publication(bus.subjects.rollout_request, _request(run_id, i), f"req-{i}")
+            for i in range(start, start + 1000)
+        )
+
+    def distinct() -> int:
+        with psycopg.connect(dsn) as conn:
+            return int(conn.execute("SELECT count(*) FROM handled WHERE run_id=%s", (run_id,)).fetchone()[0])
+
+    cmd = [sys.executable, str(HERE / "bus_consumer_proc.py"), bus.cfg.nats_url, run_id, dsn]
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    proc = subprocess.Popen(cmd, env=env)
+    await wait_for(lambda: distinct() >= 3000, timeout_s=60)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = distinct()
+    assert killed_at < total, "consumer finished before it could be killed"
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        await wait_for(lambda: distinct() == total, timeout_s=120)
+        await wait_for(_drained(bus), timeout_s=30)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert distinct() == total
+
+
+def _drained(bus: Bus):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return await bus.consumer_pending("inference") == (0, 0)
+
+    return check
+
+
+async def test_malformed_and_failing_messages_are_dead_lettered_and_consumption_continues(bus: Bus, run_id):
+    await bus.js.publish(
+        bus.subjects.rollout_request, b"\xff\xff\xff garbage", headers={"Nats-Msg-Id": "bad-1"}
+    )
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 1), msg_id="poison")
+    await bus.publish(bus.subjects.rollout_request, _request("another-run", 2), msg_id="foreign")
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 3), msg_id="good")
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handle(req: rollout_pb2.RolloutRequest, delivery: Delivery) -> None:
+        if req.request_id == "req-1":
+            raise RuntimeError("always fails")
+        handled.append(req.request_id)
+
+    task = asyncio.create_task(bus.consume("inference", rollout_pb2.RolloutRequest, handle, stop=stop))
+    letters = await _dead_letters(bus, 3)
+    await wait_for(lambda: "req-3" in handled)
+    stop.set()
+    await task
+    reasons = {letter.msg_id: letter.reason for letter in letters}
+    assert "malformed RolloutRequest" in reasons["bad-1"]
+    assert "failed 5 times" in reasons["poison"] and "always fails" in reasons["poison"]
+    assert "another-run" in reasons["foreign"]
+    assert letters[0].payload.startswith(b"\xff\xff\xff")
+    assert handled == ["req-3"]
+    assert await bus.consumer_pending("inference") == (0, 0)
+
+
+async def test_longest_rollout_crosses_the_bus(bus: Bus, run_id):
+    n = 65_536
+    completion = rollout_pb2.RolloutCompletion(
+        run_id=run_id,
+        trajectory_id="long",
+        prompt_token_ids=list(range(1024)),
+        completion_token_ids=[(i * 7919) % 151_000 for i in range(n)],
+        logprobs=[-(i % 97) / 10.0 for i in range(n)],
+        version_spans=[
+            rollout_pb2.VersionSpan(version=3, start=0, end=40_000),
+            rollout_pb2.VersionSpan(version=4, start=40_000, end=n),
+        ],
+    )
+    assert completion.ByteSize() > 400 * 1024
+    assert bus.nc.max_payload >= bus.cfg.max_payload_bytes  # server configured by offbeat.infra
+    await bus.publish(bus.subjects.rollout_completion, completion, msg_id="long")
+    got: list[rollout_pb2.RolloutCompletion] = []
+    stop = asyncio.Event()
+
+    async def handle(c: rollout_pb2.RolloutCompletion, delivery: Delivery) -> None:
+        got.append(c)
+        stop.set()
+
+    await asyncio.wait_for(bus.consume("scorer", rollout_pb2.RolloutCompletion, handle, stop=stop), 30)
+    assert got[0] == completion
+
+
+async def test_head_and_pause_state_live_in_kv(bus: Bus, run_id):
+    assert await bus.get_head() is None
+    head = policy_pb2.WeightVersion(run_id=run_id, version=3, step=3, parent=2, uri="file:///w", sha256="ab")
+    await bus.put_head(head)
+    assert await bus.get_head() == head
+    await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="c1")
+    assert await bus.is_paused()
+    await bus.control(policy_pb2.CONTROL_KIND_RESUME, command_id="c2")
+    assert not await bus.is_paused()
+
+
+async def test_request_reply(bus: Bus):
+    from offbeat.v1 import sandbox_pb2
+
+    async def echo(req: sandbox_pb2.SandboxExecRequest) -> sandbox_pb2.SandboxExecResult:
+        return sandbox_pb2.SandboxExecResult(request_id=req.request_id, stdout=req.code.encode())
+
+    subject = f"test-echo.{bus.run_id}"  # outside the run stream, which would ack it too
+    await bus.serve(
+        subject,
+        sandbox_pb2.SandboxExecRequest,
+        echo,
+        queue="q",
+        on_malformed=lambda r: sandbox_pb2.SandboxExecResult(error=r),
+    )
+    reply = await bus.request(
+        subject,
+        sandbox_pb2.SandboxExecRequest(request_id="r", code="hi"),
+        sandbox_pb2.SandboxExecResult,
+        timeout_s=5,
+    )
+    assert reply.stdout == b"hi"
+    raw = await bus.nc.request(subject, b"\xff\xff", timeout=5)
+    assert "malformed" in sandbox_pb2.SandboxExecResult.FromString(raw.data).error
+
+
+async def test_stream_declares_every_limit(bus: Bus):
+    info = await bus.js.stream_info(bus.subjects.stream)
+    assert info.config.max_msg_size == bus.cfg.max_payload_bytes
+    assert info.config.duplicate_window == pytest.approx(bus.cfg.duplicate_window_s)
+    for name in bus.consumers:
+        c = (await bus.js.consumer_info(bus.subjects.stream, name)).config
+        assert c.ack_wait and c.max_deliver and c.max_ack_pending, name
+
+
+def test_config_payload_limit_fits_longest_rollout():
+    assert BusConfig().max_payload_bytes >= 65_536 * 9

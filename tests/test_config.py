@@ -1,0 +1,48 @@
+import pytest
+
+from offbeat.config import ConfigError, ServiceConfig, load_run_config, mask_url, resolved_dump
+
+
+def test_file_env_and_set_overrides_in_order(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\nid = "a"\nmax_staleness = 1\n[bus]\nfetch_batch = 10\n')
+    cfg = load_run_config(path, sets=["run.max_staleness=3"], environ={"OFFBEAT__BUS__FETCH_BATCH": "20"})
+    assert cfg.run.id == "a"
+    assert cfg.run.max_staleness == 3
+    assert cfg.bus.fetch_batch == 20
+
+
+def test_bad_value_names_field_and_value(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[run]\nmax_staleness = -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path, environ={})
+    assert "run.max_staleness" in str(err.value) and "-1" in str(err.value)
+
+
+def test_unknown_field_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"bus\.nats_ur"):
+        load_run_config(None, sets=["bus.nats_ur=nats://x"], environ={})
+
+
+def test_service_section_is_validated_by_its_own_model():
+    class Section(ServiceConfig):
+        workers: int = 1
+
+    cfg = load_run_config(None, sets=["demo.workers=zero"], environ={})
+    with pytest.raises(ConfigError, match=r"demo\.workers.*'zero'"):
+        cfg.section("demo", Section)
+    assert load_run_config(None, sets=["demo.workers=4"], environ={}).section("demo", Section).workers == 4
+
+
+def test_bad_set_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"expected section\.field=value"):
+        load_run_config(None, sets=["nonsense"], environ={})
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_run_config(tmp_path / "nope.toml", environ={})
+
+
+def test_resolved_config_masks_credentials():
+    cfg = load_run_config(None, sets=['ledger.database_url="postgresql+asyncpg://u:secret@h/db"'], environ={})
+    assert "secret" not in str(resolved_dump(cfg))
+    assert mask_url("nats://a:b@h:1") == "nats://a:***@h:1"
