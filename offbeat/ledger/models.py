@@ -10,7 +10,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 IN_FLIGHT: Final = ("requested", "generated", "scored")
-TERMINAL: Final = ("trained", "discarded_stale", "discarded_rolled_back", "failed")
+TERMINAL: Final = ("trained", "discarded_stale", "discarded_rolled_back", "failed", "evaluated")
 STATUSES: Final = IN_FLIGHT + TERMINAL
 STATUS_RANK: Final = {s: i for i, s in enumerate(STATUSES)}
 

@@ -68,7 +68,7 @@ def upgrade() -> None:
         sa.Column("finished_at", TS),
         sa.CheckConstraint(
             "status IN ('requested','generated','scored','trained','discarded_stale',"
-            "'discarded_rolled_back','failed')",
+            "'discarded_rolled_back','failed','evaluated')",
             name="trajectories_status_known",
         ),
     )
@@ -113,7 +113,8 @@ def upgrade() -> None:
         CREATE FUNCTION offbeat_status_rank(s text) RETURNS int LANGUAGE sql IMMUTABLE AS $$
           SELECT CASE s WHEN 'requested' THEN 0 WHEN 'generated' THEN 1 WHEN 'scored' THEN 2
                         WHEN 'trained' THEN 3 WHEN 'discarded_stale' THEN 4
-                        WHEN 'discarded_rolled_back' THEN 5 WHEN 'failed' THEN 6 END
+                        WHEN 'discarded_rolled_back' THEN 5 WHEN 'failed' THEN 6
+                        WHEN 'evaluated' THEN 7 END
         $$;
         """
     )
