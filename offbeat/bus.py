@@ -209,6 +209,19 @@ class Bus:
         self.name = name
         self.consumers = consumer_specs(cfg, subjects)
         self._kv: Any = None
+        self._metrics: dict[str, tuple[Any, Any, Any]] = {}
+
+    def _consumer_metrics(self, consumer: str) -> tuple[Any, Any, Any]:
+        """(ok counter, nak counter, handle-time histogram) children, looked up once per consumer."""
+        found = self._metrics.get(consumer)
+        if found is None:
+            found = (
+                HANDLED.labels(consumer, "ok"),
+                HANDLED.labels(consumer, "nak"),
+                HANDLE_SECONDS.labels(consumer),
+            )
+            self._metrics[consumer] = found
+        return found
 
     @classmethod
     async def connect(cls, cfg: BusConfig, run_id: str, *, name: str) -> Bus:
@@ -216,7 +229,7 @@ class Bus:
         subjects = Subjects(cfg.prefix, run_id)
 
         async def on_disconnect() -> None:
-            log.warning("nats disconnected", extra={"service": name})
+            log.info("nats disconnected", extra={"service": name})
 
         async def on_reconnect() -> None:
             log.info("nats reconnected", extra={"service": name})
@@ -409,6 +422,7 @@ class Bus:
     async def _handle(self, consumer: str, message_type: type[T], handler: Handler[T], msg: Msg) -> None:
         meta = msg.metadata
         delivery = Delivery(msg, meta.num_delivered, meta.sequence.stream)
+        ok_count, nak_count, handle_time = self._consumer_metrics(consumer)
         started = time.perf_counter()
         try:
             try:
@@ -436,13 +450,13 @@ class Bus:
                 await delivery.nak(
                     backoff[min(delivery.num_delivered, len(backoff)) - 1] if backoff else None
                 )
-                HANDLED.labels(consumer, "nak").inc()
+                nak_count.inc()
             return
         finally:
-            HANDLE_SECONDS.labels(consumer).observe(time.perf_counter() - started)
+            handle_time.observe(time.perf_counter() - started)
         if not delivery.deferred:
             await delivery.ack()
-        HANDLED.labels(consumer, "ok").inc()
+        ok_count.inc()
 
     async def _dead_letter(self, consumer: str, msg: Msg, delivery: Delivery, reason: str) -> None:
         letter = policy_pb2.DeadLetter(

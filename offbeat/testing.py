@@ -74,7 +74,11 @@ def run_id() -> str:
 @pytest.fixture
 def bus_config(nats_url: str) -> BusConfig:
     return BusConfig(
-        nats_url=nats_url, ack_wait_s=5.0, fetch_timeout_s=0.2, nak_backoff_s=[0.05, 0.1], stream_max_bytes=TEST_STREAM_BYTES
+        nats_url=nats_url,
+        ack_wait_s=5.0,
+        fetch_timeout_s=0.2,
+        nak_backoff_s=[0.05, 0.1],
+        stream_max_bytes=TEST_STREAM_BYTES,
     )
 
 
@@ -117,5 +121,7 @@ async def wait_for(predicate, *, timeout_s: float = 10.0, interval_s: float = 0.
 def service_config_file(tmp_path: Path) -> Path:
     """A run TOML for starting services in tests; services add their own sections with --set."""
     path = tmp_path / "run.toml"
-    path.write_text(f'[run]\nstate_dir = "{tmp_path / "state"}"\n[bus]\nstream_max_bytes = {TEST_STREAM_BYTES}\n')
+    path.write_text(
+        f'[run]\nstate_dir = "{tmp_path / "state"}"\n[bus]\nstream_max_bytes = {TEST_STREAM_BYTES}\n'
+    )
     return path

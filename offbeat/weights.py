@@ -125,8 +125,9 @@ class NatsObjectWeightStore(WeightStore):
 
             self._store = await self.js.create_object_store(
                 self.bucket,
-                config=ObjectStoreConfig(description="offbeat policy weights", storage=StorageType.FILE,
-                                         max_bytes=self.max_bytes),
+                config=ObjectStoreConfig(
+                    description="offbeat policy weights", storage=StorageType.FILE, max_bytes=self.max_bytes
+                ),
             )
         return self._store
 
@@ -136,7 +137,9 @@ class NatsObjectWeightStore(WeightStore):
         obs = await self._obs()
         with open(local, "rb") as f:
             await obs.put(name, f)
-        return StoredWeights(uri=f"nats://{self.bucket}/{name}", sha256=digest, size_bytes=local.stat().st_size)
+        return StoredWeights(
+            uri=f"nats://{self.bucket}/{name}", sha256=digest, size_bytes=local.stat().st_size
+        )
 
     async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
         parsed = urlparse(uri)
