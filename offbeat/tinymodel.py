@@ -34,7 +34,9 @@ def build_tokenizer(path: str | Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>",
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|end|>",
         additional_special_tokens=SPECIALS[2:],
     )
     fast.chat_template = CHAT_TEMPLATE

@@ -16,7 +16,9 @@ from offbeat.v1 import rollout_pb2
 
 async def main(nats_url: str, run_id: str, dsn: str) -> None:
     bus = await Bus.connect(
-        BusConfig(nats_url=nats_url, ack_wait_s=2.0, fetch_timeout_s=0.2, stream_max_bytes=256 * 1024 * 1024), run_id, name="killme"
+        BusConfig(nats_url=nats_url, ack_wait_s=2.0, fetch_timeout_s=0.2, stream_max_bytes=256 * 1024 * 1024),
+        run_id,
+        name="killme",
     )
     await bus.ensure()
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
