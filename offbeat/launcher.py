@@ -1,0 +1,342 @@
+"""`offbeat run CONFIG.toml`: the whole job on one machine, from one command.
+
+Starts the embedded nats-server and PostgreSQL (or uses `--nats-url`/`--database-url`), builds and
+warm-starts the tiny model when the config asks for one (cached under the state directory), then
+runs the five services as child processes through the same console scripts the containers run
+(`offbeat-<service>`), restarts any that die, shows live progress from the ledger and the bus,
+and stops everything cleanly when the trainer reaches `[run] max_steps` or on Ctrl-C. A second
+`offbeat run --resume` continues the same run from the trainer's checkpoint and the ledger.
+
+Not covered: multi-machine placement (compose and Kubernetes run the same services, see deploy/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from offbeat.config import ConfigError, RunConfig, Strict, load_run_config
+
+SERVICES = ("sandbox", "inference", "scorer", "trainer", "orchestrator")
+
+
+class TinyModelSpec(Strict):
+    hidden_size: int = Field(128, ge=16)
+    """Hidden size of the locally built Qwen2-architecture model."""
+    layers: int = Field(4, ge=1)
+    """Decoder layers."""
+    heads: int = Field(4, ge=1)
+    """Attention heads."""
+    kv_heads: int = Field(2, ge=1)
+    """Key/value heads (grouped-query attention)."""
+    seed: int = 0
+    """Initialisation seed."""
+
+
+class WarmStartSpec(Strict):
+    env: str = ""
+    """Environment whose reference answers the SFT warm start trains on (e.g. `reasoning_gym:basic_arithmetic`)."""
+    data: str = ""
+    """Or a JSONL file of prompt/completion pairs."""
+    steps: int = Field(150, ge=1)
+    """SFT optimizer steps; stop early, so RL has something left to learn."""
+    extra_args: list[str] = Field(default_factory=list)
+    """More arguments for `offbeat-trainer sft` (e.g. ["--lr", "3e-3", "--batch-size", "64"])."""
+
+
+class LauncherConfig(Strict):
+    """The `[launcher]` section: how `offbeat run` starts and supervises the services."""
+
+    services: list[str] = Field(default_factory=lambda: list(SERVICES))
+    """Services to start (all five for a full run)."""
+    replicas: dict[str, int] = Field(default_factory=dict)
+    """Replicas per service, e.g. {scorer = 2}; the trainer and orchestrator are always one."""
+    max_restarts: int = Field(5, ge=0)
+    """Restarts of one service before the run is stopped as failed."""
+    progress_interval_s: float = Field(2.0, gt=0)
+    """Seconds between progress refreshes."""
+    tiny_model: TinyModelSpec | None = None
+    """Build a tiny Qwen2 model locally and use it as `[model] path` (no hub is needed)."""
+    warm_start: WarmStartSpec | None = None
+    """Warm-start the model with `offbeat-trainer sft` first (cached by its settings)."""
+    stop_grace_s: float = Field(20.0, gt=0)
+    """How long services get to drain after SIGTERM before they are killed."""
+    final_eval_timeout_s: float = Field(120.0, ge=0)
+    """After the last step, how long to wait for the last version's eval reward."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="run TOML file")
+    p.add_argument("--set", action="append", default=[], metavar="A.B=V", help="override a config field")
+    p.add_argument("--nats-url", help="use this NATS server instead of starting one")
+    p.add_argument("--database-url", help="use this PostgreSQL instead of starting one")
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint and ledger")
+    p.add_argument("--fresh", action="store_true", help="delete the run's previous state first")
+    p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live table")
+    p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+
+
+def main(args: argparse.Namespace) -> int:
+    sets = list(args.set)
+    try:
+        run = load_run_config(args.config, sets=sets)
+        launcher = run.section("launcher", LauncherConfig)
+    except ConfigError as exc:
+        print(f"offbeat run: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(Launcher(run, launcher, args).run())
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@dataclass
+class Child:
+    service: str
+    index: int
+    argv: list[str]
+    log_path: Path
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    expected_exit: bool = False
+    started: list[float] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.service if self.index == 0 else f"{self.service}-{self.index}"
+
+
+class Launcher:
+    def __init__(self, run: RunConfig, launcher: LauncherConfig, args: argparse.Namespace) -> None:
+        self.run_cfg = run
+        self.cfg = launcher
+        self.args = args
+        self.state = Path(run.run.state_dir).resolve()
+        self.run_dir = self.state / "runs" / run.run.id
+        self.sets: list[str] = [*args.set, f"run.state_dir={json.dumps(str(self.state))}"]
+        self.children: list[Child] = []
+        self.stopping = asyncio.Event()
+        self.failed: str | None = None
+        self.interrupted = False
+        self.infra: Any = None
+
+    # --- preparation -------------------------------------------------------------------------
+
+    def _prepare_dirs(self) -> None:
+        if self.args.fresh and self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        if self.run_dir.exists() and not self.args.resume and any(self.run_dir.iterdir()):
+            raise SystemExit(
+                f"offbeat run: run {self.run_cfg.run.id!r} already has state in {self.run_dir}; "
+                "use --resume to continue it, --fresh to start over, or another run.id"
+            )
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+
+    def _start_infra(self) -> tuple[str, str]:
+        if self.args.nats_url and self.args.database_url:
+            return self.args.nats_url, self.args.database_url
+        from offbeat.infra import Infra
+
+        self.infra = Infra.up(
+            self.state / "infra", detach=False, max_payload_bytes=self.run_cfg.bus.max_payload_bytes
+        )
+        return self.args.nats_url or self.infra.nats.url, self.args.database_url or self.infra.postgres.url
+
+    def _model_path(self) -> str | None:
+        """Build/warm-start the tiny model if asked; return the path services should load."""
+        spec = self.cfg.tiny_model
+        if spec is None:
+            return None
+        from offbeat.tinymodel import ensure_tiny_model
+
+        key = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:10]
+        base = ensure_tiny_model(
+            self.state / "models" / f"tiny-{key}",
+            hidden_size=spec.hidden_size,
+            layers=spec.layers,
+            heads=spec.heads,
+            kv_heads=spec.kv_heads,
+            seed=spec.seed,
+        )
+        warm = self.cfg.warm_start
+        if warm is None:
+            return str(base)
+        wkey = hashlib.sha256((key + warm.model_dump_json()).encode()).hexdigest()[:10]
+        out = self.state / "models" / f"sft-{wkey}"
+        if (out / "config.json").exists():
+            self._say(f"warm start cached: {out}")
+            return str(out)
+        cmd = [
+            _bin("offbeat-trainer"),
+            "sft",
+            "--model",
+            str(base),
+            "--out",
+            str(out),
+            "--steps",
+            str(warm.steps),
+        ]
+        cmd += ["--env", warm.env] if warm.env else ["--data", warm.data]
+        cmd += ["--seed", str(self.run_cfg.run.seed), *warm.extra_args]
+        self._say(f"warm start: {' '.join(cmd[1:])}")
+        log = self.run_dir / "logs" / "sft.log"
+        with log.open("ab") as out_f:
+            import subprocess
+
+            result = subprocess.run(cmd, stdout=out_f, stderr=subprocess.STDOUT, check=False)
+        if result.returncode != 0:
+            raise SystemExit(f"offbeat run: warm start failed (exit {result.returncode}); see {log}")
+        return str(out)
+
+    # --- children ----------------------------------------------------------------------------
+
+    def _child_argv(self, service: str, nats_url: str, database_url: str, model: str | None) -> list[str]:
+        argv = [
+            _bin(f"offbeat-{service}"),
+            "--config",
+            str(Path(self.args.config).resolve()),
+            "--nats-url",
+            nats_url,
+            "--database-url",
+            database_url,
+        ]
+        for item in self.sets:
+            argv += ["--set", item]
+        if model:
+            argv += ["--set", f"model.path={json.dumps(model)}"]
+        if self.args.resume or any(c.service == service and c.restarts for c in self.children):
+            argv.append("--resume")
+        return argv
+
+    async def _spawn(self, child: Child) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        argv = list(child.argv)
+        if child.restarts and "--resume" not in argv:
+            argv.append("--resume")
+        out = child.log_path.open("ab")
+        child.proc = await asyncio.create_subprocess_exec(
+            *argv, stdout=out, stderr=out, env=env, start_new_session=True
+        )
+        out.close()
+        child.started.append(time.time())
+
+    async def _supervise(self, child: Child) -> None:
+        while not self.stopping.is_set():
+            assert child.proc is not None
+            code = await child.proc.wait()
+            if self.stopping.is_set() or child.expected_exit:
+                return
+            if child.service == "trainer" and code == 0:
+                self._say("trainer finished")
+                self.stopping.set()
+                return
+            if child.restarts >= self.cfg.max_restarts:
+                self.failed = (
+                    f"{child.name} exited {code} after {child.restarts} restarts; see {child.log_path}"
+                )
+                self.stopping.set()
+                return
+            child.restarts += 1
+            self._say(f"{child.name} exited {code}; restarting ({child.restarts}/{self.cfg.max_restarts})")
+            await asyncio.sleep(min(2.0 * child.restarts, 10.0))
+            await self._spawn(child)
+
+    async def _stop_children(self) -> None:
+        order = ["orchestrator", "inference", "scorer", "trainer", "sandbox"]
+        for service in order:
+            for child in [c for c in self.children if c.service == service]:
+                if child.proc and child.proc.returncode is None:
+                    child.expected_exit = True
+                    with contextlib.suppress(ProcessLookupError):
+                        child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.cfg.stop_grace_s
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                await asyncio.wait_for(child.proc.wait(), timeout=max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.proc.pid, signal.SIGKILL)
+                await child.proc.wait()
+
+    # --- the run -----------------------------------------------------------------------------
+
+    def _interrupt(self) -> None:
+        self.interrupted = True
+        self.stopping.set()
+
+    def _say(self, text: str) -> None:
+        print(f"[offbeat] {text}", flush=True)
+
+    async def run(self) -> int:
+        self._prepare_dirs()
+        nats_url, database_url = self._start_infra()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._interrupt)
+        try:
+            model = self._model_path()
+            from offbeat.ledger import upgrade
+
+            await asyncio.to_thread(upgrade, database_url)
+            for service in self.cfg.services:
+                count = (
+                    1 if service in ("trainer", "orchestrator") else max(1, self.cfg.replicas.get(service, 1))
+                )
+                for i in range(count):
+                    child = Child(
+                        service,
+                        i,
+                        self._child_argv(service, nats_url, database_url, model),
+                        self.run_dir / "logs" / f"{service}{'' if i == 0 else f'-{i}'}.log",
+                    )
+                    self.children.append(child)
+                    await self._spawn(child)
+            self._say(
+                f"run {self.run_cfg.run.id}: {len(self.children)} processes; logs in {self.run_dir / 'logs'}"
+            )
+            from offbeat.progress import Progress
+
+            progress = await Progress.open(
+                self.run_cfg, nats_url, database_url, live=not self.args.no_progress
+            )
+            supervisors = [asyncio.create_task(self._supervise(c)) for c in self.children]
+            await progress.follow(self.stopping, interval_s=self.cfg.progress_interval_s)
+            if self.failed is None and not self.interrupted and self.cfg.final_eval_timeout_s:
+                await progress.wait_final_eval(timeout_s=self.cfg.final_eval_timeout_s)
+            await self._stop_children()
+            for task in supervisors:
+                task.cancel()
+            summary = await progress.summary()
+            await progress.close()
+            self._say(summary)
+            if not self.args.no_report and self.failed is None and not self.interrupted:
+                from offbeat.report import write_report
+
+                out = await write_report(database_url, self.run_cfg.run.id, self.run_dir / "report")
+                self._say(f"report: {out}")
+        finally:
+            if any(c.proc and c.proc.returncode is None for c in self.children):
+                await self._stop_children()
+            if self.infra is not None:
+                self.infra.down()
+        if self.failed:
+            print(f"offbeat run: {self.failed}", file=sys.stderr)
+            return 1
+        return 0

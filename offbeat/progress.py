@@ -1,0 +1,163 @@
+"""Live progress of a run, read from the ledger and the bus: what `offbeat run` shows.
+
+Step, reward, eval reward, staleness, tokens/s, trajectory fates and queue depths, refreshed
+every few seconds as a rich table (or one log line per refresh when not on a terminal).
+Not covered: writing anything; the orchestrator is the ledger's only writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import text
+
+from offbeat.config import RunConfig
+from offbeat.ledger import Ledger
+
+
+@dataclass
+class Snapshot:
+    step: int = 0
+    version: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    evals: list[tuple[int, int, float]] = field(default_factory=list)  # (version, step, eval reward)
+    fates: dict[str, int] = field(default_factory=dict)
+    queues: dict[str, tuple[int, int]] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)
+
+
+async def snapshot(ledger: Ledger, run_id: str, bus: Any | None = None) -> Snapshot:
+    snap = Snapshot()
+    async with ledger.engine.connect() as conn:
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT step, version, metrics FROM trainer_steps WHERE run_id = :r AND NOT rolled_back "
+                    "ORDER BY step DESC LIMIT 1"
+                ),
+                {"r": run_id},
+            )
+        ).first()
+        if row is not None:
+            snap.step, snap.version, snap.metrics = int(row[0]), int(row[1]), dict(row[2] or {})
+        evals = await conn.execute(
+            text(
+                "SELECT version, step, eval_reward FROM policy_versions WHERE run_id = :r "
+                "AND eval_reward IS NOT NULL AND status = 'active' ORDER BY step, version"
+            ),
+            {"r": run_id},
+        )
+        snap.evals = [(int(v), int(s), float(e)) for v, s, e in evals]
+    snap.fates = await ledger.trajectory_fates(run_id)
+    if bus is not None:
+        for consumer in ("inference", "scorer", "trainer", "ledger"):
+            with contextlib.suppress(Exception):
+                snap.queues[consumer] = await bus.consumer_pending(consumer)
+    return snap
+
+
+def describe(snap: Snapshot, max_steps: int) -> list[tuple[str, str]]:
+    m = snap.metrics
+    first_eval = f"{snap.evals[0][2]:.3f} (v{snap.evals[0][0]})" if snap.evals else "-"
+    last_eval = (
+        f"{snap.evals[-1][2]:.3f} (v{snap.evals[-1][0]}, step {snap.evals[-1][1]})" if snap.evals else "-"
+    )
+    stale = (
+        f"{m.get('staleness_mean', 0):.2f} mean / {m.get('staleness_max', 0):.0f} max"
+        if "staleness_mean" in m
+        else "-"
+    )
+    queues = ", ".join(f"{k} {p}+{a}" for k, (p, a) in snap.queues.items()) or "-"
+    fates = ", ".join(f"{k} {v}" for k, v in sorted(snap.fates.items())) or "-"
+    return [
+        ("step", f"{snap.step}/{max_steps} (head v{snap.version})"),
+        ("reward", f"{m['reward_mean']:.3f}" if "reward_mean" in m else "-"),
+        ("eval reward", f"{first_eval} -> {last_eval}"),
+        ("staleness", stale),
+        ("tokens/s", f"{m['tokens_per_s']:.0f}" if "tokens_per_s" in m else "-"),
+        ("trajectories", fates),
+        ("queues (pending+unacked)", queues),
+    ]
+
+
+class Progress:
+    def __init__(self, run: RunConfig, ledger: Ledger, bus: Any, *, live: bool) -> None:
+        self.run = run
+        self.ledger = ledger
+        self.bus = bus
+        self.live = live and sys.stdout.isatty()
+        self.last = Snapshot()
+
+    @classmethod
+    async def open(cls, run: RunConfig, nats_url: str, database_url: str, *, live: bool) -> Progress:
+        from offbeat.bus import Bus
+
+        bus = await Bus.connect(
+            run.bus.model_copy(update={"nats_url": nats_url}), run.run.id, name="offbeat-run"
+        )
+        return cls(run, Ledger.connect(database_url, pool_size=1), bus, live=live)
+
+    async def close(self) -> None:
+        await self.bus.close()
+        await self.ledger.close()
+
+    async def follow(self, stop: asyncio.Event, *, interval_s: float) -> None:
+        """Refresh until `stop` is set or the trainer reaches max_steps."""
+        max_steps = self.run.run.max_steps
+        if self.live:
+            from rich.live import Live
+
+            with Live(self._table(), refresh_per_second=2, transient=False) as live:
+                while not stop.is_set():
+                    await self._refresh(stop, max_steps)
+                    live.update(self._table())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=interval_s)
+            return
+        last_step = -1
+        while not stop.is_set():
+            await self._refresh(stop, max_steps)
+            if self.last.step != last_step:
+                last_step = self.last.step
+                print(
+                    "[offbeat] " + " | ".join(f"{k}: {v}" for k, v in describe(self.last, max_steps)),
+                    flush=True,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=interval_s)
+
+    async def _refresh(self, stop: asyncio.Event, max_steps: int) -> None:
+        with contextlib.suppress(Exception):
+            self.last = await snapshot(self.ledger, self.run.run.id, self.bus)
+        if self.last.step >= max_steps:
+            stop.set()
+
+    def _table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"offbeat run {self.run.run.id}", show_header=False)
+        for key, value in describe(self.last, self.run.run.max_steps):
+            table.add_row(key, value)
+        return table
+
+    async def wait_final_eval(self, *, timeout_s: float) -> None:
+        """Wait until the newest version has an eval reward (or the timeout passes)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            snap = await snapshot(self.ledger, self.run.run.id)
+            if snap.evals and snap.evals[-1][1] >= snap.step:
+                self.last = snap
+                return
+            await asyncio.sleep(1.0)
+
+    async def summary(self) -> str:
+        snap = await snapshot(self.ledger, self.run.run.id)
+        lines = [f"{k}: {v}" for k, v in describe(snap, self.run.run.max_steps)[:-1]]
+        if len(snap.evals) >= 2:
+            lines.append(f"eval reward rose by {snap.evals[-1][2] - snap.evals[0][2]:+.3f}")
+        return "\n  ".join(["summary:", *lines])

@@ -1,0 +1,181 @@
+"""`offbeat report RUN`: PNG plots and one HTML page for a run, from the ledger alone.
+
+Plots: reward per trainer step with eval reward per policy version, the staleness histogram of
+trained trajectories, throughput (trajectories scored per minute), and trajectory fates.
+Not covered: live metrics (that is `offbeat run`'s progress and each service's /metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from offbeat.ledger import Ledger
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id")
+    p.add_argument("--database-url", help="ledger URL (default: the embedded one under --state-dir)")
+    p.add_argument("--state-dir", default=".offbeat", help="state directory of local runs")
+    p.add_argument("--out", help="output directory (default: <state-dir>/runs/<run>/report)")
+
+
+def main(args: argparse.Namespace) -> int:
+    url = args.database_url
+    started = None
+    if url is None:
+        from offbeat.infra import Infra
+
+        infra = Infra.load(Path(args.state_dir) / "infra")
+        if infra is None:
+            print(f"no --database-url and no embedded ledger under {args.state_dir}/infra")
+            return 1
+        if not infra.postgres.running():
+            infra.postgres.restart()
+            started = infra.postgres
+        url = infra.postgres.url
+    out = Path(args.out) if args.out else Path(args.state_dir) / "runs" / args.run / "report"
+    try:
+        page = asyncio.run(write_report(url, args.run, out))
+    finally:
+        if started is not None:
+            started.stop()
+    print(page)
+    return 0
+
+
+async def _fetch(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    q: dict[str, Any] = {}
+    async with ledger.engine.connect() as conn:
+        q["steps"] = [
+            (int(s), dict(m or {}))
+            for s, m in await conn.execute(
+                text(
+                    "SELECT step, metrics FROM trainer_steps WHERE run_id=:r AND NOT rolled_back ORDER BY step"
+                ),
+                {"r": run_id},
+            )
+        ]
+        q["evals"] = [
+            (int(v), int(s), float(e))
+            for v, s, e in await conn.execute(
+                text(
+                    "SELECT version, step, eval_reward FROM policy_versions WHERE run_id=:r "
+                    "AND eval_reward IS NOT NULL AND status='active' ORDER BY step, version"
+                ),
+                {"r": run_id},
+            )
+        ]
+        q["scored_at"] = [
+            row[0].timestamp()
+            for row in await conn.execute(
+                text(
+                    "SELECT scored_at FROM trajectories WHERE run_id=:r AND scored_at IS NOT NULL ORDER BY scored_at"
+                ),
+                {"r": run_id},
+            )
+        ]
+        q["config"] = (
+            await conn.execute(text("SELECT config FROM runs WHERE id=:r"), {"r": run_id})
+        ).scalar()
+    q["staleness"] = await ledger.staleness_histogram(run_id)
+    q["fates"] = await ledger.trajectory_fates(run_id)
+    return q
+
+
+def _plots(q: dict[str, Any], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [s for s, m in q["steps"] if "reward_mean" in m]
+    ax.plot(
+        steps, [m["reward_mean"] for s, m in q["steps"] if "reward_mean" in m], label="train reward (mean)"
+    )
+    if q["evals"]:
+        ax.plot([s for _, s, _ in q["evals"]], [e for _, _, e in q["evals"]], "o-", label="eval reward")
+    ax.set_xlabel("trainer step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    names.append(_save(fig, out, "reward.png"))
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    hist = q["staleness"]
+    ax.bar([str(k) for k in hist], list(hist.values()))
+    ax.set_xlabel("staleness (trainer steps)")
+    ax.set_ylabel("trained trajectories")
+    names.append(_save(fig, out, "staleness.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    times = q["scored_at"]
+    if times:
+        t0 = times[0]
+        minutes = [(t - t0) / 60 for t in times]
+        bins = max(1, int(minutes[-1] * 4) + 1)
+        ax.hist(minutes, bins=bins)
+    ax.set_xlabel("minutes since first scored trajectory")
+    ax.set_ylabel("trajectories scored per bin (15 s)")
+    names.append(_save(fig, out, "throughput.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fates = q["fates"]
+    ax.barh(list(fates), list(fates.values()))
+    ax.set_xlabel("trajectories")
+    names.append(_save(fig, out, "fates.png"))
+    return names
+
+
+def _save(fig: Any, out: Path, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=100)
+    plt.close(fig)
+    return name
+
+
+async def write_report(database_url: str, run_id: str, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger.connect(database_url, pool_size=1)
+    try:
+        q = await _fetch(ledger, run_id)
+    finally:
+        await ledger.close()
+    images = await asyncio.to_thread(_plots, q, out)
+    evals = q["evals"]
+    rows = [
+        ("trainer steps", str(len(q["steps"]))),
+        (
+            "eval reward",
+            " -> ".join(f"{e:.3f} (v{v})" for v, _, e in (evals[:1] + evals[-1:])) if evals else "-",
+        ),
+        ("trajectories", ", ".join(f"{k}: {v}" for k, v in sorted(q["fates"].items()))),
+    ]
+    body = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    imgs = "\n".join(f'<img src="{name}" alt="{name}">' for name in images)
+    config = html.escape(json.dumps(q["config"], indent=2)) if q["config"] else ""
+    page = out / "index.html"
+    page.write_text(
+        f"<!doctype html><html><head><meta charset='utf-8'><title>offbeat run {html.escape(run_id)}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}img{max-width:48%;margin:1%}th{text-align:left;"
+        "padding-right:1em}</style></head><body>"
+        f"<h1>offbeat run {html.escape(run_id)}</h1><table>{body}</table>{imgs}"
+        f"<h2>Resolved config</h2><pre>{config}</pre></body></html>"
+    )
+    (out / "summary.json").write_text(
+        json.dumps(
+            {"run": run_id, "fates": q["fates"], "evals": evals, "staleness": q["staleness"]}, indent=2
+        )
+    )
+    return page
