@@ -72,7 +72,6 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
-        rope_theta=10_000.0,  # type: ignore[call-arg]
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
