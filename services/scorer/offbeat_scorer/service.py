@@ -1,11 +1,88 @@
-"""The scorer service's main loop."""
+"""The scorer service: pull completions, score them with bounded concurrency, publish the rewards.
+
+A durable pull consumer (`scorer`) on `rollout.completion`, shared by every replica, so replicas
+split the work. Up to `max_in_flight` completions are scored at once. Each scored completion is
+published on `rollout.scored` with msg id `scored:{trajectory_id}` (a redelivered completion is
+deduplicated by the server) and only then acked. A sweeper extends the ack deadline
+(`in_progress`) of every completion held longer than `keepalive_every_s`, so slow sandbox runs
+are not redelivered while they run. A completion naming an unknown environment or prompt key is
+dead-lettered with the reason (by `Bus.consume`).
+
+Not covered: what a reward means (the environments) or what happens to it next (the trainer).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
+
+from offbeat.bus import Delivery
+from offbeat.envs import EnvContext
 from offbeat.service import ServiceContext
+from offbeat.v1 import rollout_pb2
 from offbeat_scorer.config import ScorerConfig
+from offbeat_scorer.scoring import Scorer
+
+log = logging.getLogger("offbeat.scorer")
+
+
+class Keepalive:
+    """Deliveries being handled; one task extends the ack deadline of those held too long."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.held: dict[Delivery, float] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.every_s / 2)
+            now = time.monotonic()
+            for delivery, since in list(self.held.items()):
+                if now - since >= self.every_s and not delivery.acked:
+                    with contextlib.suppress(Exception):  # a closed connection: redelivery will follow
+                        await delivery.in_progress()
+                    self.held[delivery] = now
 
 
 async def serve(ctx: ServiceContext[ScorerConfig]) -> None:
+    config, run, bus = ctx.config, ctx.run, ctx.bus
+    scorer = Scorer.with_tokenizer(config, run.envs, config.tokenizer_path or run.model.path)
+    await scorer.setup(
+        EnvContext(nats=bus.nc, sandbox_subject=config.sandbox_subject or bus.subjects.sandbox_exec)
+    )
+    keepalive = Keepalive(min(config.keepalive_every_s, run.bus.ack_wait_s / 3))
+    subject = bus.subjects.rollout_scored
+
+    async def handle(completion: rollout_pb2.RolloutCompletion, delivery: Delivery) -> None:
+        keepalive.held[delivery] = time.monotonic()
+        try:
+            scored = await scorer.score_completion(completion)
+            await bus.publish(subject, scored, msg_id=f"scored:{completion.trajectory_id}")
+        finally:
+            keepalive.held.pop(delivery, None)
+
+    ctx.details.update(scorer.details())
+    ka_task = asyncio.create_task(keepalive.run(ctx.stop))
+    report_task = asyncio.create_task(_report(ctx, scorer))
     ctx.set_healthy()
-    await ctx.stop.wait()
+    log.info("scoring", extra={"envs": sorted(scorer.envs), "max_in_flight": config.max_in_flight})
+    try:
+        await bus.consume(
+            "scorer", rollout_pb2.RolloutCompletion, handle, stop=ctx.stop, max_in_flight=config.max_in_flight
+        )
+    finally:
+        ctx.stop.set()
+        await asyncio.gather(ka_task, report_task, return_exceptions=True)
+        await scorer.close()
+
+
+async def _report(ctx: ServiceContext[ScorerConfig], scorer: Scorer) -> None:
+    """Refresh /healthz details and the scored/s gauge every few seconds."""
+    every = min(5.0, ctx.config.rate_window_s)
+    while not ctx.stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.stop.wait(), timeout=every)
+        ctx.details.update(scorer.details())

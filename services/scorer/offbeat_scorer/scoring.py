@@ -1,0 +1,234 @@
+"""Turning one RolloutCompletion into one ScoredTrajectory: detokenize, find the example, score.
+
+`Scorer.score_completion` is the whole per-message path without the bus: it decodes the completion
+tokens with the run's tokenizer (`skip_special_tokens=True`), looks the prompt up by `prompt_key`
+in the environment named by `completion.env`, runs the rubric under `score_timeout_s`, and builds
+the ScoredTrajectory. A rubric that raises or runs out of time gives a reward whose status says so
+(`error`, `timeout`), never a silent zero. Environments with a group reward are held until their
+group is complete (or `group_timeout_s` passes) and scored together with `score_group`.
+
+Not covered: consuming, acking and publishing (`offbeat_scorer.service`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from offbeat.bus import Reject
+from offbeat.config import EnvSpec
+from offbeat.envs import EnvContext, Environment, Example, Reward, RewardStatus
+from offbeat.envs import load as load_env
+from offbeat.v1 import rollout_pb2
+from offbeat_scorer.config import ScorerConfig
+
+log = logging.getLogger("offbeat.scorer")
+
+SCORED = Counter("offbeat_scorer_scored_total", "Completions scored", ["env", "status"])
+SCORE_SECONDS = Histogram(
+    "offbeat_scorer_score_seconds",
+    "Time to score one completion (decode + rubric)",
+    ["env"],
+    buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+)
+QUEUE_SECONDS = Histogram(
+    "offbeat_scorer_queue_seconds",
+    "Time from the completion's finish to its score",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+)
+SCORED_PER_S = Gauge("offbeat_scorer_scored_per_s", "Completions scored per second (recent window)")
+IN_FLIGHT = Gauge("offbeat_scorer_in_flight", "Completions being scored now")
+
+
+@dataclass
+class _Group:
+    """Members of one group held for a group reward; `done` resolves with their rewards."""
+
+    example: Example
+    size: int
+    texts: dict[str, str] = field(default_factory=dict)
+    done: asyncio.Future[dict[str, Reward]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class RateMeter:
+    """Events per second over a sliding window, for the scored/s gauge and /healthz."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self.stamps: list[float] = []
+        self.total = 0
+
+    def add(self, n: int = 1) -> None:
+        now = time.monotonic()
+        self.stamps.extend([now] * n)
+        self.total += n
+        if len(self.stamps) > 4096 and now - self.stamps[0] > self.window_s:
+            cut = now - self.window_s
+            self.stamps = [s for s in self.stamps if s >= cut]
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        recent = [s for s in self.stamps if s >= now - self.window_s]
+        self.stamps = recent
+        return len(recent) / self.window_s
+
+
+class Scorer:
+    """The environments of a run, the tokenizer, and the scoring of single completions."""
+
+    def __init__(
+        self, config: ScorerConfig, specs: Sequence[EnvSpec], decode: Callable[[Sequence[int]], str]
+    ):
+        self.config = config
+        self.decode = decode
+        self.envs: dict[str, Environment] = {}
+        self.specs = {spec.name: spec for spec in specs}
+        self.ctx = EnvContext()
+        self.groups: dict[str, _Group] = {}
+        self.meter = RateMeter(config.rate_window_s)
+        self.status_counts: dict[str, int] = {}
+
+    @classmethod
+    def with_tokenizer(cls, config: ScorerConfig, specs: Sequence[EnvSpec], tokenizer_path: str) -> Scorer:
+        """A scorer that decodes with `AutoTokenizer.from_pretrained(tokenizer_path)`."""
+        from transformers import AutoTokenizer
+
+        if not tokenizer_path:
+            raise ValueError("no tokenizer: set [model] path (or [scorer] tokenizer_path)")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+
+        def decode(ids: Sequence[int]) -> str:
+            return str(tokenizer.decode(list(ids), skip_special_tokens=True))
+
+        return cls(config, specs, decode)
+
+    async def setup(self, ctx: EnvContext) -> None:
+        """Load every configured environment and hand it the service's resources."""
+        self.ctx = ctx
+        for name in self.specs:
+            await self.env(name)
+
+    async def close(self) -> None:
+        for env in self.envs.values():
+            await env.close()
+
+    async def env(self, name: str) -> Environment:
+        """The environment named in a completion; ones not in `[[envs]]` load with default args."""
+        env = self.envs.get(name)
+        if env is None:
+            spec = self.specs.get(name)
+            try:
+                env = load_env(name, **(spec.args if spec else {}))
+            except KeyError as exc:
+                raise Reject(f"unknown environment {name!r}: {exc}") from None
+            await env.setup(self.ctx)
+            self.envs[name] = env
+        return env
+
+    async def score_completion(
+        self, completion: rollout_pb2.RolloutCompletion
+    ) -> rollout_pb2.ScoredTrajectory:
+        """Decode, look up, score; the ScoredTrajectory to publish."""
+        started = time.perf_counter()
+        env = await self.env(completion.env)
+        try:
+            example = env.get(completion.prompt_key)
+        except KeyError as exc:
+            raise Reject(f"{completion.env}: no prompt with key {completion.prompt_key!r} ({exc})") from None
+        text = self.decode(completion.completion_token_ids)
+        IN_FLIGHT.inc()
+        try:
+            if env.group_reward:
+                reward = await self._score_in_group(env, example, completion, text)
+            else:
+                reward = await self._guarded(env.score(example, text))
+        finally:
+            IN_FLIGHT.dec()
+        status = reward.status.value
+        SCORED.labels(completion.env, status).inc()
+        SCORE_SECONDS.labels(completion.env).observe(time.perf_counter() - started)
+        now = time.time()
+        if completion.finished_at:
+            QUEUE_SECONDS.observe(max(0.0, now - completion.finished_at))
+        self.meter.add()
+        self.status_counts[status] = self.status_counts.get(status, 0) + 1
+        return to_scored(completion, reward, text, scored_at=now)
+
+    async def _guarded(self, work: Any) -> Reward:
+        try:
+            return await asyncio.wait_for(work, timeout=self.config.score_timeout_s)  # type: ignore[no-any-return]
+        except TimeoutError:
+            return Reward.failed(RewardStatus.TIMEOUT, f"scoring took over {self.config.score_timeout_s}s")
+        except Exception as exc:  # a rubric bug must not crash the scorer; its reward says what broke
+            log.exception("rubric failed")
+            return Reward.failed(RewardStatus.ERROR, f"{type(exc).__name__}: {exc}")
+
+    async def _score_in_group(
+        self, env: Environment, example: Example, completion: rollout_pb2.RolloutCompletion, text: str
+    ) -> Reward:
+        key = f"{completion.env}/{completion.group_id}"
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Group(example, max(1, completion.group_size))
+        group.texts[completion.trajectory_id] = text
+        if len(group.texts) >= group.size:
+            await self._finish_group(env, key, group)
+        else:
+            done, _ = await asyncio.wait({group.done}, timeout=self.config.group_timeout_s)
+            if not done:
+                await self._finish_group(env, key, group)
+        return (await group.done)[completion.trajectory_id]
+
+    async def _finish_group(self, env: Environment, key: str, group: _Group) -> None:
+        if self.groups.get(key) is not group or group.done.done():
+            return
+        del self.groups[key]
+        ids = list(group.texts)
+        texts = [group.texts[i] for i in ids]
+        try:
+            rewards = await asyncio.wait_for(
+                env.score_group(group.example, texts), timeout=self.config.score_timeout_s
+            )
+        except TimeoutError:
+            rewards = [Reward.failed(RewardStatus.TIMEOUT, "group scoring timed out")] * len(ids)
+        except Exception as exc:  # as in _guarded
+            log.exception("group rubric failed")
+            rewards = [Reward.failed(RewardStatus.ERROR, f"{type(exc).__name__}: {exc}")] * len(ids)
+        if len(ids) < group.size:
+            for r in rewards:
+                r.reason = (r.reason + "; " if r.reason else "") + f"partial group {len(ids)}/{group.size}"
+        group.done.set_result(dict(zip(ids, rewards, strict=True)))
+
+    def details(self) -> dict[str, Any]:
+        """Numbers for /healthz: scored/s, totals by status, environments loaded."""
+        rate = self.meter.rate()
+        SCORED_PER_S.set(rate)
+        return {
+            "scored_per_s": round(rate, 2),
+            "scored_total": self.meter.total,
+            "status_counts": dict(self.status_counts),
+            "envs": sorted(self.envs),
+            "groups_waiting": len(self.groups),
+        }
+
+
+def to_scored(
+    completion: rollout_pb2.RolloutCompletion, reward: Reward, text: str, *, scored_at: float
+) -> rollout_pb2.ScoredTrajectory:
+    return rollout_pb2.ScoredTrajectory(
+        completion=completion,
+        reward=reward.total,
+        components=reward.components,
+        status=reward.status.to_proto(),
+        status_reason=reward.reason,
+        scored_at=scored_at,
+        completion_text=text,
+    )
