@@ -162,6 +162,11 @@ class Delivery:
         self.acked = False
 
     @property
+    def data(self) -> bytes:
+        """The raw payload (for consumers that decode by subject, like the ledger writer)."""
+        return self._msg.data  # type: ignore[no-any-return]
+
+    @property
     def msg_id(self) -> str:
         return (self._msg.headers or {}).get("Nats-Msg-Id", "")
 

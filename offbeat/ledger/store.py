@@ -9,6 +9,7 @@ terminal, a status never changes: a batch skips such rows (so replays are harmle
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,6 +39,26 @@ class TerminalStatusError(ValueError):
 
 class UnknownTrajectoryError(KeyError):
     """No such trajectory in the ledger."""
+
+
+class UnknownVersionError(KeyError):
+    """No such policy version in the ledger."""
+
+
+class RolledBackVersionError(ValueError):
+    """The policy version was rolled back and cannot be a rollback target."""
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    version: int
+    step: int
+    versions: list[int]
+    """Versions newly marked rolled back."""
+    trajectory_ids: list[str]
+    """Unfinished trajectories of those versions, now `discarded_rolled_back`."""
+    steps: int
+    """Trainer steps newly marked rolled back."""
 
 
 def ts(unix: float | None) -> datetime | None:
@@ -219,6 +240,184 @@ class Ledger:
                 ).scalar_one()
             )
 
+    # --- the orchestrator's batched writer and admin API (one transaction per call) -------------
+
+    async def write_batch(
+        self,
+        run_id: str,
+        *,
+        trajectories: Sequence[dict[str, Any]] = (),
+        policy_versions: Sequence[dict[str, Any]] = (),
+        live: dict[int, datetime] | None = None,
+        trainer_steps: Sequence[dict[str, Any]] = (),
+        dead_letters: Sequence[dict[str, Any]] = (),
+        eval_versions: Iterable[int] = (),
+        batch_size: int = 1000,
+    ) -> None:
+        """Everything one ledger-writer batch holds, in ONE transaction, idempotently.
+
+        Same semantics as the single-table methods (trajectory rows merge and only move forward;
+        policy versions and trainer steps upsert; dead letters are kept once). `live` sets a
+        version's `live_at` once (the earliest report wins). The eval reward of every version in
+        `eval_versions` (and of versions in this batch) is recomputed from its `evaluated`
+        trajectories (mean over their oldest generating version), so replays never double count.
+        """
+        versions = _last_by(policy_versions, ("run_id", "version"))
+        steps = _last_by(trainer_steps, ("run_id", "step"))
+        letters = _last_by(dead_letters, ("run_id", "key"))
+        merged = merge_rows(trajectories)
+        pv = PolicyVersion.__table__.c  # type: ignore[attr-defined]
+        async with self.engine.begin() as conn:
+            if versions:
+                await conn.execute(
+                    _policy_version_upsert(),
+                    [
+                        _fill(r, PolicyVersion, defaults={"eval_count": 0, "status": "active"})
+                        for r in versions
+                    ],
+                )
+            for version, at in sorted((live or {}).items()):
+                await conn.execute(
+                    update(PolicyVersion)
+                    .where(pv.run_id == run_id, pv.version == version)
+                    .values(live_at=func.least(func.coalesce(pv.live_at, at), at))
+                )
+            if steps:
+                await conn.execute(
+                    _trainer_step_upsert(),
+                    [_fill(r, TrainerStep, defaults={"rolled_back": False}) for r in steps],
+                )
+            for i in range(0, len(merged), batch_size):
+                await conn.execute(self._upsert, merged[i : i + batch_size])
+            if letters:
+                await conn.execute(
+                    insert(DeadLetterRow).on_conflict_do_nothing(), [_fill(r, DeadLetterRow) for r in letters]
+                )
+            recompute = sorted(set(eval_versions) | {int(r["version"]) for r in versions})
+            if recompute:
+                await conn.execute(
+                    text(
+                        "UPDATE policy_versions p SET eval_reward = s.mean, eval_count = s.n FROM ("
+                        " SELECT first_version AS v, avg(reward) AS mean, count(*) AS n FROM trajectories"
+                        " WHERE run_id = :run AND status = 'evaluated' AND reward IS NOT NULL"
+                        " AND first_version = ANY(:versions) GROUP BY first_version) s"
+                        " WHERE p.run_id = :run AND p.version = s.v"
+                    ),
+                    {"run": run_id, "versions": recompute},
+                )
+
+    async def rollback_to(self, run_id: str, version: int) -> RollbackResult:
+        """Mark versions after `version` rolled back, their unfinished trajectories
+        `discarded_rolled_back`, and trainer steps after its step rolled back; one transaction.
+
+        Raises `UnknownVersionError` when there is no such version and `RolledBackVersionError`
+        when it was itself rolled back. "After" means a higher id that is still active.
+        """
+        pv = PolicyVersion.__table__.c  # type: ignore[attr-defined]
+        ts_ = TrainerStep.__table__.c  # type: ignore[attr-defined]
+        t = TRAJECTORIES.c
+        now = datetime.now(UTC)
+        async with self.engine.begin() as conn:
+            target = (
+                await conn.execute(
+                    select(pv.step, pv.status)
+                    .where(pv.run_id == run_id, pv.version == version)
+                    .with_for_update()
+                )
+            ).one_or_none()
+            if target is None:
+                raise UnknownVersionError(f"run {run_id} has no policy version {version}")
+            step, status = int(target[0]), target[1]
+            if status == "rolled_back":
+                raise RolledBackVersionError(
+                    f"policy version {version} was rolled back; it cannot be a target"
+                )
+            later = [
+                int(v)
+                for (v,) in await conn.execute(
+                    update(PolicyVersion)
+                    .where(pv.run_id == run_id, pv.version > version, pv.status != "rolled_back")
+                    .values(status="rolled_back")
+                    .returning(pv.version)
+                )
+            ]
+            discarded: list[str] = []
+            if later:
+                discarded = [
+                    tid
+                    for (tid,) in await conn.execute(
+                        update(TRAJECTORIES)
+                        .where(
+                            t.run_id == run_id,
+                            t.status.in_(("requested", "generated", "scored")),
+                            (t.first_version.in_(later)) | (t.last_version.in_(later)),
+                        )
+                        .values(
+                            status="discarded_rolled_back",
+                            reason=f"generated by a version rolled back to {version}",
+                            finished_at=now,
+                        )
+                        .returning(t.trajectory_id)
+                    )
+                ]
+            steps = (
+                await conn.execute(
+                    update(TrainerStep)
+                    .where(ts_.run_id == run_id, ts_.step > step, ts_.rolled_back.is_(False))
+                    .values(rolled_back=True)
+                )
+            ).rowcount
+        return RollbackResult(
+            version=version,
+            step=step,
+            versions=sorted(later),
+            trajectory_ids=discarded,
+            steps=int(steps or 0),
+        )
+
+    async def list_policies(self, run_id: str) -> list[dict[str, Any]]:
+        pv = PolicyVersion.__table__.c  # type: ignore[attr-defined]
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(PolicyVersion.__table__).where(pv.run_id == run_id).order_by(pv.version)
+            )
+            return [dict(r._mapping) for r in rows]
+
+    async def list_trajectories(
+        self, run_id: str, *, status: str | None = None, after: str = "", limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Trajectories ordered by id, from the one after `after` (keyset paging)."""
+        t = TRAJECTORIES.c
+        query = select(TRAJECTORIES).where(t.run_id == run_id, t.trajectory_id > after)
+        if status:
+            query = query.where(t.status == status)
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(query.order_by(t.trajectory_id).limit(limit))
+            return [dict(r._mapping) for r in rows]
+
+    async def latest_step(self, run_id: str) -> int:
+        """The highest trainer step that is not rolled back (0 before the first)."""
+        c = TrainerStep.__table__.c  # type: ignore[attr-defined]
+        async with self.engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    select(func.max(c.step)).where(c.run_id == run_id, c.rolled_back.is_(False))
+                )
+            ).scalar_one()
+            return int(value or 0)
+
+    async def set_run_status(self, run_id: str, status: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(Run).where(Run.id == run_id).values(status=status, updated_at=func.now())
+            )
+
+    async def admin_actions(self, run_id: str) -> list[dict[str, Any]]:
+        c = AdminAction.__table__.c  # type: ignore[attr-defined]
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(AdminAction.__table__).where(c.run_id == run_id).order_by(c.id))
+            return [dict(r._mapping) for r in rows]
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
@@ -232,3 +431,30 @@ def _fill(row: dict[str, Any], model: type, defaults: dict[str, Any] | None = No
         if out.get(k) is None:
             out[k] = v
     return out
+
+
+def _last_by(rows: Sequence[dict[str, Any]], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One row per key, later rows' non-None values winning (a multi-row upsert may touch a key once)."""
+    out: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        k = tuple(row[c] for c in key)
+        have = out.setdefault(k, {})
+        have.update({c: v for c, v in row.items() if v is not None or c not in have})
+    return list(out.values())
+
+
+def _policy_version_upsert() -> Any:
+    stmt = insert(PolicyVersion)
+    sets = {
+        c: func.coalesce(getattr(stmt.excluded, c), getattr(PolicyVersion.__table__.c, c))  # type: ignore[attr-defined]
+        for c in ("step", "parent", "uri", "sha256", "live_at", "eval_reward", "eval_count")
+    }
+    return stmt.on_conflict_do_update(index_elements=["run_id", "version"], set_=sets)
+
+
+def _trainer_step_upsert() -> Any:
+    stmt = insert(TrainerStep)
+    cols = ("version", "consumed", "dropped", "metrics", "started_at", "finished_at")
+    sets: dict[str, Any] = {c: getattr(stmt.excluded, c) for c in cols}
+    sets["rolled_back"] = False
+    return stmt.on_conflict_do_update(index_elements=["run_id", "step"], set_=sets)

@@ -1,11 +1,95 @@
-"""The orchestrator service's main loop."""
+"""The orchestrator service's main: migrate, record the run, then writer + scheduler + admin API.
+
+Start-up order: Alembic `upgrade` of the ledger, the run row with the resolved config, the ledger
+writer (so every event is recorded), the scheduler (it reads its trainer step back from the
+ledger, so a restarted orchestrator continues), then the admin API. On SIGTERM the admin API
+stops first, then the scheduler, then the writer flushes and acks what it holds.
+
+Not covered: starting the other services (`offbeat run`).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from offbeat.config import EnvSpec, resolved_dump
+from offbeat.ledger import Ledger, upgrade
 from offbeat.service import ServiceContext
+from offbeat_orchestrator.admin import AdminContext, AdminServer
+from offbeat_orchestrator.auth import load_token
 from offbeat_orchestrator.config import OrchestratorConfig
+from offbeat_orchestrator.ledger_writer import LedgerWriter
+from offbeat_orchestrator.scheduler import Scheduler
+
+log = logging.getLogger("offbeat.orchestrator")
+
+
+def load_envs(specs: list[EnvSpec]) -> list[tuple[str, float, Any]]:
+    if not specs:
+        return []
+    from offbeat.envs import load
+
+    return [(spec.name, spec.weight, load(spec.name, **spec.args)) for spec in specs]
 
 
 async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
-    ctx.set_healthy()
-    await ctx.stop.wait()
+    run, cfg = ctx.run, ctx.config
+    run_id = run.run.id
+    await asyncio.to_thread(upgrade, run.ledger.database_url)
+    ledger = Ledger.connect(run.ledger.database_url, pool_size=run.ledger.pool_size)
+    admin: AdminServer | None = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await ledger.upsert_run(run_id, config=resolved_dump(run))
+        writer = LedgerWriter(ctx.bus, ledger, run.ledger, throughput_window_s=cfg.throughput_window_s)
+        scheduler = Scheduler(
+            ctx.bus,
+            run.run,
+            cfg,
+            await asyncio.to_thread(load_envs, run.envs),
+            writer=writer,
+            start_step=await ledger.latest_step(run_id),
+        )
+        token, source = load_token(cfg.admin_token_file, fallback_dir=Path(run.run.state_dir) / run_id)
+        admin = AdminServer(
+            AdminContext(
+                run_id=run_id, bus=ctx.bus, ledger=ledger, writer=writer, scheduler=scheduler, cfg=cfg
+            ),
+            token,
+        )
+        tasks = [
+            asyncio.create_task(writer.run(ctx.stop), name="ledger-writer"),
+            asyncio.create_task(scheduler.run(ctx.stop), name="scheduler"),
+        ]
+        await admin.start()
+        ctx.details.update(admin_port=admin.port, admin_tls=admin.tls, admin_token_from=source)
+        ctx.set_healthy()
+        finished = False
+        while not ctx.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ctx.stop.wait(), timeout=cfg.status_refresh_s)
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            ctx.details.update(
+                step=scheduler.step,
+                paused=scheduler.paused,
+                groups_in_flight=len(scheduler.groups),
+                events_written=writer.committed_events,
+            )
+            if scheduler.finished and not finished:
+                finished = True
+                await ledger.set_run_status(run_id, "finished")
+                log.info("trainer reached max_steps=%d; dispatch stopped", run.run.max_steps)
+    finally:
+        ctx.set_healthy(False)
+        if admin is not None:
+            await admin.stop()
+        ctx.stop.set()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        await ledger.close()

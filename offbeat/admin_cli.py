@@ -1,0 +1,166 @@
+"""`offbeat admin ...`: talk to a running orchestrator's admin gRPC API, print rich tables.
+
+    offbeat admin status | pause | resume | rollback V | policies | staleness | trajectories [--status S]
+
+`--address host:port` (default 127.0.0.1:50151), the token from `--token-file` or
+`OFFBEAT_ADMIN_TOKEN` (the orchestrator generates `<state_dir>/<run>/admin.token` when given
+none), `--tls-ca FILE` for a TLS server. Errors print the server's status code and message and
+exit 1; the token is never printed.
+
+Not covered: WatchEvents (a stream; use any gRPC client, the server has reflection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ACTIONS = ("status", "pause", "resume", "rollback", "policies", "staleness", "trajectories")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=ACTIONS, help="what to ask or do")
+    p.add_argument("version", nargs="?", type=int, help="rollback target version")
+    p.add_argument("--address", default="127.0.0.1:50151", help="the orchestrator's admin API (host:port)")
+    p.add_argument("--token-file", help="file holding the bearer token (else $OFFBEAT_ADMIN_TOKEN)")
+    p.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS and verify the server against it")
+    p.add_argument("--status", default="", help="trajectories: only this ledger status")
+    p.add_argument("--limit", type=int, default=50, help="trajectories: most rows to show")
+    p.add_argument("--reason", default="", help="pause/resume/rollback: recorded in the audit log")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+
+
+def _token(args: argparse.Namespace) -> str:
+    if args.token_file:
+        return Path(args.token_file).read_text().strip()
+    token = os.environ.get("OFFBEAT_ADMIN_TOKEN", "").strip()
+    if not token:
+        raise SystemExit("offbeat admin: no token: pass --token-file or set OFFBEAT_ADMIN_TOKEN")
+    return token
+
+
+def _when(unix: float) -> str:
+    return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%d %H:%M:%S") if unix else ""
+
+
+def main(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    import grpc
+    from rich.console import Console
+    from rich.table import Table
+
+    from offbeat.v1 import admin_pb2, admin_pb2_grpc
+
+    console = Console()
+    if args.action == "rollback" and args.version is None:
+        console.print("[red]offbeat admin rollback needs a VERSION[/red]")
+        return 2
+    metadata = (
+        ("authorization", f"Bearer {_token(args)}"),
+        ("x-offbeat-actor", f"{getpass.getuser()}@{socket.gethostname()}"),
+    )
+    if args.tls_ca:
+        channel = grpc.secure_channel(
+            args.address, grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+        )
+    else:
+        channel = grpc.insecure_channel(args.address)
+    stub = admin_pb2_grpc.AdminServiceStub(channel)
+    kw: dict[str, Any] = {"metadata": metadata, "timeout": args.timeout}
+    try:
+        if args.action == "status":
+            s = stub.GetStatus(admin_pb2.GetStatusRequest(), **kw)
+            t = Table(title=f"run {s.run_id}", show_header=False)
+            for k, v in (
+                ("trainer step", s.step),
+                ("head version", s.head_version),
+                ("paused", "yes" if s.paused else "no"),
+                ("groups in flight", s.groups_in_flight),
+                ("trajectories in flight", s.trajectories_in_flight),
+                ("tokens/s", f"{s.tokens_per_s:.1f}"),
+                ("trajectories/s", f"{s.trajectories_per_s:.2f}"),
+            ):
+                t.add_row(k, str(v))
+            for status, n in sorted(s.trajectories_by_status.items()):
+                t.add_row(f"trajectories {status}", str(n))
+            console.print(t)
+        elif args.action in ("pause", "resume"):
+            if args.action == "pause":
+                paused = stub.Pause(admin_pb2.PauseRequest(reason=args.reason), **kw).paused
+            else:
+                paused = stub.Resume(admin_pb2.ResumeRequest(reason=args.reason), **kw).paused
+            console.print("paused" if paused else "running")
+        elif args.action == "rollback":
+            r = stub.Rollback(admin_pb2.RollbackRequest(version=args.version, reason=args.reason), **kw)
+            console.print(
+                f"rolled back to version {r.version}: {r.discarded_versions} versions and "
+                f"{r.discarded_trajectories} trajectories discarded"
+            )
+        elif args.action == "policies":
+            t = Table(title="policy versions")
+            for col in ("version", "step", "parent", "status", "eval reward", "created", "uri"):
+                t.add_column(col)
+            for p in stub.ListPolicies(admin_pb2.ListPoliciesRequest(), **kw).policies:
+                t.add_row(
+                    str(p.version),
+                    str(p.step),
+                    str(p.parent),
+                    p.status,
+                    f"{p.eval_reward:.3f}" if p.has_eval_reward else "-",
+                    _when(p.created_at),
+                    p.uri,
+                )
+            console.print(t)
+        elif args.action == "staleness":
+            s = stub.GetStaleness(admin_pb2.GetStalenessRequest(), **kw)
+            t = Table(
+                title=f"staleness of {s.count} trained trajectories (p50 {s.p50:g}, p95 {s.p95:g}, max {s.max})"
+            )
+            t.add_column("staleness", justify="right")
+            t.add_column("trajectories", justify="right")
+            for b in s.buckets:
+                t.add_row(str(b.staleness), str(b.count))
+            console.print(t)
+        else:
+            t = Table(title="trajectories" + (f" ({args.status})" if args.status else ""))
+            for col in ("id", "group", "env", "status", "reward", "versions", "step", "staleness", "reason"):
+                t.add_column(col)
+            shown, token = 0, ""
+            while shown < args.limit:
+                page = stub.ListTrajectories(
+                    admin_pb2.ListTrajectoriesRequest(
+                        status=args.status, page_size=min(500, args.limit - shown), page_token=token
+                    ),
+                    **kw,
+                )
+                for tr in page.trajectories:
+                    versions = "" if tr.first_version < 0 else f"{tr.first_version}-{tr.last_version}"
+                    t.add_row(
+                        tr.trajectory_id,
+                        tr.group_id,
+                        tr.env,
+                        tr.status,
+                        f"{tr.reward:g}",
+                        versions,
+                        "" if tr.consumed_step < 0 else str(tr.consumed_step),
+                        "" if tr.staleness < 0 else str(tr.staleness),
+                        tr.reason,
+                    )
+                shown += len(page.trajectories)
+                token = page.next_page_token
+                if not token:
+                    break
+            console.print(t)
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        print(f"offbeat admin {args.action}: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    finally:
+        channel.close()
+    return 0

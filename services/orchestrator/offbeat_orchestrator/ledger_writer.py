@@ -1,0 +1,200 @@
+"""The ledger writer: the only writer of a run's ledger, fed by the `ledger` durable consumer.
+
+The `ledger` consumer sees every subject of the run. Each message is decoded by its subject kind
+(`events.decode`), mapped to rows (`events.to_rows`) and buffered with its ack deferred; the buffer
+is written in ONE transaction (`Ledger.write_batch`) every `[ledger] flush_interval_s` or when it
+holds `batch_size` rows, and only after the commit are its messages acked. A crash therefore loses
+nothing (unacked messages are redelivered) and a replay changes nothing (the upserts are
+idempotent and statuses only move forward). A payload that does not parse, or that names another
+run, is dead-lettered by the bus; the dead letter then comes back here and is recorded.
+
+After each commit the batch's events are handed to observers (the scheduler, WatchEvents
+streams), in stream order, so they see exactly what the ledger holds.
+
+Not covered: deciding anything (that is the scheduler) or reading the ledger back (the store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import DecodeError, Message
+
+from offbeat.bus import Bus, Delivery, Reject
+from offbeat.config import LedgerConfig
+from offbeat.ledger import Ledger
+from offbeat_orchestrator.events import Rows, decode, event_kind, to_rows
+
+log = logging.getLogger("offbeat.orchestrator.ledger")
+
+RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One event the ledger has committed."""
+
+    kind: str
+    """Subject kind with `control.*` folded to `control` (`rollout.completion`, `trainer.step`, ...)."""
+    subject: str
+    message: Message
+    at: float
+
+
+Observer = Callable[[list[Observed]], None]
+
+
+@dataclass
+class _Pending:
+    delivery: Delivery | None
+    event: Observed | None
+    rows: Rows
+
+
+class LedgerWriter:
+    """Batches bus events into ledger transactions; acks each message after its batch commits."""
+
+    def __init__(
+        self, bus: Bus, ledger: Ledger, cfg: LedgerConfig, *, throughput_window_s: float = 60.0
+    ) -> None:
+        self.bus = bus
+        self.ledger = ledger
+        self.cfg = cfg
+        self.run_id = bus.run_id
+        self.observers: list[Observer] = []
+        self._pending: list[_Pending] = []
+        self._rows = 0
+        self._lock = asyncio.Lock()
+        self._window_s = throughput_window_s
+        self._completions: deque[tuple[float, int]] = deque()
+        self.committed_events = 0
+        self.batches = 0
+
+    # --- consuming ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set, then write what is buffered. Cancelling it (a crash) writes
+        nothing more and acks nothing more: those messages are redelivered to the next writer."""
+        flusher = asyncio.create_task(self._flush_loop(stop))
+        try:
+            await self.bus.consume("ledger", empty_pb2.Empty, self._handle, stop=stop)
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+        if stop.is_set():
+            await self.flush()
+
+    async def _flush_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(self.cfg.flush_interval_s)
+            await self.flush()
+
+    async def _handle(self, _: Message, delivery: Delivery) -> None:
+        kind = event_kind(self.bus.subjects.kind(delivery.subject))
+        try:
+            message = decode(kind, delivery.data)
+        except DecodeError as exc:
+            raise Reject(f"malformed {kind} event: {exc}") from None
+        run_id = _run_id(message)
+        if run_id and run_id != self.run_id:
+            raise Reject(f"{kind} event names run {run_id!r}, expected {self.run_id!r}")
+        rows = to_rows(
+            self.run_id,
+            kind,
+            message,
+            key=delivery.msg_id or f"seq:{delivery.stream_seq}",
+            root=self.bus.subjects.root,
+        )
+        delivery.defer()
+        self._pending.append(_Pending(delivery, Observed(kind, delivery.subject, message, time.time()), rows))
+        self._rows += max(1, len(rows))
+        if self._rows >= self.cfg.batch_size:
+            await self.flush()
+
+    def enqueue(self, rows: Rows) -> None:
+        """Rows the orchestrator itself decides (e.g. samples failed after their last attempt);
+        written with the next batch."""
+        self._pending.append(_Pending(None, None, rows))
+        self._rows += len(rows)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    async def flush(self) -> int:
+        """Write everything buffered in one transaction, then ack and notify. Returns events written."""
+        async with self._lock:
+            if not self._pending:
+                return 0
+            batch, self._pending, self._rows = self._pending, [], 0
+            rows = Rows()
+            for item in batch:
+                rows.extend(item.rows)
+            await self._write(rows)
+            for item in batch:
+                if item.delivery is not None:
+                    await item.delivery.ack()
+            events = [item.event for item in batch if item.event is not None]
+            self.committed_events += len(events)
+            self.batches += 1
+            self._account(events)
+        for observer in list(self.observers):
+            try:
+                observer(events)
+            except Exception:
+                log.exception("ledger observer failed")
+        return len(events)
+
+    async def _write(self, rows: Rows) -> None:
+        """Retry until the transaction commits (the database may restart); never ack before."""
+        attempt = 0
+        while True:
+            try:
+                await self.ledger.write_batch(
+                    self.run_id,
+                    trajectories=rows.trajectories,
+                    policy_versions=rows.policy_versions,
+                    live=rows.live,
+                    trainer_steps=rows.trainer_steps,
+                    dead_letters=rows.dead_letters,
+                    eval_versions=rows.eval_versions,
+                    batch_size=self.cfg.batch_size,
+                )
+                return
+            except Exception as exc:
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("ledger write failed (attempt %d, retrying in %.1fs): %s", attempt, delay, exc)
+                await asyncio.sleep(delay)
+
+    def _account(self, events: list[Observed]) -> None:
+        now = time.time()
+        for e in events:
+            if e.kind == "rollout.completion":
+                self._completions.append((now, len(e.message.completion_token_ids)))  # type: ignore[attr-defined]
+        while self._completions and self._completions[0][0] < now - self._window_s:
+            self._completions.popleft()
+
+    def throughput(self) -> tuple[float, float]:
+        """(tokens/s, trajectories/s) of completions committed over the last window."""
+        self._account([])
+        if not self._completions:
+            return 0.0, 0.0
+        span = max(1.0, min(self._window_s, time.time() - self._completions[0][0]))
+        tokens = sum(n for _, n in self._completions)
+        return tokens / span, len(self._completions) / span
+
+
+def _run_id(message: Any) -> str:
+    if hasattr(message, "run_id"):
+        return str(message.run_id)
+    if hasattr(message, "completion"):
+        return str(message.completion.run_id)
+    return ""

@@ -1,0 +1,342 @@
+"""The scheduler: which rollout requests go out, and when.
+
+- Training groups: one `rollout.request` per prompt with `n = [run] group_size` samples; the
+  trajectory ids are assigned here (`<group>-<i>`), msg id `request:{request_id}:{attempt}`.
+- Staleness budget: with the trainer at step t, the training groups dispatched but not yet
+  finished (every trajectory trained, dropped, failed or discarded) stay <= G * (max_staleness + 1),
+  G = `groups_per_step`. A group dispatched now is consumed at most `max_staleness` steps later,
+  but only if inference already serves the trainer's newest weights; while the newest live
+  version lags the trainer by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
+  (for at most `live_wait_timeout_s`). So `max_staleness = 0` dispatches exactly one step's worth,
+  waits for the step report and for the new version to be live: synchronous RL.
+- No more groups than the remaining `max_steps` need; nothing new once the trainer reports it.
+- Re-issue: a request whose completions have not all arrived after `request_timeout_s` is sent
+  again with the same ids and `attempt + 1`; after `max_attempts` its missing samples are `failed`.
+- Difficulty filter (optional): a prompt whose group came back all right or all wrong is skipped
+  from then on (by env and prompt key).
+- Pause: the KV flag at start, control subjects and the admin API stop dispatch (time-outs too);
+  resume restarts both.
+- Eval: at step 0 and every `eval_every` steps, the first `eval_examples` prompts of each
+  environment's eval split, `eval = true`, `eval_temperature` (greedy by default).
+
+The scheduler learns what happened from the ledger writer (`observe`, called after each commit).
+Not covered: recording anything (the ledger writer) or the trainer's own staleness filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from offbeat.bus import Bus, Publication
+from offbeat.config import RunSection
+from offbeat.ledger.store import RollbackResult
+from offbeat.v1 import policy_pb2, rollout_pb2
+from offbeat_orchestrator.config import OrchestratorConfig
+from offbeat_orchestrator.events import Rows, dead_letter_trajectories
+from offbeat_orchestrator.ledger_writer import LedgerWriter, Observed
+from offbeat_orchestrator.prompts import ExampleSource, Mixture, eval_prompts, set_prompt
+
+log = logging.getLogger("offbeat.orchestrator.scheduler")
+
+
+@dataclass
+class Group:
+    request: rollout_pb2.RolloutRequest
+    dispatched_at: float
+    pending: set[str]
+    """Trajectory ids whose completion has not arrived."""
+    open: set[str]
+    """Trajectory ids not yet in a terminal status."""
+    rewards: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def eval(self) -> bool:
+        return self.request.eval
+
+
+class Scheduler:
+    """Dispatches rollout requests within the staleness budget; see the module docstring."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        run: RunSection,
+        cfg: OrchestratorConfig,
+        envs: Sequence[tuple[str, float, ExampleSource]],
+        *,
+        writer: LedgerWriter | None = None,
+        start_step: int = 0,
+    ) -> None:
+        self.bus = bus
+        self.shape = run
+        self.cfg = cfg
+        self.envs = list(envs)
+        self.writer = writer
+        self.mixture = Mixture(self.envs, seed=run.seed)
+        self.token = uuid.uuid4().hex[:8]
+        self.seq = 0
+        self.step = start_step
+        self.paused = False
+        self.stopped = False
+        self.groups: dict[str, Group] = {}
+        self.by_trajectory: dict[str, str] = {}
+        self.skip: set[tuple[str, str]] = set()
+        self.version_steps: dict[int, int] = {}
+        self.live_version: int | None = None
+        self.live_step = 0
+        self.evaluated_steps: set[int] = set()
+        self.dispatched_groups = 0
+        self.reissued = 0
+        self._lag_since: float | None = None
+        self._eval_cache: list[Any] | None = None
+        self._wake = asyncio.Event()
+        if writer is not None:
+            writer.observers.append(self.observe)
+
+    # --- state ---------------------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.shape.max_steps
+
+    def train_groups_in_flight(self) -> int:
+        return sum(1 for g in self.groups.values() if not g.eval)
+
+    def trajectories_in_flight(self) -> int:
+        return sum(len(g.open) for g in self.groups.values())
+
+    def budget(self, now: float | None = None) -> int:
+        """Training groups that may be dispatched now."""
+        now = time.time() if now is None else now
+        g, k = self.shape.groups_per_step, self.shape.max_staleness
+        cap = g * (k + 1)
+        lag = max(0, self.step - self.live_step)
+        if lag == 0:
+            self._lag_since = None
+        else:
+            self._lag_since = self._lag_since or now
+            if now - self._lag_since < self.cfg.live_wait_timeout_s:
+                cap = g * max(0, k + 1 - lag)
+        cap = min(cap, g * max(0, self.shape.max_steps - self.step))
+        return max(0, cap - self.train_groups_in_flight())
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # --- what happened (called by the ledger writer after each commit) ---------------------------
+
+    def observe(self, events: list[Observed]) -> None:
+        for e in events:
+            m: Any = e.message
+            if e.kind == "rollout.completion":
+                self._completed(m.trajectory_id)
+            elif e.kind == "rollout.scored":
+                tid = m.completion.trajectory_id
+                self._completed(tid)
+                self._scored(tid, m.reward)
+            elif e.kind == "trainer.step":
+                self.step = int(m.step)
+                self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
+            elif e.kind == "policy.weights":
+                self.version_steps[int(m.version)] = int(m.step)
+            elif e.kind == "policy.live" and m.ok:
+                self._live(int(m.version))
+            elif e.kind == "dlq":
+                kind = m.subject.removeprefix(self.bus.subjects.root + ".")
+                self._finish(dead_letter_trajectories(m, kind))
+        self.wake()
+
+    def _completed(self, tid: str) -> None:
+        group = self.groups.get(self.by_trajectory.get(tid, ""))
+        if group is not None:
+            group.pending.discard(tid)
+
+    def _scored(self, tid: str, reward: float) -> None:
+        group = self.groups.get(self.by_trajectory.get(tid, ""))
+        if group is None:
+            return
+        if group.eval:
+            self._finish([tid])
+            return
+        group.rewards[tid] = reward
+        if self.cfg.difficulty_filter and len(group.rewards) == group.request.n:
+            right = sum(r >= self.cfg.difficulty_threshold for r in group.rewards.values())
+            if right in (0, group.request.n):
+                self.skip.add((group.request.env, group.request.prompt_key))
+
+    def _finish(self, tids: Sequence[str]) -> None:
+        for tid in tids:
+            gid = self.by_trajectory.pop(tid, None)
+            group = self.groups.get(gid or "")
+            if group is None:
+                continue
+            group.open.discard(tid)
+            group.pending.discard(tid)
+            if not group.open:
+                del self.groups[group.request.group_id]
+
+    def _live(self, version: int) -> None:
+        self.live_version = version
+        if version in self.version_steps:
+            self.live_step = self.version_steps[version]
+
+    # --- control ---------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            now = time.time()
+            for group in self.groups.values():  # time spent paused does not count toward time-outs
+                group.dispatched_at = now
+        self.paused = False
+        self.wake()
+
+    def rolled_back(self, result: RollbackResult) -> None:
+        """The ledger rolled back to `result.version`: the trainer restarts from its step."""
+        self.step = result.step
+        self.live_version, self.live_step = result.version, result.step
+        self._finish(result.trajectory_ids)
+        self.wake()
+
+    async def _on_control(self, cmd: policy_pb2.ControlCommand) -> None:
+        if cmd.kind == policy_pb2.CONTROL_KIND_PAUSE:
+            self.pause()
+        elif cmd.kind == policy_pb2.CONTROL_KIND_RESUME:
+            self.resume()
+        elif cmd.kind == policy_pb2.CONTROL_KIND_STOP:
+            self.stopped = True
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.paused = await self.bus.is_paused()
+        head = await self.bus.get_head()
+        if head is not None:
+            self.version_steps[head.version] = head.step
+            self._live(head.version)
+        sub = await self.bus.subscribe(
+            self.bus.subjects.control_all, policy_pb2.ControlCommand, self._on_control
+        )
+        if not self.envs:
+            log.warning("no [[envs]] configured: nothing to dispatch")
+        try:
+            while not stop.is_set():
+                await self.tick()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.cfg.tick_s)
+                self._wake.clear()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def tick(self) -> int:
+        """One round: re-issue timed-out requests, then dispatch eval and training groups.
+        Returns the number of requests published."""
+        if self.paused or self.stopped or not self.envs:
+            return 0
+        now = time.time()
+        out = self._timeouts(now)
+        if (
+            self.cfg.eval_every
+            and self.step % self.cfg.eval_every == 0
+            and self.step not in self.evaluated_steps
+        ):
+            self.evaluated_steps.add(self.step)
+            out += [self._new_request(env, ex, eval_=True, now=now) for env, ex in self._eval_examples()]
+        if not self.finished:
+            for _ in range(self.budget(now)):
+                env, example = self.mixture.draw(self.skip if self.cfg.difficulty_filter else None)
+                out.append(self._new_request(env, example, eval_=False, now=now))
+        if out:
+            await self.bus.publish_many(
+                Publication(self.bus.subjects.rollout_request, r, f"request:{r.request_id}:{r.attempt}")
+                for r in out
+            )
+        return len(out)
+
+    def _eval_examples(self) -> list[Any]:
+        if self._eval_cache is None:
+            self._eval_cache = eval_prompts(self.envs, count=self.cfg.eval_examples, seed=self.shape.seed)
+        return self._eval_cache
+
+    def _new_request(self, env: str, example: Any, *, eval_: bool, now: float) -> rollout_pb2.RolloutRequest:
+        self.seq += 1
+        gid = f"{self.token}-{self.seq:07d}"
+        s = self.cfg.sampling
+        n = self.cfg.eval_samples if eval_ else self.shape.group_size
+        request = rollout_pb2.RolloutRequest(
+            run_id=self.bus.run_id,
+            request_id=gid,
+            group_id=gid,
+            env=env,
+            prompt_key=example.key,
+            n=n,
+            sampling=rollout_pb2.SamplingParams(
+                temperature=self.cfg.eval_temperature if eval_ else s.temperature,
+                top_p=1.0 if eval_ else s.top_p,
+                top_k=0 if eval_ else s.top_k,
+                max_tokens=s.max_tokens,
+                stop=s.stop,
+                seed=self.shape.seed * 1_000_003 + self.seq,
+            ),
+            trajectory_ids=[f"{gid}-{i}" for i in range(n)],
+            eval=eval_,
+            created_at=now,
+            attempt=0,
+        )
+        set_prompt(request, example.prompt)
+        ids = set(request.trajectory_ids)
+        self.groups[gid] = Group(request=request, dispatched_at=now, pending=set(ids), open=set(ids))
+        self.by_trajectory.update((tid, gid) for tid in ids)
+        if not eval_:
+            self.dispatched_groups += 1
+        return request
+
+    def _timeouts(self, now: float) -> list[rollout_pb2.RolloutRequest]:
+        again: list[rollout_pb2.RolloutRequest] = []
+        failed: list[str] = []
+        for group in list(self.groups.values()):
+            if not group.pending or now - group.dispatched_at < self.cfg.request_timeout_s:
+                continue
+            if group.request.attempt + 1 < self.cfg.max_attempts:
+                group.request.attempt += 1
+                group.dispatched_at = now
+                again.append(group.request)
+                self.reissued += 1
+                log.warning(
+                    "re-issuing request %s (attempt %d)", group.request.request_id, group.request.attempt
+                )
+            else:
+                failed += sorted(group.pending)
+        if failed:
+            reason = (
+                f"no completion after {self.cfg.max_attempts} attempts of {self.cfg.request_timeout_s:g}s"
+            )
+            log.error("%d samples failed: %s", len(failed), reason)
+            if self.writer is not None:
+                self.writer.enqueue(
+                    Rows(
+                        trajectories=[
+                            {
+                                "run_id": self.bus.run_id,
+                                "trajectory_id": t,
+                                "status": "failed",
+                                "reason": reason,
+                                "finished_at": datetime.now(UTC),
+                            }
+                            for t in failed
+                        ]
+                    )
+                )
+            self._finish(failed)
+        return again
