@@ -1,17 +1,32 @@
-"""`offbeat-trainer`: thin entry point; heavy modules are imported only after arguments parse."""
+"""`offbeat-trainer`: thin entry point; heavy modules are imported only after arguments parse.
+
+`offbeat-trainer --config run.toml [--resume]` runs the service; `offbeat-trainer sft ...` runs
+supervised fine-tuning (see `offbeat_trainer.sft`).
+"""
 
 from __future__ import annotations
+
+import functools
+import sys
 
 from offbeat.service import load_service_config, run_service, service_parser
 from offbeat_trainer.config import TrainerConfig
 
 
-def main() -> None:
-    args = service_parser("trainer", "Turns scored trajectories into new policy versions.").parse_args()
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["sft"]:
+        from offbeat_trainer.sft_cli import main as sft_main
+
+        sft_main(argv[1:])
+        return
+    parser = service_parser("trainer", "Turns scored trajectories into new policy versions.")
+    parser.epilog = "Subcommand: `offbeat-trainer sft --help` for supervised fine-tuning."
+    args = parser.parse_args(argv)
     run, config = load_service_config(args, "trainer", TrainerConfig)
     from offbeat_trainer.service import serve
 
-    run_service("trainer", run, config, serve)
+    run_service("trainer", run, config, functools.partial(serve, resume=args.resume))
 
 
 if __name__ == "__main__":

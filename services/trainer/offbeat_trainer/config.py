@@ -1,9 +1,69 @@
-"""Configuration of the trainer service: the `[trainer]` section of the run TOML."""
+"""Configuration of the trainer service: the `[trainer]` section of the run TOML.
+
+Covers the optimizer, the loss, batching/packing, checkpoints and weight publication. The run's
+shape (`group_size`, `groups_per_step`, `max_staleness`, `max_steps`, `seed`, `state_dir`) lives
+in `[run]` and the base model in `[model]`; they are not repeated here.
+"""
 
 from __future__ import annotations
+
+from pydantic import Field
 
 from offbeat.config import ServiceConfig
 
 
 class TrainerConfig(ServiceConfig):
     """The `[trainer]` section."""
+
+    lr: float = Field(1e-5, gt=0)
+    """Peak AdamW learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW decoupled weight decay."""
+    adam_eps: float = Field(1e-8, gt=0)
+    """AdamW epsilon."""
+    warmup_steps: int = Field(0, ge=0)
+    """Steps of linear learning-rate warm-up from 0 to `lr`; constant afterwards."""
+    grad_clip: float = Field(1.0, gt=0)
+    """Largest global gradient norm; gradients above it are scaled down."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the rollouts; trainer log-probs are log_softmax(logits / T)."""
+    loss: str = "offbeat_trainer.loss:icepop_loss"
+    """Loss function as `module:function` (see `offbeat_trainer.loss.LossFn`)."""
+    mask_low: float = Field(0.125, gt=0)
+    """Tokens whose ratio trainer/inference probability is below this get no gradient."""
+    mask_high: float = Field(8.0, gt=0)
+    """Tokens whose ratio trainer/inference probability is above this get no gradient."""
+    kl_coef: float = Field(0.0, ge=0)
+    """Weight of the KL term (k3 estimator against the inference log-probs); 0 disables it."""
+    normalize: str = Field("token", pattern=r"^(token|sequence)$")
+    """`token`: loss summed over tokens / tokens in the step; `sequence`: mean per sequence, then mean."""
+    std_normalize: bool = False
+    """Divide group advantages by the group's reward std (plus 1e-6)."""
+    filter_zero_advantage: bool = False
+    """Drop groups whose advantages are all zero (reason `zero_advantage`) instead of training them."""
+    micro_batch_tokens: int = Field(8192, ge=16)
+    """Token budget of one packed micro-batch (prompt + completion tokens)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (needed for very long sequences)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers (`sdpa`, `flash_attention_2`, `eager`)."""
+    autocast_bf16: bool = True
+    """bf16 autocast on CUDA (ignored on CPU)."""
+    parallel: str = Field("auto", pattern=r"^(auto|fsdp|ddp)$")
+    """Data-parallel wrapper under torchrun: FSDP2 `fully_shard` or DDP; `auto` is FSDP2."""
+    weights_every: int = Field(1, ge=1)
+    """Publish a new policy version every this many steps."""
+    weight_store: str = "weights"
+    """`file:///abs/path`, `nats://bucket`, or a path relative to `[run] state_dir`."""
+    checkpoint_dir: str = "trainer"
+    """Checkpoint directory; relative paths resolve under `[run] state_dir`."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Most recent checkpoints kept besides those of published versions (needed for rollback)."""
+    batch_wait_log_s: float = Field(30.0, gt=0)
+    """Log the buffer's state when waiting this long for a complete step."""
+    heartbeat_s: float = Field(10.0, gt=0)
+    """Interval of `in_progress` signals on held (not yet acked) scored-trajectory messages."""
+    ack_timeout_s: float = Field(5.0, gt=0)
+    """Timeout of one synchronous ack after a checkpoint."""

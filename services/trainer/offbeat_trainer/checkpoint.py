@@ -1,0 +1,171 @@
+"""Atomic checkpoints: model, optimizer, schedule, RNG, step, versions and data accounting.
+
+A checkpoint is a directory `ckpt-NNNNNNNN` (a counter that only grows, also across rollbacks)
+under the checkpoint root. It is written under a hidden temporary name, every file fsynced, then
+renamed into place and the root fsynced, so a crash leaves either the whole checkpoint or none;
+the newest complete one is what `--resume` loads. Contents:
+
+- `model.safetensors`: the full state dict with Hugging Face names (the same file a published
+  version's weights come from), `optimizer.pt` (optimizer + scheduler state), `rng.pt`;
+- `state.json`: `TrainerState` (step, versions with their step/parent/uri/sha256/checkpoint,
+  next version id, head, consumed and dropped trajectory ids, ids retired by rollbacks, and the
+  last step's report and announcement so they can be re-published idempotently after a crash).
+
+Kept: the newest `keep` checkpoints and every checkpoint that produced a live published version
+(what rollback needs). Not covered: sharded (distributed) checkpoint files; ranks gather the full
+state and rank 0 writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "ckpt-"
+
+
+@dataclass
+class VersionRecord:
+    step: int
+    parent: int
+    uri: str = ""
+    sha256: str = ""
+    size_bytes: int = 0
+    checkpoint: str = ""
+    published_at: float = 0.0
+    rolled_back: bool = False
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    head: int = 0
+    next_version: int = 1
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+    consumed: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    retired: list[str] = field(default_factory=list)
+    """Ids consumed by steps that a rollback undid: never trained again, never counted as lost."""
+    last_report: str = ""
+    """Hex of the serialized TrainerStep of the newest step (re-published on resume)."""
+    last_announcement: str = ""
+    """Hex of the serialized WeightVersion last announced (re-published on resume)."""
+    last_announcement_id: str = ""
+    """Its msg id (`weights:{v}` or `weights:{v}:rollback:{command}`)."""
+
+    def version_steps(self) -> dict[int, int]:
+        return {v: r.step for v, r in self.versions.items()}
+
+    def rolled_back_versions(self) -> set[int]:
+        return {v for v, r in self.versions.items() if r.rolled_back}
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["versions"] = {str(k): v for k, v in data["versions"].items()}
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        data = json.loads(text)
+        data["versions"] = {int(k): VersionRecord(**v) for k, v in data["versions"].items()}
+        return cls(**data)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clone_for_save(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors safetensors accepts: contiguous, CPU, no shared storage (tied embeddings)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(clone_for_save(state), str(path), metadata={"format": "pt"})
+    _fsync(path)
+    return path
+
+
+class Checkpoints:
+    def __init__(self, root: Path, *, keep: int = 2) -> None:
+        self.root = root
+        self.keep = keep
+        root.mkdir(parents=True, exist_ok=True)
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.name.startswith(PREFIX) and p.is_dir())
+
+    def latest(self) -> str | None:
+        names = self.names()
+        return names[-1] if names else None
+
+    def next_name(self) -> str:
+        latest = self.latest()
+        n = int(latest.removeprefix(PREFIX)) + 1 if latest else 0
+        return f"{PREFIX}{n:08d}"
+
+    def save(
+        self,
+        state: TrainerState,
+        *,
+        weights_file: Path,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        name: str | None = None,
+    ) -> str:
+        """Write a checkpoint atomically; `weights_file` (a finished safetensors file) is moved in."""
+        name = name or self.next_name()
+        tmp = self.root / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        if weights_file.parent == self.root:
+            os.replace(weights_file, tmp / "model.safetensors")
+        else:
+            shutil.copyfile(weights_file, tmp / "model.safetensors")
+        torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(state.to_json())
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        os.replace(tmp, self.root / name)
+        _fsync(self.root)
+        self.prune(state)
+        return name
+
+    def load(self, name: str) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any]]:
+        """(state, model state dict, {"optimizer", "scheduler"}); restores the RNG states."""
+        d = self.root / name
+        state = TrainerState.from_json((d / "state.json").read_text())
+        model = load_file(str(d / "model.safetensors"))
+        opt = torch.load(d / "optimizer.pt", weights_only=False)
+        rng = torch.load(d / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        return state, model, opt
+
+    def weights_path(self, name: str) -> Path:
+        return self.root / name / "model.safetensors"
+
+    def prune(self, state: TrainerState) -> None:
+        needed = {r.checkpoint for r in state.versions.values() if not r.rolled_back and r.checkpoint}
+        names = self.names()
+        for name in names[: -self.keep]:
+            if name not in needed:
+                shutil.rmtree(self.root / name, ignore_errors=True)
+        for p in self.root.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)

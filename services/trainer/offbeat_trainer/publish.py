@@ -1,0 +1,93 @@
+"""Building what the trainer announces: weight versions and step reports (the wire messages).
+
+Also resolves `[trainer] weight_store` to a store: `file:///abs`, `nats://bucket`, or a path
+relative to `[run] state_dir`. Not covered: the publishing itself (`offbeat.bus`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from offbeat.v1 import policy_pb2
+from offbeat.weights import WeightStore, open_store
+from offbeat_trainer.batching import Dropped, StepBatch
+from offbeat_trainer.checkpoint import VersionRecord
+
+
+def store_uri(weight_store: str, state_dir: str) -> str:
+    if "://" in weight_store:
+        return weight_store
+    path = Path(weight_store)
+    if not path.is_absolute():
+        path = Path(state_dir).resolve() / path
+    return path.resolve().as_uri()
+
+
+def resolve_store(weight_store: str, state_dir: str, *, js: Any) -> WeightStore:
+    return open_store(store_uri(weight_store, state_dir), js=js)
+
+
+def weight_version(run_id: str, version: int, record: VersionRecord) -> policy_pb2.WeightVersion:
+    return policy_pb2.WeightVersion(
+        run_id=run_id,
+        version=version,
+        step=record.step,
+        parent=record.parent,
+        uri=record.uri,
+        sha256=record.sha256,
+        format="safetensors",
+        size_bytes=record.size_bytes,
+        published_at=record.published_at,
+    )
+
+
+def step_report(
+    *,
+    run_id: str,
+    step: int,
+    version: int,
+    batch: StepBatch,
+    dropped: list[Dropped],
+    metrics: dict[str, float],
+    started_at: float,
+) -> policy_pb2.TrainerStep:
+    lags = list(batch.staleness.values())
+    m = dict(metrics)
+    m.update(
+        staleness_min=float(min(lags)) if lags else 0.0,
+        staleness_mean=statistics.fmean(lags) if lags else 0.0,
+        staleness_max=float(max(lags)) if lags else 0.0,
+        reward_mean=batch.reward_mean,
+        groups=float(batch.groups),
+        consumed=float(len(batch.samples)),
+        dropped=float(len(dropped)),
+    )
+    return policy_pb2.TrainerStep(
+        run_id=run_id,
+        step=step,
+        version=version,
+        consumed_trajectory_ids=[t.trajectory_id for t in batch.samples],
+        dropped=[
+            policy_pb2.DroppedTrajectory(
+                trajectory_id=d.trajectory_id, reason=d.reason, staleness=d.staleness
+            )
+            for d in dropped
+        ],
+        metrics=m,
+        started_at=started_at,
+        finished_at=time.time(),
+        staleness=batch.staleness,
+        advantages={t.trajectory_id: t.advantage for t in batch.samples},
+    )
+
+
+def report_msg_id(report: policy_pb2.TrainerStep) -> str:
+    first = (
+        report.consumed_trajectory_ids[0]
+        if report.consumed_trajectory_ids
+        else report.dropped[0].trajectory_id
+    )
+    return f"step:{report.step}:{first}"

@@ -1,0 +1,135 @@
+"""SIGKILL the trainer mid-step and between steps, `--resume`, and audit the accounting.
+
+Real nats-server, real `offbeat-trainer` processes, a real tiny model. The kills land at exact
+points through `OFFBEAT_TRAINER_FAULT` (the process SIGKILLs itself there), plus one external
+SIGKILL while the trainer waits for data.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from offbeat.testing import wait_for
+from offbeat.v1 import policy_pb2
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def _reports(bus) -> list[policy_pb2.TrainerStep]:  # type: ignore[no-untyped-def]
+    """Every step report stored in the stream (duplicates were refused by msg id)."""
+    sub = await bus.js.pull_subscribe(bus.subjects.trainer_step, durable=None)
+    out = []
+    while True:
+        try:
+            msgs = await sub.fetch(100, timeout=0.5)
+        except Exception:
+            break
+        out += [policy_pb2.TrainerStep.FromString(m.data) for m in msgs]
+    await sub.unsubscribe()
+    return out
+
+
+def _state(state_dir: Path) -> dict:  # type: ignore[type-arg]
+    root = state_dir / "trainer"
+    latest = sorted(p for p in root.iterdir() if p.name.startswith("ckpt-"))[-1]
+    return json.loads((latest / "state.json").read_text())  # type: ignore[no-any-return]
+
+
+async def _wait_exit(proc, timeout_s: float = 180) -> int:  # type: ignore[no-untyped-def]
+    await wait_for(lambda: proc.poll() is not None, timeout_s=timeout_s, interval_s=0.2)
+    return proc.returncode  # type: ignore[no-any-return]
+
+
+async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
+    bus, nats_url, run_id, service_config_file, tiny_model, tmp_path, make_scored, launch_trainer
+):
+    scored, start_trainer = make_scored, launch_trainer  # type: ignore[no-untyped-def]
+    state_dir = tmp_path / "state"
+    sets = [
+        f"run.id={run_id}",
+        f"model.path={tiny_model}",
+        "run.group_size=2",
+        "run.groups_per_step=2",
+        "run.max_steps=5",
+        "run.max_staleness=100",
+        "trainer.lr=1e-3",
+        "trainer.weights_every=2",
+        "trainer.heartbeat_s=1.0",
+        "bus.ack_wait_s=3",
+    ]
+    log = tmp_path / "trainer.log"
+    ids: list[str] = []
+    msgs = []
+    for g in range(8):  # 8 groups of 2 -> 4 steps of training data
+        for k in range(2):
+            tid = f"g{g}-{k}"
+            # group 3 member 1 failed its reward: masked, reported as reward_failed
+            status = 5 if (g, k) == (3, 1) else 1
+            msgs.append(scored(run_id, tid, f"g{g}", group_size=2, reward=float(k + g % 2), status=status))
+            ids.append(tid)
+    msgs.append(scored(run_id, "eval-0", "ge", group_size=1, reward=1.0, eval=True))
+    for m in msgs[:8]:  # first half, so the trainer has to wait between steps
+        await bus.publish(bus.subjects.rollout_scored, m, msg_id=f"scored:{m.completion.trajectory_id}")
+
+    # 1. killed right after step 2's checkpoint: durable, nothing announced or acked
+    proc = start_trainer(
+        service_config_file, nats_url, sets, log=log, env={"OFFBEAT_TRAINER_FAULT": "after_checkpoint:2"}
+    )
+    assert await _wait_exit(proc) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert _state(state_dir)["step"] == 2
+
+    # 2. resume: the held messages come back and must be skipped; then killed by an external
+    #    SIGKILL while waiting for data (between steps)
+    proc = start_trainer(service_config_file, nats_url, sets, resume=True, log=log)
+    await wait_for(lambda: "trainer ready" in log.read_text(), timeout_s=120)
+
+    async def all_acked() -> bool:
+        return await bus.consumer_pending("trainer") == (0, 0)
+
+    await wait_for(all_acked, timeout_s=60)
+    proc.send_signal(signal.SIGKILL)
+    assert await _wait_exit(proc) == -signal.SIGKILL
+    assert _state(state_dir)["step"] == 2
+
+    # 3. the rest of the data arrives; resume, killed mid-step 3 (trained, not durable)
+    for m in msgs[8:]:
+        await bus.publish(bus.subjects.rollout_scored, m, msg_id=f"scored:{m.completion.trajectory_id}")
+    proc = start_trainer(
+        service_config_file,
+        nats_url,
+        sets,
+        resume=True,
+        log=log,
+        env={"OFFBEAT_TRAINER_FAULT": "before_checkpoint:3"},
+    )
+    assert await _wait_exit(proc) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert _state(state_dir)["step"] == 2
+
+    # 4. resume to the end of the data (4 steps), then stop it
+    proc = start_trainer(service_config_file, nats_url, sets, resume=True, log=log)
+    await wait_for(lambda: _state(state_dir)["step"] == 4, timeout_s=120)
+    await wait_for(all_acked, timeout_s=60)
+    proc.send_signal(signal.SIGTERM)
+    assert await _wait_exit(proc) == 0, log.read_text()[-3000:]
+
+    state = _state(state_dir)
+    consumed, dropped = state["consumed"], state["dropped"]
+    assert len(consumed) == len(set(consumed)), "a trajectory was trained twice"
+    assert not set(consumed) & set(dropped)
+    assert set(consumed) | set(dropped) == set(ids), f"lost: {set(ids) - set(consumed) - set(dropped)}"
+    assert dropped == {"g3-1": "reward_failed:error"}
+    assert "eval-0" not in consumed
+
+    reports = await _reports(bus)
+    assert sorted(r.step for r in reports) == [1, 2, 3, 4], [r.step for r in reports]
+    trained = [t for r in reports for t in r.consumed_trajectory_ids]
+    assert sorted(trained) == sorted(consumed)
+    assert [d.trajectory_id for r in reports for d in r.dropped] == ["g3-1"]
+    # versions: 0 (base), 1 after step 2, 2 after step 4; head is 2 with parent 1
+    head = await bus.get_head()
+    assert head is not None and (head.version, head.step, head.parent) == (2, 4, 1)
+    assert sorted(int(v) for v in state["versions"]) == [0, 1, 2]
