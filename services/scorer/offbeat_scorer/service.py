@@ -80,8 +80,8 @@ async def serve(ctx: ServiceContext[ScorerConfig]) -> None:
 
 
 async def _report(ctx: ServiceContext[ScorerConfig], scorer: Scorer) -> None:
-    """Refresh /healthz details and the scored/s gauge every few seconds."""
-    every = min(5.0, ctx.config.rate_window_s)
+    """Refresh /healthz details and the scored/s gauge every second."""
+    every = 1.0
     while not ctx.stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.stop.wait(), timeout=every)
