@@ -38,8 +38,11 @@ def test_help_is_instant(service):
 
 
 def test_services_start_report_healthy_and_stop_on_sigterm(
-    nats_url, database_url, run_id, service_config_file
+    nats_url, database_url, run_id, service_config_file, tmp_path
 ):
+    from offbeat.tinymodel import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "model", hidden_size=64, layers=2)  # inference loads [model] path
     procs = {}
     ports = {}
     for service in SERVICES:
@@ -55,6 +58,8 @@ def test_services_start_report_healthy_and_stop_on_sigterm(
                 database_url,
                 "--set",
                 f"run.id={run_id}",
+                "--set",
+                f"model.path={model}",
                 "--set",
                 f"{service}.health_port={ports[service]}",
             ],

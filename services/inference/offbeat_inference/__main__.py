@@ -11,6 +11,10 @@ def main() -> None:
         "inference", "Samples the policy: engines, continuous batching, in-flight weight updates."
     ).parse_args()
     run, config = load_service_config(args, "inference", InferenceConfig)
+    if not run.model.path:
+        raise SystemExit(
+            "offbeat-inference: [model] path is empty: set a Hugging Face id or a local directory"
+        )
     from offbeat_inference.service import serve
 
     run_service("inference", run, config, serve)

@@ -1,0 +1,439 @@
+"""The transformers engine: continuous batching over a KV cache, in one stepping thread.
+
+Sequences wait in a queue; between decode steps the engine retires the finished ones (dropping
+their rows from the KV cache) and admits waiting ones up to `capacity` (a batched prefill of the
+new prompts, whose cache is left-padded and merged with the running batch's). Every step then
+decodes one token for every row. Rows are left-aligned with an attention mask and explicit
+position ids, so a row's log-probs equal a teacher-forced forward pass of the same weights
+(log-prob convention: see `offbeat_inference.engine`). Leading cache columns that only padding
+uses are trimmed after retirements.
+
+Weight updates are read from the file off the stepping thread, validated against the model's
+parameter names and shapes, and copied into the parameters between two steps; tokens sampled
+after the copy carry the new version. A file that does not fit raises `WeightLoadError` and
+changes nothing.
+
+Not covered: paged attention, prefix caching, sliding-window or recurrent cache layers (the
+engine refuses models that use them), tensor parallelism. For throughput on GPUs use vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from offbeat_inference.engine import (
+    Engine,
+    Generation,
+    Sampling,
+    WeightLoadError,
+    WeightsApplied,
+    spans_from_versions,
+)
+from offbeat_inference.sampling import RowSampling, sample
+
+log = logging.getLogger("offbeat.inference.hf")
+
+
+@dataclass(eq=False)
+class _Seq:
+    prompt: list[int]
+    sampling: Sampling
+    row: RowSampling
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Generation]
+    stop_window: int
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    pos: int = 0  # tokens of this row in the KV cache
+    started_at: float = 0.0
+    cancelled: bool = False
+
+
+@dataclass
+class _Update:
+    state: dict[str, torch.Tensor]
+    version: int
+    started: float
+    done: threading.Event = field(default_factory=threading.Event)
+    applied: bool = False
+    applied_s: float = 0.0
+
+
+class HFEngine(Engine):
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        capacity: int = 64,
+        max_model_len: int = 4096,
+        max_prefill_tokens: int = 16384,
+        device: str = "cpu",
+        trust_remote_code: bool = False,
+    ) -> None:
+        self.model_path = model_path
+        self.dtype = getattr(torch, dtype)
+        self.capacity = capacity
+        self.max_model_len = max_model_len
+        self.max_prefill_tokens = max_prefill_tokens
+        self.device = torch.device(device)
+        self.trust_remote_code = trust_remote_code
+        self.model: Any = None
+        self._tokenizer: Any = None
+        self._eos: frozenset[int] = frozenset()
+        self._version = 0
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._rows: list[_Seq] = []
+        self._cache: Any = None
+        self._mask: torch.Tensor | None = None
+        self._update: _Update | None = None
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.steps = 0
+
+    # --- Engine API ---------------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting) + len(self._rows)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._load)
+        self._thread = threading.Thread(target=self._run, name="hf-engine", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            self.model_path, trust_remote_code=self.trust_remote_code
+        )
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            self.model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
+        )
+        self.model = model.to(self.device).eval()
+        eos: set[int] = set()
+        for source in (self._tokenizer.eos_token_id, model.generation_config.eos_token_id):
+            if isinstance(source, int):
+                eos.add(source)
+            elif source:
+                eos.update(int(x) for x in source)
+        self._eos = frozenset(eos)
+        with torch.no_grad():  # one prefill: refuse cache layouts the merge does not handle
+            cache = self._new_cache()
+            self.model(input_ids=torch.tensor([[0, 0]], device=self.device), cache=cache, use_cache=True)
+        from transformers.cache_utils import DynamicLayer
+
+        kinds = {type(layer).__name__ for layer in cache.layers}
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise NotImplementedError(
+                f"the transformers engine handles full-attention caches only, got {kinds}"
+            )
+
+    async def generate(self, prompt_ids: list[int], sampling: Sampling) -> Generation:
+        if self._failure is not None:
+            raise RuntimeError(f"engine failed: {self._failure!r}")
+        if self._closed:
+            raise RuntimeError("engine is closed")
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in {self.max_model_len}")
+        loop = asyncio.get_running_loop()
+        seed = sampling.seed if sampling.seed is not None else random.SystemRandom().getrandbits(63)
+        longest_stop = max((len(s.encode()) for s in sampling.stop), default=0)
+        seq = _Seq(
+            prompt=list(prompt_ids),
+            sampling=sampling,
+            row=RowSampling(sampling.temperature, sampling.top_p, sampling.top_k, random.Random(seed)),
+            loop=loop,
+            future=loop.create_future(),
+            stop_window=longest_stop + 4,
+        )
+        with self._wake:
+            self._waiting.append(seq)
+            self._wake.notify()
+        try:
+            return await seq.future
+        except asyncio.CancelledError:
+            seq.cancelled = True
+            raise
+
+    async def update_weights(self, path: Path, version: int) -> WeightsApplied:
+        started = time.perf_counter()
+        state = await asyncio.to_thread(self._read_checked, path)
+        update = _Update(state=state, version=version, started=started)
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._update = update
+            self._wake.notify()
+        while not update.done.is_set():  # applied by the stepping thread between two steps
+            await asyncio.to_thread(update.done.wait, 0.5)
+        if not update.applied:
+            raise RuntimeError(f"engine stopped before version {version} was applied")
+        return WeightsApplied(version=version, apply_s=update.applied_s, details={"tensors": len(state)})
+
+    async def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    # --- weights ------------------------------------------------------------------------------
+
+    def _read_checked(self, path: Path) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device=str(self.device))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WeightLoadError(f"{path.name}: not a readable safetensors file: {exc}") from None
+        expected = self.model.state_dict()
+        storage: dict[int, list[str]] = collections.defaultdict(list)
+        for name, tensor in expected.items():
+            storage[tensor.data_ptr()].append(name)
+        unexpected = sorted(set(state) - set(expected))
+        missing = sorted(
+            name
+            for name, tensor in expected.items()
+            if name not in state and not any(alias in state for alias in storage[tensor.data_ptr()])
+        )
+        wrong = [
+            f"{n} {tuple(state[n].shape)} != {tuple(expected[n].shape)}"
+            for n in state
+            if n in expected and state[n].shape != expected[n].shape
+        ]
+        if unexpected or missing or wrong:
+            raise WeightLoadError(
+                f"{path.name} does not fit the model: unexpected {unexpected[:5]}, missing {missing[:5]}, "
+                f"shape mismatch {wrong[:5]}"
+            )
+        return state
+
+    def _apply(self, update: _Update) -> None:
+        params = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in update.state.items():
+                params[name].copy_(tensor)
+        self._version = update.version
+        update.applied = True
+        update.applied_s = time.perf_counter() - update.started
+        update.done.set()
+
+    # --- the stepping thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._wake:
+                        while (
+                            not self._closed and not self._rows and not self._waiting and self._update is None
+                        ):
+                            self._wake.wait()
+                        if self._closed:
+                            break
+                        update, self._update = self._update, None
+                    if update is not None:
+                        self._apply(update)
+                    if self._rows or self._waiting:
+                        self._step()
+        except BaseException as exc:
+            self._failure = exc
+            log.exception("engine thread failed")
+        finally:
+            self._abort_all()
+
+    def _abort_all(self) -> None:
+        with self._wake:
+            held = self._rows + list(self._waiting)
+            self._rows, self._cache, self._mask = [], None, None
+            self._waiting.clear()
+            if self._update is not None:
+                self._update.done.set()
+        for seq in held:
+            self._finish(seq, "abort")
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _step(self) -> None:
+        self.steps += 1
+        parts: list[torch.Tensor] = []
+        if self._rows:
+            parts.append(self._decode())
+        admitted = self._admit()
+        if admitted:
+            parts.append(self._prefill(admitted))
+        rows = self._rows
+        tokens, logprobs = sample(torch.cat(parts) if len(parts) > 1 else parts[0], [s.row for s in rows])
+        version = self._version
+        keep: list[int] = []
+        for i, (seq, tok, lp) in enumerate(zip(rows, tokens.tolist(), logprobs.tolist(), strict=True)):
+            seq.tokens.append(tok)
+            seq.logprobs.append(lp)
+            seq.versions.append(version)
+            reason = self._finish_reason(seq, tok)
+            if reason is not None:
+                self._finish(seq, reason)
+            elif seq.cancelled:
+                continue
+            else:
+                keep.append(i)
+        if len(keep) < len(rows):
+            self._retire(keep)
+
+    def _decode(self) -> torch.Tensor:
+        assert self._mask is not None
+        rows = self._rows
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)
+        pos = torch.tensor([[s.pos] for s in rows], device=self.device)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(
+            input_ids=ids, attention_mask=self._mask, position_ids=pos, cache=self._cache, use_cache=True
+        )
+        for s in rows:
+            s.pos += 1
+        return out.logits[:, -1]  # type: ignore[no-any-return]
+
+    def _admit(self) -> list[_Seq]:
+        admitted: list[_Seq] = []
+        longest = 0
+        with self._wake:
+            while self._waiting and len(self._rows) + len(admitted) < self.capacity:
+                seq = self._waiting[0]
+                if seq.cancelled:
+                    self._waiting.popleft()
+                    continue
+                width = max(longest, len(seq.prompt))
+                if admitted and width * (len(admitted) + 1) > self.max_prefill_tokens:
+                    break
+                longest = width
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
+        width = max(len(s.prompt) for s in seqs)
+        pad = 0
+        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device
+        )
+        pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        now = time.time()
+        for s in seqs:
+            s.pos = len(s.prompt)
+            s.started_at = now
+        self._merge(cache, mask)
+        self._rows = self._rows + seqs
+        return out.logits[:, -1]  # type: ignore[no-any-return]
+
+    def _merge(self, cache: Any, mask: torch.Tensor) -> None:
+        """Append the new rows' cache to the running one, left-padding the shorter to one width."""
+        if self._cache is None or self._mask is None:
+            self._cache, self._mask = cache, mask
+            return
+        old_w, new_w = self._mask.shape[1], mask.shape[1]
+        width = max(old_w, new_w)
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
+            old.keys = torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)], dim=0)
+            old.values = torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)], dim=0)
+        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)], dim=0)
+
+    def _retire(self, keep: list[int]) -> None:
+        self._rows = [self._rows[i] for i in keep]
+        if not keep or self._mask is None:
+            self._cache, self._mask = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        mask = self._mask.index_select(0, index)
+        first = int(torch.nonzero(mask.any(dim=0))[0, 0]) if mask.shape[1] else 0
+        self._mask = mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, first:]
+            layer.values = layer.values.index_select(0, index)[:, :, first:]
+
+    def _finish_reason(self, seq: _Seq, token: int) -> str | None:
+        if token in self._eos:
+            return "stop"
+        if seq.sampling.stop:
+            tail = self._tokenizer.decode(seq.tokens[-seq.stop_window :], skip_special_tokens=False)
+            if any(stop in tail for stop in seq.sampling.stop):
+                return "stop"
+        if (
+            len(seq.tokens) >= seq.sampling.max_tokens
+            or len(seq.prompt) + len(seq.tokens) >= self.max_model_len
+        ):
+            return "length"
+        return None
+
+    def _finish(self, seq: _Seq, reason: str) -> None:
+        result = Generation(
+            token_ids=seq.tokens,
+            logprobs=seq.logprobs,
+            finish_reason=reason,
+            spans=spans_from_versions(seq.versions),
+            started_at=seq.started_at,
+            finished_at=time.time(),
+        )
+
+        def resolve() -> None:
+            if not seq.future.done():
+                seq.future.set_result(result)
+
+        if not seq.loop.is_closed():
+            seq.loop.call_soon_threadsafe(resolve)
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - t.shape[-2]
+    if missing == 0:
+        return t
+    pad = t.new_zeros((*t.shape[:-2], missing, t.shape[-1]))
+    return torch.cat([pad, t], dim=-2)
+
+
+def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    missing = width - mask.shape[1]
+    if missing == 0:
+        return mask
+    return torch.cat([mask.new_zeros((mask.shape[0], missing)), mask], dim=1)

@@ -1,0 +1,178 @@
+"""The transformers engine on a real tiny model: log-probs, sampling, continuous batching, weights."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from offbeat_inference.engine import Sampling, WeightLoadError
+from offbeat_inference.hf_engine import HFEngine
+
+
+async def started(path: Path, **kwargs: object) -> HFEngine:
+    engine = HFEngine(str(path), **kwargs)  # type: ignore[arg-type]
+    await engine.start()
+    return engine
+
+
+def teacher_forced_logprobs(model, prompt: list[int], tokens: list[int], temperature: float) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0].float()
+    scale = temperature if temperature > 0 else 1.0
+    lp = torch.log_softmax(logits / scale, dim=-1)[len(prompt) - 1 : -1]
+    return lp.gather(-1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.slow
+async def test_logprobs_match_teacher_forced_forward_under_continuous_batching(tiny_model):
+    # capacity 3 < 12 sequences of different prompt and completion lengths: rows are admitted and
+    # retired between steps, the cache is merged, padded and trimmed, and still every log-prob
+    # equals the forward pass of the whole sequence.
+    engine = await started(tiny_model, capacity=3)
+    try:
+        tok = engine.tokenizer
+        texts = ["hi", "the quick brown fox", "a", "2+2=", "once upon a time there was", "xyz"] * 2
+        settings = [
+            Sampling(temperature=1.0, max_tokens=9, seed=1),
+            Sampling(temperature=0.7, max_tokens=23, seed=2),
+            Sampling(temperature=0.0, max_tokens=14),
+            Sampling(temperature=1.3, top_p=0.8, max_tokens=31, seed=4),
+            Sampling(temperature=1.0, top_k=5, max_tokens=5, seed=5),
+            Sampling(temperature=0.9, top_p=0.5, top_k=20, max_tokens=17, seed=6),
+        ] * 2
+        prompts = [tok.encode(t) for t in texts]
+        gens = await asyncio.gather(*(engine.generate(p, s) for p, s in zip(prompts, settings, strict=True)))
+        for prompt, s, gen in zip(prompts, settings, gens, strict=True):
+            assert len(gen.token_ids) == len(gen.logprobs) > 0
+            ref = teacher_forced_logprobs(engine.model, prompt, gen.token_ids, s.temperature)
+            diff = (ref - torch.tensor(gen.logprobs)).abs().max().item()
+            assert diff <= 1e-3, f"log-probs of {s} differ from the forward pass by {diff}"
+            assert gen.spans == [(0, 0, len(gen.token_ids))]
+    finally:
+        await engine.close()
+
+
+async def test_greedy_and_seeded_samples_do_not_depend_on_the_batch(tiny_model):
+    engine = await started(tiny_model, capacity=8)
+    try:
+        prompt = engine.tokenizer.encode("same prompt")
+        alone = await engine.generate(prompt, Sampling(temperature=1.0, max_tokens=12, seed=42))
+        greedy_alone = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=12))
+        crowd = [
+            engine.generate(engine.tokenizer.encode(f"other {i}"), Sampling(max_tokens=7, seed=i))
+            for i in range(6)
+        ]
+        batched, greedy_batched, *_ = await asyncio.gather(
+            engine.generate(prompt, Sampling(temperature=1.0, max_tokens=12, seed=42)),
+            engine.generate(prompt, Sampling(temperature=0.0, max_tokens=12)),
+            *crowd,
+        )
+        assert batched.token_ids == alone.token_ids, "a seeded sample changed with its batch mates"
+        assert greedy_batched.token_ids == greedy_alone.token_ids
+        other_seed = await engine.generate(prompt, Sampling(temperature=1.0, max_tokens=12, seed=43))
+        assert other_seed.token_ids != alone.token_ids, "the seed does not reach the sampler"
+    finally:
+        await engine.close()
+
+
+async def test_finish_reasons_stop_string_eos_and_length(tiny_model):
+    engine = await started(tiny_model, capacity=4, max_model_len=64)
+    try:
+        prompt = engine.tokenizer.encode("abc")
+        free = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=20))
+        assert free.finish_reason == "length" and len(free.token_ids) == 20
+        # a stop string taken from the greedy continuation itself ends generation right after it
+        text = engine.tokenizer.decode(free.token_ids[3:5])
+        stopped = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=20, stop=(text,)))
+        assert stopped.finish_reason == "stop"
+        assert engine.tokenizer.decode(stopped.token_ids).endswith(text)
+        assert stopped.token_ids == free.token_ids[: len(stopped.token_ids)]
+        # the context length bounds a completion
+        long = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=1000))
+        assert long.finish_reason == "length" and len(prompt) + len(long.token_ids) == 64
+        with pytest.raises(ValueError, match="no room"):
+            await engine.generate(list(range(5, 69)), Sampling(max_tokens=1))
+    finally:
+        await engine.close()
+
+
+async def test_eos_token_finishes_with_stop(tiny_model, tmp_path):
+    # The model's generation config may name several end tokens; make the greedy continuation's
+    # first token that does not repeat an earlier one an end token: generation must stop there.
+    engine = await started(tiny_model, capacity=2)
+    prompt = engine.tokenizer.encode("hello")
+    sampling = Sampling(temperature=1.0, max_tokens=20, seed=11)
+    free = await engine.generate(prompt, sampling)
+    await engine.close()
+    cut = next(i for i in range(1, 20) if free.token_ids[i] not in free.token_ids[:i])
+    end = free.token_ids[cut]
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model, model_dir)
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [config["eos_token_id"], end]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    engine = await started(model_dir, capacity=2)
+    try:
+        gen = await engine.generate(prompt, sampling)
+        assert gen.token_ids == free.token_ids[: cut + 1] and gen.finish_reason == "stop"
+    finally:
+        await engine.close()
+
+
+async def test_finished_sequences_free_their_slot_between_steps(tiny_model):
+    # One long and twelve short sequences through 4 slots. With continuous batching the short ones
+    # stream through the 3 free slots while the long one decodes, so the whole run takes as many
+    # steps as the long one has tokens (static batches of 4 would need 200 + 2 * 5 = 210 steps).
+    engine = await started(tiny_model, capacity=4)
+    try:
+        tok = engine.tokenizer
+        long = engine.generate(tok.encode("long"), Sampling(temperature=0.0, max_tokens=200))
+        shorts = [
+            engine.generate(tok.encode(f"s{i}"), Sampling(temperature=0.0, max_tokens=5)) for i in range(12)
+        ]
+        results = await asyncio.gather(long, *shorts)
+        assert [len(g.token_ids) for g in results] == [200] + [5] * 12
+        assert engine.steps <= 201, f"{engine.steps} steps: finished rows did not free their slots"
+        assert max(g.finished_at for g in results[1:]) <= results[0].finished_at
+    finally:
+        await engine.close()
+
+
+async def test_weights_swap_between_steps_and_bad_files_change_nothing(tiny_model, tiny_model_v1, tmp_path):
+    engine = await started(tiny_model, capacity=4)
+    try:
+        prompt = engine.tokenizer.encode("weights")
+        before = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=10))
+
+        truncated = tmp_path / "truncated.safetensors"
+        truncated.write_bytes((tiny_model_v1 / "model.safetensors").read_bytes()[:1000])
+        with pytest.raises(WeightLoadError, match="not a readable"):
+            await engine.update_weights(truncated, 7)
+
+        other = tmp_path / "other"
+        from offbeat.tinymodel import build_tiny_model
+
+        build_tiny_model(other, hidden_size=32, layers=2)
+        with pytest.raises(WeightLoadError, match="shape mismatch"):
+            await engine.update_weights(other / "model.safetensors", 8)
+        assert engine.version == 0
+        same = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=10))
+        assert same.token_ids == before.token_ids
+
+        copied = tmp_path / "v1.safetensors"
+        shutil.copyfile(tiny_model_v1 / "model.safetensors", copied)
+        applied = await engine.update_weights(copied, 1)
+        assert applied.version == engine.version == 1 and applied.apply_s > 0
+        from transformers import AutoModelForCausalLM
+
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_model_v1, dtype=torch.float32).eval()
+        after = await engine.generate(prompt, Sampling(temperature=1.0, max_tokens=16, seed=3))
+        ref = teacher_forced_logprobs(fresh, prompt, after.token_ids, 1.0)
+        assert (ref - torch.tensor(after.logprobs)).abs().max().item() <= 1e-3
+        assert after.spans == [(1, 0, 16)]
+    finally:
+        await engine.close()
