@@ -120,8 +120,9 @@ def _set_limits(lim):
     resource.setrlimit(resource.RLIMIT_AS, (lim["mem"], lim["mem"]))
     resource.setrlimit(resource.RLIMIT_FSIZE, (lim["fsize"], lim["fsize"]))
     resource.setrlimit(resource.RLIMIT_NOFILE, (lim["nofile"], lim["nofile"]))
-    # outer bwrap, bwrap's init and this worker are of the same uid: the run gets nproc on top
-    resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"] + 3, lim["nproc"] + 3))
+    # counted per uid in the sandbox's user namespace (kernel >= 5.14): bwrap's init and this
+    # worker are the 2 others there; on older kernels the outer bwrap counts too (one less)
+    resource.setrlimit(resource.RLIMIT_NPROC, (lim["nproc"] + 2, lim["nproc"] + 2))
 
 
 def _exit_code(exc):
