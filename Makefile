@@ -44,3 +44,8 @@ chaos: install
 
 clean:
 	rm -rf $(VENV) .offbeat
+
+# The compose proof (podman as root, no registry): base image, builds, stack up, trainer steps, ledger.
+.PHONY: compose-test
+compose-test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m compose -s tests/test_deploy_compose.py
