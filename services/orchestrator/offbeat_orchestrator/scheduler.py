@@ -95,6 +95,7 @@ class Scheduler:
         self.evaluated_steps: set[int] = set()
         self.dispatched_groups = 0
         self.reissued = 0
+        self.ticks = 0
         self._lag_since: float | None = None
         self._eval_cache: list[Any] | None = None
         self._wake = asyncio.Event()
@@ -242,6 +243,7 @@ class Scheduler:
     async def tick(self) -> int:
         """One round: re-issue timed-out requests, then dispatch eval and training groups.
         Returns the number of requests published."""
+        self.ticks += 1
         if self.paused or self.stopped or not self.envs:
             return 0
         now = time.time()

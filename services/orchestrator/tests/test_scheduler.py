@@ -1,0 +1,201 @@
+"""The scheduler on real NATS + PostgreSQL, driven by publishing what the trainer and inference
+would (trainer.step, policy.weights, policy.live, completions) and watching rollout.request."""
+
+import asyncio
+import contextlib
+
+import pytest
+from offbeat_orchestrator.config import OrchestratorConfig
+from offbeat_orchestrator.scheduler import Scheduler
+from orch_helpers import CountingEnv, completion, live, step, trajectory_rows, weights
+
+from offbeat.config import RunSection
+from offbeat.testing import wait_for
+from offbeat.v1 import policy_pb2, rollout_pb2
+
+pytestmark = pytest.mark.integration
+
+
+class Requests:
+    """Every rollout.request on the bus, as a plain subscription sees it."""
+
+    def __init__(self):
+        self.seen: list[rollout_pb2.RolloutRequest] = []
+
+    async def on(self, req):
+        self.seen.append(req)
+
+    def groups(self, *, eval_=False):
+        return [r for r in self.seen if r.eval == eval_ and r.attempt == 0]
+
+
+@contextlib.asynccontextmanager
+async def running(bus, writer, run: RunSection, cfg: OrchestratorConfig):
+    sched = Scheduler(bus, run, cfg, [("count", 1.0, CountingEnv())], writer=writer)
+    reqs = Requests()
+    sub = await bus.subscribe(bus.subjects.rollout_request, rollout_pb2.RolloutRequest, reqs.on)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sched.run(stop))
+    try:
+        yield sched, reqs
+    finally:
+        stop.set()
+        await task
+        await sub.unsubscribe()
+
+
+async def settle(sched, ticks=4):
+    """Let the scheduler run a few more rounds (so a dispatch it should not make would happen)."""
+    start = sched.ticks
+    await wait_for(lambda: sched.ticks >= start + ticks, timeout_s=60)
+
+
+async def announce(bus, run_id, version, at_step, *, is_live=True):
+    await bus.publish(
+        bus.subjects.policy_weights,
+        weights(run_id, version, at_step, version - 1),
+        msg_id=f"weights:{version}",
+    )
+    if is_live:
+        await bus.publish(bus.subjects.policy_live, live(run_id, version), msg_id=f"live:r0:{version}:1")
+
+
+async def report_step(bus, run_id, n, groups, *, version):
+    consumed = [t for g in groups for t in g.trajectory_ids]
+    await bus.publish(
+        bus.subjects.trainer_step,
+        step(run_id, n, consumed=consumed, version=version),
+        msg_id=f"step:{n}:{consumed[0]}",
+    )
+
+
+@pytest.mark.slow
+async def test_in_flight_groups_never_exceed_the_staleness_budget(bus, writer, run_id):
+    G, k, max_steps = 2, 1, 4
+    run = RunSection(id=run_id, group_size=2, groups_per_step=G, max_staleness=k, max_steps=max_steps)
+    cfg = OrchestratorConfig(tick_s=0.05)
+    async with running(bus, writer, run, cfg) as (sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        consumed = 0
+        for n in range(1, max_steps + 1):
+            await wait_for(
+                lambda: len(reqs.groups()) >= min(G * max_steps, consumed + G * (k + 1)),  # noqa: B023
+                timeout_s=60,
+            )
+            await settle(sched)
+            in_flight = len(reqs.groups()) - consumed
+            assert in_flight <= G * (k + 1), (
+                f"{in_flight} groups in flight before step {n}; budget {G * (k + 1)}"
+            )
+            assert in_flight == min(G * (k + 1), G * max_steps - consumed), (
+                "dispatch fell short of the budget"
+            )
+            batch = reqs.groups()[consumed : consumed + G]
+            await report_step(bus, run_id, n, batch, version=n)
+            await announce(bus, run_id, n, n)
+            consumed += G
+            await wait_for(lambda: sched.step == n, timeout_s=60)  # noqa: B023
+        await settle(sched)
+        assert sched.finished
+        assert len(reqs.groups()) == G * max_steps, "dispatched past what max_steps needs"
+        ids = [t for r in reqs.groups() for t in r.trajectory_ids]
+        assert len(ids) == len(set(ids)) == G * max_steps * 2
+        assert all(len(r.trajectory_ids) == r.n == 2 for r in reqs.groups())
+
+
+async def test_max_staleness_zero_waits_for_the_step_and_the_new_version_to_be_live(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=1, groups_per_step=2, max_staleness=0, max_steps=5)
+    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        await settle(sched)
+        assert len(reqs.groups()) == 2, "synchronous RL dispatched more than one step's worth"
+        await report_step(bus, run_id, 1, reqs.groups(), version=1)
+        await announce(bus, run_id, 1, 1, is_live=False)  # published, not yet served by inference
+        await wait_for(lambda: sched.step == 1, timeout_s=60)
+        await settle(sched)
+        assert len(reqs.groups()) == 2, "dispatched before inference served the new weights"
+        await bus.publish(bus.subjects.policy_live, live(run_id, 1), msg_id="live:r0:1:1")
+        await wait_for(lambda: len(reqs.groups()) == 4, timeout_s=60)
+        await settle(sched)
+        assert len(reqs.groups()) == 4
+
+
+async def test_pause_stops_new_requests_and_resume_continues(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=10)
+    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="p1", reason="test")
+        await wait_for(lambda: sched.paused, timeout_s=30)
+        await report_step(bus, run_id, 1, reqs.groups(), version=1)
+        await announce(bus, run_id, 1, 1)
+        await wait_for(lambda: sched.step == 1 and sched.live_step == 1, timeout_s=60)
+        await settle(sched)
+        assert len(reqs.groups()) == 1, "a paused scheduler dispatched"
+        await bus.control(policy_pb2.CONTROL_KIND_RESUME, command_id="r1", reason="test")
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        assert not sched.paused and not await bus.is_paused()
+
+
+async def test_paused_flag_in_kv_holds_a_scheduler_that_starts_late(bus, writer, run_id):
+    await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="p0", reason="before start")
+    run = RunSection(id=run_id, group_size=1, groups_per_step=1, max_staleness=0, max_steps=3)
+    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+        await settle(sched)
+        assert sched.paused and reqs.seen == []
+
+
+async def test_timed_out_request_is_reissued_with_the_same_ids_then_failed(bus, ledger, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=2, max_staleness=0, max_steps=3)
+    cfg = OrchestratorConfig(tick_s=0.05, request_timeout_s=1.0, max_attempts=3)
+    async with running(bus, writer, run, cfg) as (_sched, reqs):
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        answered, lost = reqs.groups()
+        for i in range(2):  # inference answers the first group only
+            c = completion(answered, i)
+            await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+        await wait_for(lambda: sum(r.request_id == lost.request_id for r in reqs.seen) == 3, timeout_s=60)
+        again = [r for r in reqs.seen if r.request_id == lost.request_id]
+        assert [r.attempt for r in again] == [0, 1, 2]
+        for r in again:
+            assert (r.group_id, list(r.trajectory_ids), r.prompt_key, r.text) == (
+                lost.group_id,
+                list(lost.trajectory_ids),
+                lost.prompt_key,
+                lost.text,
+            ), "a re-issue changed the request's ids or prompt"
+        assert all(r.request_id != answered.request_id for r in reqs.seen if r.attempt > 0)
+
+        async def failed():
+            rows = await trajectory_rows(ledger, run_id)
+            return [t for t, r in rows.items() if r["status"] == "failed"]
+
+        await wait_for(lambda: _len(failed, 2), timeout_s=60)
+        rows = await trajectory_rows(ledger, run_id)
+        assert sorted(await failed()) == sorted(lost.trajectory_ids)
+        assert "no completion after 3 attempts" in rows[lost.trajectory_ids[0]]["reason"]
+        assert {rows[t]["status"] for t in answered.trajectory_ids} == {"generated"}
+
+
+async def _len(query, n):
+    return len(await query()) >= n
+
+
+async def test_eval_split_is_sent_greedy_at_start_and_every_eval_every_steps(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=4)
+    cfg = OrchestratorConfig(tick_s=0.05, eval_every=2, eval_examples=3)
+    async with running(bus, writer, run, cfg) as (_sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups(eval_=True)) == 3, timeout_s=60)
+        evals = reqs.groups(eval_=True)
+        assert all(
+            r.sampling.temperature == 0 and r.n == 1 and r.prompt_key.startswith("eval-") for r in evals
+        )
+        assert all(r.prompt_key.startswith("train-") for r in reqs.groups())
+        for n in (1, 2):
+            await wait_for(lambda: len(reqs.groups()) == n, timeout_s=60)  # noqa: B023
+            await report_step(bus, run_id, n, reqs.groups()[n - 1 : n], version=n)
+            await announce(bus, run_id, n, n)
+        await wait_for(lambda: len(reqs.groups(eval_=True)) == 6, timeout_s=60)
+        assert [r.prompt_key for r in reqs.groups(eval_=True)[3:]] == [r.prompt_key for r in evals]
