@@ -1,0 +1,196 @@
+"""The service around the sandbox: runs, limits, queue bound, replicas, metrics, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from offbeat_sandbox.config import SandboxConfig
+from offbeat_sandbox.service import Sandbox
+from sbx_helpers import SUBJECT, RunningService, answers_normally
+
+from offbeat.sandbox_client import SandboxClient, SandboxUnavailable
+from offbeat.v1 import sandbox_pb2 as pb
+
+pytestmark = pytest.mark.integration
+BIN = Path(sys.executable).parent
+
+
+async def test_python_run_with_stdin_args_and_files(client: SandboxClient) -> None:
+    code = "import sys\nfrom helper import twice\nprint(twice(sys.stdin.read().strip()), sys.argv[1:], open('data/x.txt').read())\nsys.exit(3)\n"
+    files = {"helper.py": b"def twice(s):\n    return s * 2\n", "data/x.txt": b"payload"}
+    result = await client.run(code, stdin=b"ab\n", args=["-v", "two words"], files=files)
+    assert result.status == pb.EXEC_STATUS_RUNTIME_ERROR  # exit 3 is not OK, and is reported as is
+    assert result.exit_code == 3
+    assert result.stdout == b"abab ['-v', 'two words'] payload\n"
+    assert result.wall_s > 0 and result.cpu_s > 0 and result.peak_memory_bytes > 0
+
+
+async def test_bash_run(client: SandboxClient) -> None:
+    result = await client.run(
+        'read x; echo "got $x $1"; echo err >&2; exit 0', language="bash", stdin=b"in\n", args=["a1"]
+    )
+    assert result.status == pb.EXEC_STATUS_OK, result
+    assert result.stdout == b"got in a1\n" and result.stderr == b"err\n"
+
+
+async def test_bash_stdio_tests_and_python_only_tests(client: SandboxClient) -> None:
+    request = pb.SandboxExecRequest(
+        language=pb.LANGUAGE_BASH,
+        code="read a b; echo $((a + b))",
+        tests=[
+            pb.TestCase(stdin=b"1 2\n", expected_stdout=b"3"),
+            pb.TestCase(stdin=b"1 2\n", expected_stdout=b"4"),
+            pb.TestCase(function="add", args_json="[1, 2]", expected_json="3"),
+        ],
+    )
+    result = await client.execute(request)
+    assert [t.passed for t in result.tests] == [True, False, False]
+    assert result.tests_passed == 1
+    assert "need python" in result.tests[2].message
+
+
+async def test_runtime_error_and_syntax_error(client: SandboxClient) -> None:
+    result = await client.run("def f(:\n")
+    assert result.status == pb.EXEC_STATUS_RUNTIME_ERROR and b"SyntaxError" in result.stderr
+    result = await client.run("raise ValueError('boom')")
+    assert result.status == pb.EXEC_STATUS_RUNTIME_ERROR
+    assert b'File "/tmp/w/main.py", line 1' in result.stderr and b"ValueError: boom" in result.stderr
+
+
+async def test_invalid_requests_are_answered_with_the_reason(client: SandboxClient) -> None:
+    result = await client.run("print(1)", files={"../escape": b"x"})
+    assert result.status == pb.EXEC_STATUS_SANDBOX_ERROR and "plain relative path" in result.error
+    result = await client.run_tests("x = 1", [pb.TestCase(function="f", args_json="{", expected_json="1")])
+    assert result.status == pb.EXEC_STATUS_SANDBOX_ERROR
+    assert len(result.tests) == 1 and not result.tests[0].passed
+    reply = await client.nc.request(SUBJECT, b"\xff\xff not a protobuf", timeout=10)
+    assert pb.SandboxExecResult.FromString(reply.data).status == pb.EXEC_STATUS_SANDBOX_ERROR
+    await answers_normally(client)
+
+
+async def test_concurrent_requests_all_answered(client: SandboxClient) -> None:
+    results = await asyncio.gather(*(client.run(f"print({i} * 2)") for i in range(40)))
+    assert [r.stdout for r in results] == [f"{i * 2}\n".encode() for i in range(40)]
+
+
+async def test_metrics_count_runs_by_status_and_occupancy(
+    client: SandboxClient, sandbox_service: RunningService
+) -> None:
+    await client.run("import sys; sys.exit(1)")
+    text = sandbox_service.metrics()
+    assert 'offbeat_sandbox_runs_total{status="OK"}' in text
+    assert 'offbeat_sandbox_runs_total{status="RUNTIME_ERROR"}' in text
+    assert "offbeat_sandbox_request_seconds_bucket" in text
+    for gauge in ("offbeat_sandbox_pool_busy", "offbeat_sandbox_pool_idle", "offbeat_sandbox_pool_waiting"):
+        assert gauge in text
+
+
+async def test_cli_exec_prints_the_result_as_json(
+    client: SandboxClient, nats_url: str, tmp_path: Path
+) -> None:
+    prog = tmp_path / "prog.py"
+    prog.write_text("import sys\nprint(sys.stdin.read().upper())\n")
+    stdin = tmp_path / "in.txt"
+    stdin.write_text("hello")
+    args = [str(BIN / "offbeat"), "sandbox", "exec", "--lang", "python", str(prog), "--stdin", str(stdin)]
+    args += ["--timeout-s", "5", "--memory-mb", "256", "--nats-url", nats_url, "--subject", SUBJECT]
+    out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["status"] == "OK" and data["stdout"] == "HELLO\n"
+    script = tmp_path / "loop.sh"
+    script.write_text("while true; do :; done\n")
+    args = [str(BIN / "offbeat"), "sandbox", "exec", "--lang", "bash", str(script), "--timeout-s", "1"]
+    args += ["--nats-url", nats_url, "--subject", SUBJECT]
+    out = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and json.loads(out.stdout)["status"] == "TIMEOUT"
+
+
+async def test_client_raises_when_no_sandbox_answers(client: SandboxClient) -> None:
+    lonely = SandboxClient(client.nc, subject="nobody.sandbox.exec", timeout_s=1.0, retries=1)
+    with pytest.raises(SandboxUnavailable):
+        await lonely.run("print(1)")
+
+
+async def test_bounded_queue_answers_overloaded_at_once() -> None:
+    uid_base = 63000 + (os.getpid() % 400) * 8
+    sandbox = Sandbox(SandboxConfig(workers=1, max_queue=1, uid_base=uid_base))
+    await sandbox.start()
+    try:
+        slow = pb.SandboxExecRequest(
+            code="import time\ntime.sleep(3)", limits=pb.ExecLimits(wall_timeout_s=10)
+        )
+        running = asyncio.create_task(sandbox.execute(slow))
+        await asyncio.sleep(0.5)
+        waiting = asyncio.create_task(sandbox.execute(pb.SandboxExecRequest(code="print(1)")))
+        await asyncio.sleep(0.2)
+        refused = await sandbox.execute(pb.SandboxExecRequest(code="print(2)"))
+        assert refused.status == pb.EXEC_STATUS_OVERLOADED, refused
+        assert not running.done(), "the refusal had to wait for the running request"
+        assert (await running).status == pb.EXEC_STATUS_OK
+        assert (await waiting).stdout == b"1\n"
+    finally:
+        await sandbox.close()
+
+
+async def test_replicas_share_the_queue_group(
+    client: SandboxClient, sandbox_service: RunningService, nats_url: str, tmp_path: Path
+) -> None:
+    """A second replica on the same subject takes part of the load; stopping it loses nothing."""
+    from offbeat.infra import free_port
+
+    port = free_port()
+    uid_base = sandbox_service.uid_base + 64 * 8  # well clear of the first replica's slots
+    args = [
+        str(BIN / "offbeat-sandbox"),
+        "--config",
+        str(sandbox_service.config_path),
+        "--nats-url",
+        nats_url,
+    ]
+    args += [
+        "--set",
+        f"sandbox.health_port={port}",
+        "--set",
+        "sandbox.workers=1",
+        "--set",
+        f"sandbox.uid_base={uid_base}",
+    ]
+    log = (tmp_path / "replica.log").open("wb")
+    replica = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        import urllib.request
+
+        def healthy() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        for _ in range(600):
+            if healthy() or replica.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        assert healthy(), (tmp_path / "replica.log").read_text()[-3000:]
+        results = await asyncio.gather(
+            *(client.run("import time; time.sleep(0.05); print(7)") for _ in range(30))
+        )
+        assert all(r.stdout == b"7\n" for r in results)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        served = [
+            line for line in text.splitlines() if line.startswith('offbeat_sandbox_runs_total{status="OK"}')
+        ]
+        assert served and float(served[0].split()[-1]) > 0, "the second replica served nothing"
+    finally:
+        replica.terminate()
+        replica.wait(timeout=30)
+        log.close()
+    await answers_normally(client)
