@@ -36,7 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _token(args: argparse.Namespace) -> str:
     if args.token_file:
-        return Path(args.token_file).read_text().strip()
+        token = Path(args.token_file).read_text().strip()
+        if not token:
+            raise SystemExit(f"offbeat admin: token file {args.token_file} is empty")
+        return token
     token = os.environ.get("OFFBEAT_ADMIN_TOKEN", "").strip()
     if not token:
         raise SystemExit("offbeat admin: no token: pass --token-file or set OFFBEAT_ADMIN_TOKEN")

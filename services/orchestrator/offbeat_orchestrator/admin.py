@@ -287,7 +287,10 @@ class AdminServer:
     def __init__(self, ctx: AdminContext, token: str) -> None:
         self.servicer = AdminServicer(ctx)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[BearerAuth(token, on_denied=self.servicer.refused)])
+        self.server = grpc.aio.server(
+            interceptors=[BearerAuth(token, on_denied=self.servicer.refused)],
+            options=[("grpc.so_reuseport", 0)],  # a second orchestrator on the port fails, never shares it
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -3,7 +3,8 @@
 Start-up order: Alembic `upgrade` of the ledger, the run row with the resolved config, the ledger
 writer (so every event is recorded), the scheduler (it reads its trainer step back from the
 ledger, so a restarted orchestrator continues), then the admin API. On SIGTERM the admin API
-stops first, then the scheduler, then the writer flushes and acks what it holds.
+stops first, then the scheduler, then the writer flushes and acks what it holds. The admin
+address is written to `<state_dir>/<run>/admin.address` (useful with `admin_port = 0`).
 
 Not covered: starting the other services (`offbeat run`).
 """
@@ -66,6 +67,9 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
             asyncio.create_task(scheduler.run(ctx.stop), name="scheduler"),
         ]
         await admin.start()
+        run_dir = Path(run.run.state_dir) / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "admin.address").write_text(f"{cfg.admin_host}:{admin.port}\n")
         ctx.details.update(admin_port=admin.port, admin_tls=admin.tls, admin_token_from=source)
         ctx.set_healthy()
         finished = False

@@ -1,0 +1,114 @@
+"""The orchestrator as a process (its console script), and `offbeat admin` against it."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from orch_helpers import trajectory_rows
+from sqlalchemy import text
+
+from offbeat.infra import free_port
+from offbeat.testing import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+BIN = Path(sys.executable).parent
+TOKEN = "cli-test-token"
+
+
+def _healthz(port: int) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+            return json.loads(r.read())
+    except OSError:
+        return {}
+
+
+def _admin(*args: str, token: str = TOKEN) -> subprocess.CompletedProcess:
+    env = os.environ | {"OFFBEAT_ADMIN_TOKEN": token, "COLUMNS": "200"}
+    return subprocess.run(
+        [str(BIN / "offbeat"), "admin", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbeat_admin(
+    bus, ledger, nats_url, database_url, run_id, service_config_file
+):
+    config = service_config_file
+    config.write_text(config.read_text() + '\n[[envs]]\nname = "math"\n')
+    admin_port, health_port = free_port(), free_port()
+    address = f"127.0.0.1:{admin_port}"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "offbeat-orchestrator"),
+            "--config",
+            str(config),
+            "--nats-url",
+            nats_url,
+            "--database-url",
+            database_url,
+            "--set",
+            f"run.id={run_id}",
+            "--set",
+            "run.group_size=2",
+            "--set",
+            "run.groups_per_step=1",
+            "--set",
+            "run.max_staleness=0",
+            "--set",
+            f"orchestrator.admin_port={admin_port}",
+            "--set",
+            f"orchestrator.health_port={health_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=os.environ | {"OFFBEAT_ADMIN_TOKEN": TOKEN},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not _healthz(health_port).get("healthy"):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "orchestrator not healthy within 120 s"
+            time.sleep(0.2)
+        assert _healthz(health_port)["admin_port"] == admin_port
+
+        async with ledger.engine.connect() as conn:
+            cfg = (
+                await conn.execute(text("SELECT config FROM runs WHERE id = :r"), {"r": run_id})
+            ).scalar_one()
+        assert cfg["run"]["id"] == run_id and cfg["envs"][0]["name"] == "math"
+
+        async def requested():
+            return len(await trajectory_rows(ledger, run_id)) == 2
+
+        await wait_for(requested, timeout_s=60)  # max_staleness = 0: one step's worth (1 group of 2)
+
+        out = _admin("status", "--address", address)
+        assert out.returncode == 0, out.stderr
+        for needle in (f"run {run_id}", "trainer step", "groups in flight", "trajectories requested"):
+            assert needle in out.stdout, f"{needle!r} not in:\n{out.stdout}"
+        assert TOKEN not in out.stdout + out.stderr
+
+        assert _admin("pause", "--address", address).stdout.strip() == "paused"
+        status = _admin("status", "--address", address).stdout
+        assert re.search(r"paused\W+yes", status), status
+        out = _admin("trajectories", "--status", "requested", "--address", address)
+        assert out.returncode == 0 and "requested" in out.stdout and out.stdout.count("math") == 2, out.stdout
+        assert _admin("policies", "--address", address).returncode == 0
+        assert _admin("staleness", "--address", address).returncode == 0
+
+        out = _admin("rollback", "5", "--address", address)
+        assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+        out = _admin("status", "--address", address, token="wrong")
+        assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr and "wrong" not in out.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, log.decode()[-3000:]
+    assert TOKEN not in log.decode(), "the admin token leaked into the log"
