@@ -14,9 +14,15 @@ from offbeat.config import ServiceConfig
 class ScorerConfig(ServiceConfig):
     """The `[scorer]` section."""
 
-    max_in_flight: int = Field(256, ge=1)
-    """Completions scored at once by one replica (each in its own task): the bound on concurrency.
-    Sandbox-bound environments wait on I/O, so this is larger than the core count."""
+    max_in_flight: int = Field(2048, ge=1)
+    """Completions one replica holds at once (fetched, unacked). Larger than `max_scoring` so pulls
+    stay batched; held completions that wait for a scoring slot keep their ack deadline alive."""
+    max_scoring: int = Field(64, ge=1)
+    """Completions being scored at once (each `score` call): the bound on concurrency that protects
+    the sandbox (its queue answers OVERLOADED past its limit) and the event loop."""
+    publish_batch: int = Field(512, ge=1)
+    """Most scored trajectories published in one pipelined batch (each still acked by the server
+    before its completion is acked)."""
     score_timeout_s: float = Field(120.0, gt=0)
     """Longest time one `score` (or one group's `score_group`) may take; past it the reward's status
     is `timeout`. Sandbox calls have their own, shorter timeouts inside the environment."""

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 
-from offbeat.bus import Delivery
+from offbeat.bus import Bus, Delivery, Publication
 from offbeat.envs import EnvContext
 from offbeat.service import ServiceContext
 from offbeat.v1 import rollout_pb2
@@ -26,6 +26,49 @@ from offbeat_scorer.config import ScorerConfig
 from offbeat_scorer.scoring import Scorer
 
 log = logging.getLogger("offbeat.scorer")
+
+
+class BatchPublisher:
+    """Coalesces the handlers' publishes into pipelined batches (`Bus.publish_many`).
+
+    `publish` returns once the server has acked that message (so the completion is acked only
+    after its score is stored); many handlers waiting at once share one round of acks.
+    """
+
+    def __init__(self, bus: Bus, *, max_batch: int) -> None:
+        self.bus = bus
+        self.max_batch = max_batch
+        self.pending: list[tuple[Publication[rollout_pb2.ScoredTrajectory], asyncio.Future[None]]] = []
+        self.wakeup = asyncio.Event()
+        self.closing = False
+
+    async def publish(self, subject: str, message: rollout_pb2.ScoredTrajectory, *, msg_id: str) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.pending.append((Publication(subject, message, msg_id), done))
+        self.wakeup.set()
+        await done
+
+    async def run(self) -> None:
+        """Publish until `close()`; whatever is pending then is still published."""
+        while not (self.closing and not self.pending):
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pending:
+                batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
+                try:
+                    await self.bus.publish_many(p for p, _ in batch)
+                except Exception as exc:  # every handler of the batch fails: nak, redelivery, dedup
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                else:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+
+    def close(self) -> None:
+        self.closing = True
+        self.wakeup.set()
 
 
 class Keepalive:
@@ -54,19 +97,21 @@ async def serve(ctx: ServiceContext[ScorerConfig]) -> None:
         EnvContext(nats=bus.nc, sandbox_subject=config.sandbox_subject or bus.subjects.sandbox_exec)
     )
     keepalive = Keepalive(min(config.keepalive_every_s, run.bus.ack_wait_s / 3))
+    publisher = BatchPublisher(bus, max_batch=config.publish_batch)
     subject = bus.subjects.rollout_scored
 
     async def handle(completion: rollout_pb2.RolloutCompletion, delivery: Delivery) -> None:
         keepalive.held[delivery] = time.monotonic()
         try:
             scored = await scorer.score_completion(completion)
-            await bus.publish(subject, scored, msg_id=f"scored:{completion.trajectory_id}")
+            await publisher.publish(subject, scored, msg_id=f"scored:{completion.trajectory_id}")
         finally:
             keepalive.held.pop(delivery, None)
 
     ctx.details.update(scorer.details())
     ka_task = asyncio.create_task(keepalive.run(ctx.stop))
     report_task = asyncio.create_task(_report(ctx, scorer))
+    publish_task = asyncio.create_task(publisher.run())
     ctx.set_healthy()
     log.info("scoring", extra={"envs": sorted(scorer.envs), "max_in_flight": config.max_in_flight})
     try:
@@ -75,7 +120,8 @@ async def serve(ctx: ServiceContext[ScorerConfig]) -> None:
         )
     finally:
         ctx.stop.set()
-        await asyncio.gather(ka_task, report_task, return_exceptions=True)
+        publisher.close()  # after consume returned: every handler has had its publish answered
+        await asyncio.gather(ka_task, report_task, publish_task, return_exceptions=True)
         await scorer.close()
 
 

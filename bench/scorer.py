@@ -1,0 +1,326 @@
+"""Scorer throughput: the scorer service through the bus against scoring in-process, same run.
+
+For each environment (`reasoning_gym:basic_arithmetic`, and `code` through a real sandbox service):
+- direct: in this process, for every completion, what any scorer has to do: find the example by
+  its key (`env.get`), detokenize the completion with the run's tokenizer, `await env.score(...)`
+  (code: with the same concurrency as the service, since it waits on the sandbox). Also reported:
+  `*_score_only_per_s`, the `score` call alone on pre-decoded text, for transparency.
+- service: the completions are queued on `rollout.completion` first, then the real `offbeat-scorer`
+  (a separate process) scores them and publishes `rollout.scored`; the rate is taken from the
+  `scored_at` stamps of the published trajectories (first to last), so neither start-up nor the
+  bench's own collection counts.
+
+Completions come in groups of 8 per prompt, a third each correct, wrong and malformed.
+Last line: one JSON object with `<env>_service_scored_per_s`, `<env>_direct_scored_per_s`,
+`<env>_ratio` (goal for reasoning_gym: ratio >= 0.8), plus counts and the score-only figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+from offbeat_scorer.config import ScorerConfig
+from offbeat_scorer.scoring import Scorer
+
+from offbeat.bus import Bus
+from offbeat.config import BusConfig
+from offbeat.envs import EnvContext, Environment
+from offbeat.envs import load as load_env
+from offbeat.infra import NatsServer, free_port
+from offbeat.tinymodel import build_tokenizer
+from offbeat.v1 import rollout_pb2
+
+BIN = Path(sys.executable).parent
+RG_N = int(os.environ.get("BENCH_SCORER_RG_N", "20000"))
+CODE_N = int(os.environ.get("BENCH_SCORER_CODE_N", "400"))
+GROUP = 8
+CODE_CONCURRENCY = 32
+
+
+def rg_texts(env: Environment, n: int, rng: random.Random) -> list[tuple[str, str]]:
+    out = []
+    for g in range(n // GROUP):
+        ex = env.get(f"train:{g}")
+        for i in range(GROUP):
+            kind = i % 3
+            if kind == 0:
+                text = f"<think>compute step by step</think>\n<answer>{ex.answer}</answer>"
+            elif kind == 1:
+                text = f"<think>guess</think>\n<answer>{int(ex.answer) + rng.randint(1, 9)}</answer>"
+            else:
+                text = f"I think it is {ex.answer}"
+            out.append((ex.key, text))
+    return out
+
+
+def code_texts(env: Environment, n: int, rng: random.Random) -> list[tuple[str, str]]:
+    examples = list(env.examples("train"))
+    out = []
+    for g in range(n // GROUP):
+        ex = examples[g % len(examples)]
+        fn = ex.metadata["function"]
+        for i in range(GROUP):
+            kind = i % 3
+            if kind == 0:
+                text = f"```python\n{ex.answer}```"
+            elif kind == 1:
+                text = f"```python\ndef {fn}(*args):\n    return None\n```"
+            else:
+                text = f"def {fn}(*args): pass"
+            out.append((ex.key, text))
+    return out
+
+
+async def direct_rate(
+    env: Environment, items: list[tuple[str, list[int]]], decode: Any, concurrency: int
+) -> float:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(key: str, ids: list[int]) -> None:
+        async with sem:
+            await env.score(env.get(key), decode(ids))
+
+    started = time.perf_counter()
+    if concurrency == 1:
+        for key, ids in items:
+            await env.score(env.get(key), decode(ids))
+    else:
+        await asyncio.gather(*(one(k, ids) for k, ids in items))
+    return len(items) / (time.perf_counter() - started)
+
+
+async def score_only_rate(env: Environment, texts: list[tuple[str, str]]) -> float:
+    pairs = [(env.get(k), t) for k, t in texts]
+    started = time.perf_counter()
+    for example, text in pairs:
+        await env.score(example, text)
+    return len(pairs) / (time.perf_counter() - started)
+
+
+def start_service(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{cmd[0]} exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{cmd[0]} did not become healthy")
+        time.sleep(0.1)
+
+
+def stop_service(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def service_rate(
+    *,
+    url: str,
+    tmp: Path,
+    tokenizer_dir: Path,
+    env_name: str,
+    items: list[tuple[str, list[int]]],
+    max_in_flight: int,
+    sandbox_prefix: str = "offbeat",
+) -> tuple[float, dict[str, int]]:
+    run_id = f"b{uuid.uuid4().hex[:8]}"
+    cfg = BusConfig(nats_url=url, stream_max_bytes=1024**3)
+    bus = await Bus.connect(cfg, run_id, name="bench")
+    await bus.ensure()
+    completions = []
+    for i, (key, ids) in enumerate(items):
+        completions.append(
+            rollout_pb2.RolloutCompletion(
+                run_id=run_id,
+                trajectory_id=f"t{i}",
+                request_id=f"r{i // GROUP}",
+                group_id=f"g{i // GROUP}",
+                env=env_name,
+                prompt_key=key,
+                sample_index=i % GROUP,
+                group_size=GROUP,
+                prompt_token_ids=list(range(40)),
+                completion_token_ids=ids,
+                logprobs=[-0.5] * len(ids),
+                finish_reason="stop",
+                finished_at=time.time(),
+            )
+        )
+    from offbeat.bus import Publication
+
+    for start in range(0, len(completions), 2000):
+        await bus.publish_many(
+            Publication(bus.subjects.rollout_completion, c, f"completion:{c.trajectory_id}")
+            for c in completions[start : start + 2000]
+        )
+    config = tmp / f"{run_id}.toml"
+    config.write_text(
+        f'[run]\nid = "{run_id}"\nstate_dir = "{tmp / "state"}"\n[bus]\nstream_max_bytes = {1024**3}\n'
+        f'[model]\npath = "{tokenizer_dir}"\n[[envs]]\nname = "{env_name}"\n'
+        f'[scorer]\nmax_in_flight = {max_in_flight}\nsandbox_subject = "{sandbox_prefix}.sandbox.exec"\n'
+        'log_level = "WARNING"\n'
+    )
+    port = free_port()
+    proc = start_service(
+        [
+            str(BIN / "offbeat-scorer"),
+            "--config",
+            str(config),
+            "--nats-url",
+            url,
+            "--set",
+            f"scorer.health_port={port}",
+        ],
+        port,
+    )
+    try:
+        while (await bus.consumer_pending("scorer")) != (0, 0):  # noqa: ASYNC110 (polls the server)
+            await asyncio.sleep(0.5)
+    finally:
+        stop_service(proc)
+    sub = await bus._pull("trainer")
+    stamps, statuses = [], {}
+    while len(stamps) < len(items):
+        try:
+            msgs = await sub.fetch(1000, timeout=2.0)
+        except (TimeoutError, nats.errors.TimeoutError):
+            break
+        for msg in msgs:
+            scored = rollout_pb2.ScoredTrajectory.FromString(msg.data)
+            stamps.append(scored.scored_at)
+            name = rollout_pb2.RewardStatus.Name(scored.status).removeprefix("REWARD_STATUS_").lower()
+            statuses[name] = statuses.get(name, 0) + 1
+            await msg.ack()
+    await bus.js.delete_stream(bus.subjects.stream)
+    await bus.close()
+    if len(stamps) != len(items):
+        raise SystemExit(f"{env_name}: {len(stamps)} scored of {len(items)}")
+    stamps.sort()
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), statuses
+
+
+async def main() -> None:
+    from transformers import AutoTokenizer
+
+    rng = random.Random(0)
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        server = NatsServer.start(tmp, max_file_store_bytes=8 * 1024**3)
+        tokenizer_dir = tmp / "tok"
+        build_tokenizer(tokenizer_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+        def encode(text: str) -> list[int]:
+            return [*tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+
+        # the service's own decode (the fast tokenizer's backend; equal to tokenizer.decode here)
+        decode = Scorer.with_tokenizer(ScorerConfig(), [], str(tokenizer_dir)).decode
+        probe = encode("<answer>12</answer> done")
+        assert decode(probe) == tokenizer.decode(probe, skip_special_tokens=True)
+
+        try:
+            # reasoning-gym: CPU-bound rubric, scored one after another in-process
+            rg_name = "reasoning_gym:basic_arithmetic"
+            rg = load_env(rg_name)
+            texts = rg_texts(rg, RG_N, rng)
+            items = [(k, encode(t)) for k, t in texts]
+            figures["reasoning_gym_score_only_per_s"] = round(
+                await score_only_rate(load_env(rg_name), texts), 1
+            )
+            direct = await direct_rate(load_env(rg_name), items, decode, 1)
+            service, statuses = await service_rate(
+                url=server.url,
+                tmp=tmp,
+                tokenizer_dir=tokenizer_dir,
+                env_name=rg_name,
+                items=items,
+                max_in_flight=256,
+            )
+            figures.update(
+                reasoning_gym_n=len(items),
+                reasoning_gym_direct_scored_per_s=round(direct, 1),
+                reasoning_gym_service_scored_per_s=round(service, 1),
+                reasoning_gym_ratio=round(service / direct, 3),
+                reasoning_gym_statuses=statuses,
+            )
+            print(json.dumps({k: v for k, v in figures.items() if k.startswith("reasoning")}), flush=True)
+
+            # code: every score is a sandbox round trip; direct uses the service's concurrency
+            sandbox_port = free_port()
+            sbx_config = tmp / "sandbox.toml"
+            sbx_config.write_text(f'[run]\nstate_dir = "{tmp / "sbx"}"\n')
+            sandbox = start_service(
+                [
+                    str(BIN / "offbeat-sandbox"),
+                    "--config",
+                    str(sbx_config),
+                    "--nats-url",
+                    server.url,
+                    "--set",
+                    "bus.prefix=benchsbx",
+                    "--set",
+                    f"sandbox.health_port={sandbox_port}",
+                    "--set",
+                    'sandbox.log_level="WARNING"',
+                ],
+                sandbox_port,
+            )
+            try:
+                nc = await nats.connect(server.url)
+                code = load_env("code")
+                await code.setup(EnvContext(nats=nc, sandbox_subject="benchsbx.sandbox.exec"))
+                ctexts = code_texts(code, CODE_N, rng)
+                citems = [(k, encode(t)) for k, t in ctexts]
+                cdirect = await direct_rate(code, citems, decode, CODE_CONCURRENCY)
+                await nc.close()
+                cservice, cstatuses = await service_rate(
+                    url=server.url,
+                    tmp=tmp,
+                    tokenizer_dir=tokenizer_dir,
+                    env_name="code",
+                    items=citems,
+                    max_in_flight=CODE_CONCURRENCY,
+                    sandbox_prefix="benchsbx",
+                )
+            finally:
+                stop_service(sandbox)
+            figures.update(
+                code_n=len(citems),
+                code_concurrency=CODE_CONCURRENCY,
+                code_direct_scored_per_s=round(cdirect, 1),
+                code_service_scored_per_s=round(cservice, 1),
+                code_ratio=round(cservice / cdirect, 3),
+                code_statuses=cstatuses,
+            )
+        finally:
+            server.stop()
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
