@@ -395,6 +395,23 @@ class Ledger:
             rows = await conn.execute(query.order_by(t.trajectory_id).limit(limit))
             return [dict(r._mapping) for r in rows]
 
+    async def unfinished_groups(self, run_id: str) -> list[dict[str, Any]]:
+        """Every trajectory of each group that still has one in flight (requested, generated or
+        scored), ordered by group and sample index: what a restarted orchestrator still waits for."""
+        t = TRAJECTORIES.c
+        open_groups = (
+            select(t.group_id)
+            .where(t.run_id == run_id, t.status.in_(("requested", "generated", "scored")))
+            .distinct()
+        )
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(TRAJECTORIES)
+                .where(t.run_id == run_id, t.group_id.in_(open_groups))
+                .order_by(t.group_id, t.sample_index, t.trajectory_id)
+            )
+            return [dict(r._mapping) for r in rows]
+
     async def latest_step(self, run_id: str) -> int:
         """The highest trainer step that is not rolled back (0 before the first)."""
         c = TrainerStep.__table__.c  # type: ignore[attr-defined]

@@ -16,6 +16,8 @@
   from then on (by env and prompt key).
 - Pause: the KV flag at start, control subjects and the admin API stop dispatch (time-outs too);
   resume restarts both.
+- Restart: `restore` takes over the groups a previous orchestrator left in flight (from the
+  ledger), finding their prompts again by key, so they count against the budget and are re-issued.
 - Eval: at step 0 and every `eval_every` steps, the first `eval_examples` prompts of each
   environment's eval split, `eval = true`, `eval_temperature` (greedy by default).
 
@@ -37,6 +39,7 @@ from typing import Any
 
 from offbeat.bus import Bus, Publication
 from offbeat.config import RunSection
+from offbeat.ledger.models import TERMINAL
 from offbeat.ledger.store import RollbackResult
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_orchestrator.config import OrchestratorConfig
@@ -56,6 +59,8 @@ class Group:
     open: set[str]
     """Trajectory ids not yet in a terminal status."""
     rewards: dict[str, float] = field(default_factory=dict)
+    reissuable: bool = True
+    """False for a group restored from the ledger whose prompt could not be found again."""
 
     @property
     def eval(self) -> bool:
@@ -131,6 +136,47 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def restore(self, rows: Sequence[dict[str, Any]], *, now: float | None = None) -> int:
+        """Take over the groups a previous orchestrator left in flight (`Ledger.unfinished_groups`),
+        so a restart neither exceeds the budget nor forgets to re-issue. Returns groups restored."""
+        now = time.time() if now is None else now
+        sources = {name: source for name, _, source in self.envs}
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            groups.setdefault(row["group_id"], []).append(row)
+        for gid, members in groups.items():
+            first = members[0]
+            ids = [m["trajectory_id"] for m in members]
+            request = rollout_pb2.RolloutRequest(
+                run_id=self.bus.run_id,
+                request_id=first["request_id"] or gid,
+                group_id=gid,
+                env=first["env"] or "",
+                prompt_key=first["prompt_key"] or "",
+                n=len(ids),
+                sampling=self._sampling(eval_=bool(first["eval"]), seed=self.shape.seed * 1_000_003),
+                trajectory_ids=ids,
+                eval=bool(first["eval"]),
+                created_at=first["requested_at"].timestamp() if first["requested_at"] else now,
+            )
+            source = sources.get(request.env)
+            reissuable = False
+            with contextlib.suppress(KeyError, AttributeError, ValueError):
+                set_prompt(request, source.get(request.prompt_key).prompt)  # type: ignore[union-attr]
+                reissuable = True
+            terminal = {m["trajectory_id"] for m in members if m["status"] in TERMINAL}
+            self.groups[gid] = Group(
+                request=request,
+                dispatched_at=now,
+                pending={m["trajectory_id"] for m in members if m["status"] == "requested"},
+                open=set(ids) - terminal,
+                reissuable=reissuable,
+            )
+            self.by_trajectory.update((tid, gid) for tid in set(ids) - terminal)
+        if groups:
+            log.info("restored %d groups in flight from the ledger", len(groups))
+        return len(groups)
 
     # --- what happened (called by the ledger writer after each commit) ---------------------------
 
@@ -274,7 +320,6 @@ class Scheduler:
     def _new_request(self, env: str, example: Any, *, eval_: bool, now: float) -> rollout_pb2.RolloutRequest:
         self.seq += 1
         gid = f"{self.token}-{self.seq:07d}"
-        s = self.cfg.sampling
         n = self.cfg.eval_samples if eval_ else self.shape.group_size
         request = rollout_pb2.RolloutRequest(
             run_id=self.bus.run_id,
@@ -283,14 +328,7 @@ class Scheduler:
             env=env,
             prompt_key=example.key,
             n=n,
-            sampling=rollout_pb2.SamplingParams(
-                temperature=self.cfg.eval_temperature if eval_ else s.temperature,
-                top_p=1.0 if eval_ else s.top_p,
-                top_k=0 if eval_ else s.top_k,
-                max_tokens=s.max_tokens,
-                stop=s.stop,
-                seed=self.shape.seed * 1_000_003 + self.seq,
-            ),
+            sampling=self._sampling(eval_=eval_, seed=self.shape.seed * 1_000_003 + self.seq),
             trajectory_ids=[f"{gid}-{i}" for i in range(n)],
             eval=eval_,
             created_at=now,
@@ -304,13 +342,24 @@ class Scheduler:
             self.dispatched_groups += 1
         return request
 
+    def _sampling(self, *, eval_: bool, seed: int) -> rollout_pb2.SamplingParams:
+        s = self.cfg.sampling
+        return rollout_pb2.SamplingParams(
+            temperature=self.cfg.eval_temperature if eval_ else s.temperature,
+            top_p=1.0 if eval_ else s.top_p,
+            top_k=0 if eval_ else s.top_k,
+            max_tokens=s.max_tokens,
+            stop=s.stop,
+            seed=seed,
+        )
+
     def _timeouts(self, now: float) -> list[rollout_pb2.RolloutRequest]:
         again: list[rollout_pb2.RolloutRequest] = []
         failed: list[str] = []
         for group in list(self.groups.values()):
             if not group.pending or now - group.dispatched_at < self.cfg.request_timeout_s:
                 continue
-            if group.request.attempt + 1 < self.cfg.max_attempts:
+            if group.reissuable and group.request.attempt + 1 < self.cfg.max_attempts:
                 group.request.attempt += 1
                 group.dispatched_at = now
                 again.append(group.request)

@@ -55,6 +55,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
             writer=writer,
             start_step=await ledger.latest_step(run_id),
         )
+        scheduler.restore(await ledger.unfinished_groups(run_id))
         token, source = load_token(cfg.admin_token_file, fallback_dir=Path(run.run.state_dir) / run_id)
         admin = AdminServer(
             AdminContext(

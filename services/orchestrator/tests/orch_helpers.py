@@ -13,11 +13,14 @@ from offbeat.v1 import policy_pb2, rollout_pb2
 
 
 class CountingEnv(Environment):
-    """A tiny real environment: prompts `i+i=?`, 40 train and 10 eval examples."""
+    """A tiny real environment: prompts `i+i=?`, `n_train` train and 10 eval examples."""
+
+    def __init__(self, n_train: int = 40) -> None:
+        self.n_train = n_train
 
     def examples(self, split: Any = "train", seed: int = 0) -> Iterator[Example]:
         start = 0 if split == "train" else 1000
-        count = 40 if split == "train" else 10
+        count = self.n_train if split == "train" else 10
         order = list(range(start, start + count))
         order = order[seed % count :] + order[: seed % count]
         for i in order:

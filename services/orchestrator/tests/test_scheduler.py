@@ -7,7 +7,7 @@ import contextlib
 import pytest
 from offbeat_orchestrator.config import OrchestratorConfig
 from offbeat_orchestrator.scheduler import Scheduler
-from orch_helpers import CountingEnv, completion, live, step, trajectory_rows, weights
+from orch_helpers import CountingEnv, completion, live, scored, step, trajectory_rows, weights
 
 from offbeat.config import RunSection
 from offbeat.testing import wait_for
@@ -199,3 +199,76 @@ async def test_eval_split_is_sent_greedy_at_start_and_every_eval_every_steps(bus
             await announce(bus, run_id, n, n)
         await wait_for(lambda: len(reqs.groups(eval_=True)) == 6, timeout_s=60)
         assert [r.prompt_key for r in reqs.groups(eval_=True)[3:]] == [r.prompt_key for r in evals]
+
+
+async def test_difficulty_filter_skips_prompts_whose_group_was_all_right_or_all_wrong(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=20)
+    cfg = OrchestratorConfig(tick_s=0.05, difficulty_filter=True)
+    sched = Scheduler(bus, run, cfg, [("count", 1.0, CountingEnv(n_train=4))], writer=writer)
+    reqs = Requests()
+    sub = await bus.subscribe(bus.subjects.rollout_request, rollout_pb2.RolloutRequest, reqs.on)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sched.run(stop))
+    try:
+        await announce(bus, run_id, 0, 0)
+        rewards = {"train-0": (1.0, 1.0), "train-1": (0.0, 0.0)}  # all right, all wrong; others mixed
+        for n in range(1, 11):
+            await wait_for(lambda: len(reqs.groups()) == n, timeout_s=60)  # noqa: B023
+            group = reqs.groups()[-1]
+            for i, reward in enumerate(rewards.get(group.prompt_key, (1.0, 0.0))):
+                c = completion(group, i)
+                await bus.publish(
+                    bus.subjects.rollout_scored, scored(c, reward), msg_id=f"scored:{c.trajectory_id}"
+                )
+            await report_step(bus, run_id, n, [group], version=n)
+            await announce(bus, run_id, n, n)
+        keys = [r.prompt_key for r in reqs.groups()]
+        assert keys.count("train-0") == 1 and keys.count("train-1") == 1, keys
+        assert {"train-2", "train-3"} <= set(keys[4:]), keys
+        assert sched.skip == {("count", "train-0"), ("count", "train-1")}
+    finally:
+        stop.set()
+        await task
+        await sub.unsubscribe()
+
+
+async def test_a_restarted_scheduler_takes_over_the_groups_in_flight(bus, ledger, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=2, max_staleness=0, max_steps=5)
+    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (_, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        first = reqs.groups()
+        c = completion(first[0], 0)
+        await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+
+    async def recorded():
+        rows = await trajectory_rows(ledger, run_id)
+        return len(rows) == 4 and rows[c.trajectory_id]["status"] == "generated"
+
+    await wait_for(recorded, timeout_s=60)
+    cfg = OrchestratorConfig(tick_s=0.05, request_timeout_s=1.0)
+    sched = Scheduler(bus, run, cfg, [("count", 1.0, CountingEnv())], writer=writer)
+    assert sched.restore(await ledger.unfinished_groups(run_id)) == 2
+    assert sched.budget() == 0 and sched.trajectories_in_flight() == 4
+    reqs = Requests()
+    sub = await bus.subscribe(bus.subjects.rollout_request, rollout_pb2.RolloutRequest, reqs.on)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sched.run(stop))
+    try:
+        await wait_for(lambda: len(reqs.seen) >= 2, timeout_s=60)  # both re-issued after the time-out
+        await settle(sched)
+        assert sorted(r.request_id for r in reqs.seen) == sorted(r.request_id for r in first), (
+            "dispatched new groups"
+        )
+        before = {r.request_id: r for r in first}
+        for r in reqs.seen:
+            assert r.attempt == 1
+            assert (list(r.trajectory_ids), r.prompt_key, r.text) == (
+                list(before[r.request_id].trajectory_ids),
+                before[r.request_id].prompt_key,
+                before[r.request_id].text,
+            )
+    finally:
+        stop.set()
+        await task
+        await sub.unsubscribe()
