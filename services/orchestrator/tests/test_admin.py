@@ -3,6 +3,7 @@ errors, audit, paging, WatchEvents, health, and a client that knows the API only
 
 import asyncio
 import collections
+import subprocess
 
 import grpc
 import grpc.aio
@@ -105,7 +106,9 @@ async def test_rollback_errors_and_success_are_audited(admin, bus, ledger, write
 
     await stub.Pause(admin_pb2.PauseRequest(reason="look"), metadata=AUTH)
     assert await bus.is_paused()
-    assert (await stub.GetStatus(admin_pb2.GetStatusRequest(), metadata=AUTH)).paused
+    status = await stub.GetStatus(admin_pb2.GetStatusRequest(), metadata=AUTH)
+    assert status.paused and status.tokens_per_s > 0 and status.trajectories_per_s > 0
+    assert dict(status.trajectories_by_status) == {"trained": 1, "discarded_rolled_back": 2}
     await stub.Resume(admin_pb2.ResumeRequest(), metadata=AUTH)
     assert not await bus.is_paused()
     audit = [(a["action"], a["ok"], a["args"].get("version")) for a in await ledger.admin_actions(run_id)]
@@ -238,3 +241,52 @@ async def test_reflection_needs_the_token(admin):
         call = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         code, _ = await _code(call.read())
         assert code == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_tls_when_certificates_are_configured(bus, ledger, writer, run_id, tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    cfg = OrchestratorConfig(admin_port=0, tls_cert_file=str(cert), tls_key_file=str(key))
+    server = AdminServer(
+        AdminContext(run_id=run_id, bus=bus, ledger=ledger, writer=writer, scheduler=None, cfg=cfg), TOKEN
+    )
+    await server.start()
+    try:
+        assert server.tls
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.port}", creds) as channel:
+            reply = await admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+                admin_pb2.GetStatusRequest(), metadata=AUTH
+            )
+            assert reply.run_id == run_id
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            code, _ = await _code(
+                admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+                    admin_pb2.GetStatusRequest(), metadata=AUTH, timeout=10
+                )
+            )
+            assert code == grpc.StatusCode.UNAVAILABLE, "a plaintext client was answered by a TLS server"
+    finally:
+        await server.stop(0)
