@@ -48,7 +48,8 @@ async def test_infinite_loop_is_killed_on_wall_clock(client: SandboxClient) -> N
 async def test_cpu_limit_kills_a_busy_loop(client: SandboxClient) -> None:
     result = await client.run("while True:\n    pass\n", limits=lim(wall_timeout_s=30.0, cpu_time_s=1))
     assert result.status == pb.EXEC_STATUS_TIMEOUT, result
-    assert result.cpu_s >= 0.9
+    assert result.signal in (9, 24), result  # SIGXCPU at the soft limit, SIGKILL at the hard one
+    assert result.wall_s < 25, "killed by the wall clock, not by the CPU limit"
     await answers_normally(client)
 
 

@@ -7,6 +7,8 @@ not the tests being broken.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from sbx_helpers import answers_normally
 
@@ -180,3 +182,31 @@ def add(a, b):
     assert result.tests_passed == 1
     result = await client.run_tests(code + "raise SystemExit(0)\n", tests)
     assert b"add(2, 3)" in result.stdout and b"5" not in result.stdout, result.stdout
+
+
+async def test_the_workers_pipes_are_out_of_reach(client: SandboxClient) -> None:
+    # the worker (our parent) is not dumpable: its /proc entries, and so its pipes to the
+    # service, cannot be opened by the run even though both have the same uid
+    code = """
+import json, os
+ppid, res = os.getppid(), {"written": []}
+try:
+    res["list"] = os.listdir(f"/proc/{ppid}/fd")
+except OSError as exc:
+    res["list"] = exc.errno
+for n in range(64):
+    try:
+        fd = os.open(f"/proc/{ppid}/fd/{n}", os.O_WRONLY)
+        os.write(fd, b"\\x00\\x00\\x00\\x02{}")
+        res["written"].append(n)
+    except OSError:
+        pass
+print(json.dumps(res))
+def add(a, b):
+    return -1
+"""
+    result = await client.run(code)
+    report = json.loads(result.stdout)
+    assert report["list"] == 13 and report["written"] == [], report  # EACCES
+    assert (await grade(client, code)).tests_passed == 0
+    await answers_normally(client)

@@ -31,6 +31,14 @@ async def test_python_run_with_stdin_args_and_files(client: SandboxClient) -> No
     assert result.wall_s > 0 and result.cpu_s > 0 and result.peak_memory_bytes > 0
 
 
+async def test_large_stdin_and_output(client: SandboxClient) -> None:
+    data = bytes(range(256)) * 12_000  # 3 MB: far over a pipe's buffer both ways
+    code = "import sys\nd = sys.stdin.buffer.read()\nsys.stdout.buffer.write(d[::-1])\n"
+    result = await client.run(code, stdin=data, limits=pb.ExecLimits(output_bytes=4 * 1024**2))
+    assert result.status == pb.EXEC_STATUS_OK, result.stderr
+    assert result.stdout == data[::-1] and not result.stdout_truncated
+
+
 async def test_bash_run(client: SandboxClient) -> None:
     result = await client.run(
         'read x; echo "got $x $1"; echo err >&2; exit 0', language="bash", stdin=b"in\n", args=["a1"]
