@@ -181,6 +181,23 @@ def test_run_config_and_volumes():
     assert services["orchestrator"]["environment"]["OFFBEAT__ORCHESTRATOR__ADMIN_HOST"] == "0.0.0.0"
 
 
+def test_containers_are_hardened():
+    """Read-only root, no capabilities, no new privileges; the sandbox adds only what it needs to
+    run each worker under its own unprivileged uid."""
+    for name, svc in raw()["services"].items():
+        if name in INFRA:
+            continue
+        assert svc.get("read_only") is True, f"{name}: root filesystem is writable"
+        assert svc.get("cap_drop") == ["ALL"], f"{name}: capabilities not dropped"
+        assert "no-new-privileges:true" in svc.get("security_opt", []), name
+        assert "privileged" not in svc, name
+        added = set(svc.get("cap_add", []))
+        assert added <= ({"SETUID", "SETGID", "KILL"} if name == "sandbox" else set()), (
+            f"{name}: adds {added}"
+        )
+        assert "ulimits" in svc and svc["ulimits"]["nofile"]["hard"] <= 20000, f"{name}: explicit ulimits"
+
+
 # --- the proof --------------------------------------------------------------------------------
 
 

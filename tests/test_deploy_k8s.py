@@ -30,6 +30,9 @@ OVERLAYS = ["base", "overlays/h200"]
 K8S_VERSIONS = ["1.34.0"]
 SECRETS = {"offbeat-nats", "offbeat-admin", "offbeat-ledger-app"}
 WORKLOADS = {"Deployment", "StatefulSet", "Job", "DaemonSet"}
+SANDBOX_AS_ROOT = "sandbox"
+SANDBOX_CAPS = {"SETUID", "SETGID", "KILL"}
+RDMA_CAPS = {"IPC_LOCK"}
 
 
 def kubectl() -> str:
@@ -112,14 +115,20 @@ def test_pods_are_hardened(rendered):
         for obj in (o for o in objects if o["kind"] in WORKLOADS):
             where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
             pod = obj["spec"]["template"]["spec"]
-            assert pod["securityContext"]["runAsNonRoot"] is True, where
-            assert pod["securityContext"]["runAsUser"] != 0, where
+            if obj["metadata"]["name"] == SANDBOX_AS_ROOT:
+                # uid 0 with only what switching workers to their own uids needs (see sandbox.yaml)
+                assert pod["securityContext"]["runAsUser"] == 0, where
+            else:
+                assert pod["securityContext"]["runAsNonRoot"] is True, where
+                assert pod["securityContext"]["runAsUser"] != 0, where
             assert pod.get("automountServiceAccountToken") is False, where
             for c in containers(obj):
                 sc = c["securityContext"]
                 assert sc["allowPrivilegeEscalation"] is False, f"{where}/{c['name']}"
                 assert sc["readOnlyRootFilesystem"] is True, f"{where}/{c['name']}"
                 assert sc["capabilities"]["drop"] == ["ALL"], f"{where}/{c['name']}"
+                allowed = SANDBOX_CAPS if obj["metadata"]["name"] == SANDBOX_AS_ROOT else RDMA_CAPS
+                assert set(sc["capabilities"].get("add", [])) <= allowed, f"{where}/{c['name']}"
                 assert "privileged" not in sc, f"{where}/{c['name']}"
                 assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], (
                     f"{where}/{c['name']}"
