@@ -30,6 +30,8 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     "dlq": policy_pb2.DeadLetter,
 }
 
+MAX_ID: Final = 64
+"""Longest trajectory id the ledger holds."""
 DROP_STATUS: Final = {"stale": "discarded_stale", "rolled_back": "discarded_rolled_back"}
 
 
@@ -239,6 +241,7 @@ def dead_letter_rows(run_id: str, letter: policy_pb2.DeadLetter, *, key: str, le
         trajectories=[
             {"run_id": run_id, "trajectory_id": tid, "status": "failed", "reason": reason, "finished_at": at}
             for tid in dead_letter_trajectories(letter, letter_kind)
+            if len(tid) <= MAX_ID  # an id the ledger cannot hold was never recorded (that may be why)
         ],
     )
 

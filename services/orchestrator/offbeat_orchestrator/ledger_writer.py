@@ -5,7 +5,9 @@ The `ledger` consumer sees every subject of the run. Each message is decoded by 
 is written in ONE transaction (`Ledger.write_batch`) every `[ledger] flush_interval_s` or when it
 holds `batch_size` rows, and only after the commit are its messages acked. A crash therefore loses
 nothing (unacked messages are redelivered) and a replay changes nothing (the upserts are
-idempotent and statuses only move forward). A payload that does not parse, or that names another
+idempotent and statuses only move forward). A lost database connection is retried; an event
+whose data the database refuses (say, an id too long for its column) is isolated by writing the
+batch item by item, dead-lettered with the database's reason and acked, so it never blocks the rest. A payload that does not parse, or that names another
 run, is dead-lettered by the bus; the dead letter then comes back here and is recorded.
 
 After each commit the batch's events are handed to observers (the scheduler, WatchEvents
@@ -25,17 +27,35 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
+import sqlalchemy.exc
 from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 
 from offbeat.bus import Bus, Delivery, Reject
 from offbeat.config import LedgerConfig
 from offbeat.ledger import Ledger
+from offbeat.v1 import policy_pb2
 from offbeat_orchestrator.events import Rows, decode, event_kind, to_rows
 
 log = logging.getLogger("offbeat.orchestrator.ledger")
 
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+REFUSED_SQLSTATE_CLASSES: Final = ("22", "23", "42")
+"""SQLSTATE classes about the data itself (data exception, integrity violation, syntax or access):
+retrying cannot help. Anything else (connection lost, shutdown, deadlock) is retried."""
+
+
+def refused(exc: Exception) -> bool:
+    if isinstance(
+        exc, (sqlalchemy.exc.DataError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError)
+    ):
+        return True
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return isinstance(exc, sqlalchemy.exc.DBAPIError) and str(state)[:2] in REFUSED_SQLSTATE_CLASSES
+
+
+class RefusedError(Exception):
+    """The database rejected a batch's data."""
 
 
 @dataclass(frozen=True)
@@ -134,14 +154,11 @@ class LedgerWriter:
             if not self._pending:
                 return 0
             batch, self._pending, self._rows = self._pending, [], 0
-            rows = Rows()
-            for item in batch:
-                rows.extend(item.rows)
-            await self._write(rows)
-            for item in batch:
+            written = await self._commit(batch)
+            for item in written:
                 if item.delivery is not None:
                     await item.delivery.ack()
-            events = [item.event for item in batch if item.event is not None]
+            events = [item.event for item in written if item.event is not None]
             self.committed_events += len(events)
             self.batches += 1
             self._account(events)
@@ -152,8 +169,29 @@ class LedgerWriter:
                 log.exception("ledger observer failed")
         return len(events)
 
+    async def _commit(self, batch: list[_Pending]) -> list[_Pending]:
+        """Commit the batch; if the database refuses its data (not a connection problem), commit
+        item by item and dead-letter the items it refuses, so one bad event never wedges the ledger."""
+        rows = Rows()
+        for item in batch:
+            rows.extend(item.rows)
+        try:
+            await self._write(rows)
+            return batch
+        except RefusedError:
+            pass
+        written = []
+        for item in batch:
+            try:
+                await self._write(item.rows)
+                written.append(item)
+            except RefusedError as exc:
+                await self._refuse(item, str(exc))
+        return written
+
     async def _write(self, rows: Rows) -> None:
-        """Retry until the transaction commits (the database may restart); never ack before."""
+        """Retry until the transaction commits (the database may restart); never ack before.
+        Raises RefusedError when the database rejects the data itself."""
         attempt = 0
         while True:
             try:
@@ -169,10 +207,30 @@ class LedgerWriter:
                 )
                 return
             except Exception as exc:
+                if refused(exc):
+                    raise RefusedError(str(getattr(exc, "orig", None) or exc).splitlines()[0]) from exc
                 delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
                 attempt += 1
                 log.warning("ledger write failed (attempt %d, retrying in %.1fs): %s", attempt, delay, exc)
                 await asyncio.sleep(delay)
+
+    async def _refuse(self, item: _Pending, reason: str) -> None:
+        reason = f"ledger refused the event: {reason}"
+        log.error("%s", reason)
+        d = item.delivery
+        if d is None:
+            return
+        letter = policy_pb2.DeadLetter(
+            subject=d.subject,
+            payload=d.data,
+            reason=reason,
+            consumer="ledger",
+            deliveries=d.num_delivered,
+            msg_id=d.msg_id,
+            dead_at=time.time(),
+        )
+        await self.bus.publish(self.bus.subjects.dlq, letter, msg_id=f"dlq:ledger:{d.stream_seq}")
+        await d.ack()
 
     def _account(self, events: list[Observed]) -> None:
         now = time.time()

@@ -104,6 +104,7 @@ class Scheduler:
         self._lag_since: float | None = None
         self._eval_cache: list[Any] | None = None
         self._wake = asyncio.Event()
+        self._unsent: list[rollout_pb2.RolloutRequest] = []
         if writer is not None:
             writer.observers.append(self.observe)
 
@@ -190,7 +191,7 @@ class Scheduler:
                 self._completed(tid)
                 self._scored(tid, m.reward)
             elif e.kind == "trainer.step":
-                self.step = int(m.step)
+                self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
                 self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
             elif e.kind == "policy.weights":
                 self.version_steps[int(m.version)] = int(m.step)
@@ -305,11 +306,18 @@ class Scheduler:
             for _ in range(self.budget(now)):
                 env, example = self.mixture.draw(self.skip if self.cfg.difficulty_filter else None)
                 out.append(self._new_request(env, example, eval_=False, now=now))
+        out = self._unsent + out
+        self._unsent = []
         if out:
-            await self.bus.publish_many(
-                Publication(self.bus.subjects.rollout_request, r, f"request:{r.request_id}:{r.attempt}")
-                for r in out
-            )
+            try:
+                await self.bus.publish_many(
+                    Publication(self.bus.subjects.rollout_request, r, f"request:{r.request_id}:{r.attempt}")
+                    for r in out
+                )
+            except Exception as exc:  # NATS away: keep them and send them again next round
+                log.warning("publishing %d requests failed (%s); retrying", len(out), exc)
+                self._unsent = out
+                return 0
         return len(out)
 
     def _eval_examples(self) -> list[Any]:

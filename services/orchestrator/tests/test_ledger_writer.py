@@ -179,3 +179,28 @@ async def test_a_crash_before_commit_loses_nothing(bus, ledger, ledger_config, r
     finally:
         stop.set()
         await task
+
+
+async def test_an_event_the_database_refuses_is_dead_lettered_and_the_rest_recorded(
+    bus, ledger, writer, run_id
+):
+    s = bus.subjects
+    bad = request(run_id, "x" * 80, 1)  # ids longer than the ledger's columns
+    good = request(run_id, "ok", 2)
+    await bus.publish(s.rollout_request, bad, msg_id="request:bad:0")
+    await bus.publish(s.rollout_request, good, msg_id="request:ok:0")
+
+    async def letters():
+        async with ledger.engine.connect() as conn:
+            return [
+                tuple(r)
+                for r in await conn.execute(
+                    text("SELECT consumer, reason FROM dead_letters WHERE run_id=:r"), {"r": run_id}
+                )
+            ]
+
+    await wait_for(lambda: _has(letters, 1), timeout_s=60)
+    [(consumer, reason)] = await letters()
+    assert consumer == "ledger" and reason.startswith("ledger refused the event"), reason
+    await wait_for(lambda: writer.committed_events >= 2, timeout_s=60)
+    assert sorted(await trajectory_rows(ledger, run_id)) == ["ok-0", "ok-1"]
