@@ -14,7 +14,8 @@ from offbeat.config import ServiceConfig
 
 
 def _default_workers() -> int:
-    return max(2, os.cpu_count() or 2)
+    # two per core: a worker spends much of a run waiting on pipes and fork/exit, not computing
+    return max(2, 2 * (os.cpu_count() or 1))
 
 
 class SandboxConfig(ServiceConfig):
