@@ -7,9 +7,9 @@ lives inside one bwrap sandbox that it shares with nothing else):
   `--disable-userns` (no nested user namespaces); `--cap-drop ALL`; `--new-session` (no
   controlling terminal: TIOCSTI cannot push keystrokes into the service's terminal);
   `--die-with-parent` (a dead service takes its sandboxes with it).
-- A real unprivileged host uid per worker slot (`uid_base + slot`): bwrap is exec'd as that uid, so
-  RLIMIT_NPROC holds (it is ignored for uid 0) and one worker's fork bomb cannot use another's
-  process budget. Inside, the code runs as uid 65534.
+- A real unprivileged host uid per worker slot (from a block claimed at `uid_base`, see
+  `claim_uid_block`): bwrap is exec'd as that uid, so RLIMIT_NPROC holds (it is ignored for uid 0)
+  and one worker's fork bomb cannot use another's process budget. Inside, the code is uid 65534.
 - Filesystem: a fresh root with read-only binds of only /usr (and the /bin, /lib* links), the
   dynamic loader cache and the Python runtime (a hard-linked mirror of the stdlib, without
   site-packages, when its prefix is not readable by the sandbox uids); a private size-limited tmpfs
@@ -40,18 +40,23 @@ What it does not cover:
   pids.max) per worker would bound the tree; this service does not create cgroups.
 - CPU is not shared fairly between runs of different workers (no cgroup cpu weight); a wall-clock
   limit and RLIMIT_CPU bound each run.
+- /usr is bound whole: the host's installed software (tools, libraries) is readable, though none
+  of its data is (no /etc but the loader cache, no /home, /root, /var, /work, no run state).
 - Side channels (timing, cache) and covert channels between concurrent runs are not addressed.
 - A forked child starts as a copy of the warm worker: freed memory of earlier jobs of the same
   worker (code, stdin, never expected answers) may still be readable by a later run of that worker.
 - Runs of one request are as trusted as each other; isolation is between a run and the host.
 
-Running under gVisor on Kubernetes: install runsc on the nodes and create a RuntimeClass
-(`apiVersion: node.k8s.io/v1, kind: RuntimeClass, metadata: {name: gvisor}, handler: runsc`), then
-set `runtimeClassName: gvisor` in the sandbox Deployment's pod spec. bwrap needs user namespaces
-inside the pod: gVisor supports them; give the container `securityContext.capabilities.add:
-[SYS_ADMIN]` only if the node's runtime requires it for user namespaces, keep
-`allowPrivilegeEscalation: false`, and run the container as root: the service drops to the per-worker
-uids before it execs bwrap. Everything above then holds inside gVisor's kernel, and a kernel escape lands in gVisor.
+Running under gVisor on Kubernetes: install runsc on the nodes (GKE Sandbox does it) and declare a
+RuntimeClass `{apiVersion: node.k8s.io/v1, kind: RuntimeClass, metadata: {name: gvisor}, handler:
+runsc}`; then set `runtimeClassName: gvisor` in the sandbox Deployment's pod spec
+(`deploy/k8s/components/gvisor` does both; add it to an overlay's `components:`). The container
+runs as uid 0 with capabilities dropped to SETUID, SETGID (to exec each worker's bwrap as its own
+uid) and KILL (to sweep a worker's processes), `allowPrivilegeEscalation: false`, and a
+container-level seccomp profile that allows user namespaces (`Unconfined`: containerd's
+RuntimeDefault refuses the namespaces bwrap creates; every sandbox still gets this module's own
+filter). Everything above then holds inside gVisor's kernel, and an escape from the namespaces
+lands in gVisor's Sentry, not in the node's kernel.
 """
 
 from __future__ import annotations
