@@ -1,13 +1,14 @@
 """`offbeat admin ...`: talk to a running orchestrator's admin gRPC API, print rich tables.
 
     offbeat admin status | pause | resume | rollback V | policies | staleness | trajectories [--status S]
+    offbeat admin watch [--kind step --kind control ...] [--count N]   (events as the ledger records them)
 
 `--address host:port` (default 127.0.0.1:50151), the token from `--token-file` or
 `OFFBEAT_ADMIN_TOKEN` (the orchestrator generates `<state_dir>/<run>/admin.token` when given
 none), `--tls-ca FILE` for a TLS server. Errors print the server's status code and message and
 exit 1; the token is never printed.
 
-Not covered: WatchEvents (a stream; use any gRPC client, the server has reflection).
+Not covered: anything the API does not offer; any gRPC client can use it (the server has reflection).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-ACTIONS = ("status", "pause", "resume", "rollback", "policies", "staleness", "trajectories")
+ACTIONS = ("status", "pause", "resume", "rollback", "policies", "staleness", "trajectories", "watch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--status", default="", help="trajectories: only this ledger status")
     p.add_argument("--limit", type=int, default=50, help="trajectories: most rows to show")
     p.add_argument("--reason", default="", help="pause/resume/rollback: recorded in the audit log")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (watch: none)")
+    p.add_argument(
+        "--kind", action="append", default=[], help="watch: only these event kinds (step, policy, ...)"
+    )
+    p.add_argument("--count", type=int, default=0, help="watch: stop after this many events (0: never)")
 
 
 def _token(args: argparse.Namespace) -> str:
@@ -130,6 +135,14 @@ def main(args: argparse.Namespace) -> int:
             for b in s.buckets:
                 t.add_row(str(b.staleness), str(b.count))
             console.print(t)
+        elif args.action == "watch":
+            seen = 0
+            for event in stub.WatchEvents(admin_pb2.WatchEventsRequest(kinds=args.kind), metadata=metadata):
+                stamp = datetime.fromtimestamp(event.at, tz=UTC).strftime("%H:%M:%S")
+                print(f"{stamp} {event.kind:<11} {event.summary}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    break
         else:
             t = Table(title="trajectories" + (f" ({args.status})" if args.status else ""))
             for col in ("id", "group", "env", "status", "reward", "versions", "step", "staleness", "reason"):

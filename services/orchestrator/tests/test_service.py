@@ -95,7 +95,28 @@ async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbe
             assert needle in out.stdout, f"{needle!r} not in:\n{out.stdout}"
         assert TOKEN not in out.stdout + out.stderr
 
-        assert _admin("pause", "--address", address).stdout.strip() == "paused"
+        watch = subprocess.Popen(
+            [
+                str(BIN / "offbeat"),
+                "admin",
+                "watch",
+                "--kind",
+                "control",
+                "--count",
+                "1",
+                "--address",
+                address,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=os.environ | {"OFFBEAT_ADMIN_TOKEN": TOKEN},
+        )
+        deadline = time.monotonic() + 120
+        while watch.poll() is None and time.monotonic() < deadline:  # until the stream sees a pause
+            assert _admin("pause", "--address", address).stdout.strip() == "paused"
+            time.sleep(0.5)
+        watched, _ = watch.communicate(timeout=10)
+        assert watch.returncode == 0 and "control" in watched and "pause" in watched, watched
         status = _admin("status", "--address", address).stdout
         assert re.search(r"paused\W+yes", status), status
         out = _admin("trajectories", "--status", "requested", "--address", address)
