@@ -229,6 +229,23 @@ class Sandbox:
         result.stderr_truncated = bool(unit.get("err_trunc"))
 
 
+def fit_reply(result: pb.SandboxExecResult, limit: int) -> pb.SandboxExecResult:
+    """Cut stdout/stderr (marking them truncated) so the reply fits one NATS message of `limit` bytes."""
+    room = limit - 4096
+    if result.ByteSize() <= room:
+        return result
+    fixed = result.ByteSize() - len(result.stdout) - len(result.stderr)
+    keep = max(0, room - fixed)
+    out_keep = min(len(result.stdout), keep // 2 if result.stderr else keep)
+    err_keep = max(0, min(len(result.stderr), keep - out_keep))
+    if out_keep < len(result.stdout):
+        result.stdout, result.stdout_truncated = result.stdout[:out_keep], True
+    if err_keep < len(result.stderr):
+        result.stderr, result.stderr_truncated = result.stderr[:err_keep], True
+    result.error = (result.error + "; " if result.error else "") + "output cut to fit the bus's max payload"
+    return result
+
+
 def _malformed(reason: str) -> pb.SandboxExecResult:
     RUNS.labels("SANDBOX_ERROR").inc()
     return pb.SandboxExecResult(status=pb.EXEC_STATUS_SANDBOX_ERROR, error=reason)
@@ -240,8 +257,13 @@ async def serve(ctx: ServiceContext[SandboxConfig]) -> None:
     sandbox = Sandbox(ctx.config)
     await sandbox.start()
     subject = ctx.bus.subjects.sandbox_exec
+    max_payload = int(ctx.bus.nc.max_payload or ctx.run.bus.max_payload_bytes)
+
+    async def answer(request: pb.SandboxExecRequest) -> pb.SandboxExecResult:
+        return fit_reply(await sandbox.execute(request), max_payload)
+
     sub = await ctx.bus.serve(
-        subject, pb.SandboxExecRequest, sandbox.execute, queue=ctx.config.queue_group, on_malformed=_malformed
+        subject, pb.SandboxExecRequest, answer, queue=ctx.config.queue_group, on_malformed=_malformed
     )
     ctx.details.update({"subject": subject, "workers": ctx.config.workers})
 

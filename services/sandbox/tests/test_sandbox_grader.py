@@ -105,3 +105,16 @@ def test_stdout_normalization_ignores_trailing_whitespace_only() -> None:
 def test_unparsable_assert_code_is_an_invalid_request() -> None:
     with pytest.raises(InvalidRequest):
         rewrite_asserts("assert (")
+
+
+def test_replies_are_cut_to_fit_the_bus() -> None:
+    from offbeat_sandbox.service import fit_reply
+
+    from offbeat.v1 import sandbox_pb2 as pb
+
+    big = pb.SandboxExecResult(stdout=b"o" * 900_000, stderr=b"e" * 900_000, tests=[pb.TestResult(index=0)])
+    fitted = fit_reply(big, 1024 * 1024)
+    assert fitted.ByteSize() <= 1024 * 1024
+    assert fitted.stdout_truncated and fitted.stderr_truncated and fitted.stdout.startswith(b"ooo")
+    small = pb.SandboxExecResult(stdout=b"1\n")
+    assert fit_reply(small, 1024 * 1024) == pb.SandboxExecResult(stdout=b"1\n")
