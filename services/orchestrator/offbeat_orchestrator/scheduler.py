@@ -18,8 +18,9 @@
   resume restarts both.
 - Restart: `restore` takes over the groups a previous orchestrator left in flight (from the
   ledger), finding their prompts again by key, so they count against the budget and are re-issued.
-- Eval: at step 0 and every `eval_every` steps, the first `eval_examples` prompts of each
-  environment's eval split, `eval = true`, `eval_temperature` (greedy by default).
+- Eval: at step 0, every `eval_every` steps and at `max_steps`, once the trainer's newest version
+  is live (so it measures that version): the first `eval_examples` prompts of each environment's
+  eval split, `eval = true`, `eval_temperature` (greedy by default).
 
 The scheduler learns what happened from the ledger writer (`observe`, called after each commit).
 Not covered: recording anything (the ledger writer) or the trainer's own staleness filter.
@@ -120,20 +121,30 @@ class Scheduler:
     def trajectories_in_flight(self) -> int:
         return sum(len(g.open) for g in self.groups.values())
 
-    def budget(self, now: float | None = None) -> int:
-        """Training groups that may be dispatched now."""
+    def lag(self, now: float | None = None) -> int:
+        """Steps by which the newest version inference serves lags the trainer, counted only for
+        `live_wait_timeout_s` (after that, 0: a missing PolicyLive slows the run, never stalls it)."""
         now = time.time() if now is None else now
-        g, k = self.shape.groups_per_step, self.shape.max_staleness
-        cap = g * (k + 1)
         lag = max(0, self.step - self.live_step)
         if lag == 0:
             self._lag_since = None
-        else:
-            self._lag_since = self._lag_since or now
-            if now - self._lag_since < self.cfg.live_wait_timeout_s:
-                cap = g * max(0, k + 1 - lag)
+            return 0
+        self._lag_since = self._lag_since or now
+        return lag if now - self._lag_since < self.cfg.live_wait_timeout_s else 0
+
+    def budget(self, now: float | None = None) -> int:
+        """Training groups that may be dispatched now."""
+        g, k = self.shape.groups_per_step, self.shape.max_staleness
+        cap = g * max(0, k + 1 - self.lag(now))
         cap = min(cap, g * max(0, self.shape.max_steps - self.step))
         return max(0, cap - self.train_groups_in_flight())
+
+    def eval_due(self, now: float | None = None) -> bool:
+        """At step 0, every `eval_every` steps and at `max_steps`, once each, once the trainer's
+        newest weights are live (so the eval measures the version of that step)."""
+        every = self.cfg.eval_every
+        at = bool(every) and (self.step % every == 0 or self.step >= self.shape.max_steps)
+        return at and self.step not in self.evaluated_steps and self.lag(now) == 0
 
     def wake(self) -> None:
         self._wake.set()
@@ -295,11 +306,7 @@ class Scheduler:
             return 0
         now = time.time()
         out = self._timeouts(now)
-        if (
-            self.cfg.eval_every
-            and self.step % self.cfg.eval_every == 0
-            and self.step not in self.evaluated_steps
-        ):
+        if self.eval_due(now):
             self.evaluated_steps.add(self.step)
             out += [self._new_request(env, ex, eval_=True, now=now) for env, ex in self._eval_examples()]
         if not self.finished:

@@ -182,10 +182,10 @@ async def _len(query, n):
     return len(await query()) >= n
 
 
-async def test_eval_split_is_sent_greedy_at_start_and_every_eval_every_steps(bus, writer, run_id):
-    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=4)
+async def test_eval_split_is_sent_greedy_at_start_every_eval_every_steps_and_at_the_end(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=3)
     cfg = OrchestratorConfig(tick_s=0.05, eval_every=2, eval_examples=3)
-    async with running(bus, writer, run, cfg) as (_sched, reqs):
+    async with running(bus, writer, run, cfg) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups(eval_=True)) == 3, timeout_s=60)
         evals = reqs.groups(eval_=True)
@@ -193,12 +193,21 @@ async def test_eval_split_is_sent_greedy_at_start_and_every_eval_every_steps(bus
             r.sampling.temperature == 0 and r.n == 1 and r.prompt_key.startswith("eval-") for r in evals
         )
         assert all(r.prompt_key.startswith("train-") for r in reqs.groups())
-        for n in (1, 2):
+        expected = {1: 3, 2: 6, 3: 9}  # evals after step n: at 0, at 2 (eval_every), at 3 (max_steps)
+        for n in (1, 2, 3):
             await wait_for(lambda: len(reqs.groups()) == n, timeout_s=60)  # noqa: B023
             await report_step(bus, run_id, n, reqs.groups()[n - 1 : n], version=n)
-            await announce(bus, run_id, n, n)
-        await wait_for(lambda: len(reqs.groups(eval_=True)) == 6, timeout_s=60)
-        assert [r.prompt_key for r in reqs.groups(eval_=True)[3:]] == [r.prompt_key for r in evals]
+            await announce(bus, run_id, n, n, is_live=False)
+            await wait_for(lambda: sched.step == n, timeout_s=60)  # noqa: B023
+            await settle(sched)
+            assert len(reqs.groups(eval_=True)) == expected[n] - (n != 1) * 3, (
+                "eval sent before the version was live"
+            )
+            await bus.publish(bus.subjects.policy_live, live(run_id, n), msg_id=f"live:r0:{n}:1")
+            await wait_for(lambda: len(reqs.groups(eval_=True)) == expected[n], timeout_s=60)  # noqa: B023
+        assert [r.prompt_key for r in reqs.groups(eval_=True)[3:6]] == [r.prompt_key for r in evals]
+        await settle(sched)
+        assert len(reqs.groups(eval_=True)) == 9 and len(reqs.groups()) == 3
 
 
 async def test_difficulty_filter_skips_prompts_whose_group_was_all_right_or_all_wrong(bus, writer, run_id):
