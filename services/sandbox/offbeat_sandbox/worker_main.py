@@ -242,6 +242,17 @@ def _wipe(path):
 _WAITED: dict = {}  # pid -> (wait status, rusage) of what the last sweep reaped
 
 
+def _reap_zombies():
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _WAITED[pid] = (status, usage)
+
+
 def _sweep():
     """Kill every process of the sandbox but its init and this worker; reap. True when none is left.
 
@@ -252,6 +263,7 @@ def _sweep():
         try:
             os.kill(-1, signal.SIGKILL)
         except ProcessLookupError:
+            _reap_zombies()
             return True
         while True:
             try:
@@ -387,8 +399,8 @@ def _handle(job):
             anomaly = anomaly or "processes survived the sweep"
         try:
             _wipe("/tmp")
-        except OSError as exc:
-            anomaly = anomaly or f"could not wipe /tmp: {exc}"
+        except (OSError, RecursionError) as exc:
+            anomaly = anomaly or f"could not wipe /tmp: {exc!r}"
         if os.listdir("/tmp"):
             anomaly = anomaly or "files survived the wipe"
         results.append(res)

@@ -388,3 +388,24 @@ async def test_runs_share_no_state(client: SandboxClient) -> None:
     second = await client.run("import os\nprint(os.path.exists('/tmp/w/left'), 'X' in os.environ)")
     assert first.status == second.status == pb.EXEC_STATUS_OK
     assert second.stdout == b"False False\n"
+
+
+async def test_deep_unwipeable_trees_in_tmp_do_not_reach_the_next_run(client: SandboxClient) -> None:
+    # deeper than PATH_MAX and chmod 000: the worker cannot simply wipe it, so it is replaced
+    code = """
+import os
+for i in range(1500):
+    os.mkdir("dd")
+    os.chdir("dd")
+os.chdir("/tmp/w")
+for i in range(500):
+    open(f"/tmp/f{i}", "w").close()
+os.chmod("dd", 0)
+print("planted")
+"""
+    result = await client.run(code)
+    assert result.status == pb.EXEC_STATUS_OK and result.stdout == b"planted\n", result.stderr[-500:]
+    for _ in range(4):  # whichever worker takes the next runs, none sees the tree
+        check = await client.run("import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/tmp/w')))")
+        assert check.stdout == b"['w'] ['main.py']\n", check.stdout
+    await answers_normally(client)
