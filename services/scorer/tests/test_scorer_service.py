@@ -78,8 +78,9 @@ def _get(url):
 
 
 @pytest.fixture
-def scorer(service_config_file, tokenizer_dir, envpkg_site, nats_url, run_id):
-    """A running offbeat-scorer for the test's run; yields its health port."""
+def scorer(bus, service_config_file, tokenizer_dir, envpkg_site, nats_url, run_id):
+    """A running offbeat-scorer for the test's run; yields its health port. (It depends on `bus` so
+    that it is stopped before the bus fixture deletes the run's stream.)"""
     with service_config_file.open("a") as f:
         f.write(
             f'[model]\npath = "{tokenizer_dir}"\n'
@@ -117,6 +118,7 @@ def scorer(service_config_file, tokenizer_dir, envpkg_site, nats_url, run_id):
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
     assert proc.returncode == 0, proc.stdout.read().decode()[-3000:]
 
 
