@@ -47,7 +47,7 @@ class OrchestratorConfig(ServiceConfig):
     max_attempts: int = Field(3, ge=1)
     """Issues of one request; after the last one times out its missing samples are `failed`."""
     live_wait_timeout_s: float = Field(120.0, gt=0)
-    """How long dispatch waits for inference to serve the trainer's newest version before it stops
+    """How long dispatch waits for inference to serve a newly published version before it stops
     counting the lag (so a missing PolicyLive slows the run but never stalls it)."""
     tick_s: float = Field(0.25, gt=0)
     """Period of the scheduler's loop when nothing wakes it (time-outs are checked each tick)."""

@@ -5,9 +5,9 @@
 - Staleness budget: with the trainer at step t, the training groups dispatched but not yet
   finished (every trajectory trained, dropped, failed or discarded) stay <= G * (max_staleness + 1),
   G = `groups_per_step`. A group dispatched now is consumed at most `max_staleness` steps later,
-  but only if inference already serves the trainer's newest weights; while the newest live
-  version lags the trainer by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
-  (for at most `live_wait_timeout_s`). So `max_staleness = 0` dispatches exactly one step's worth,
+  but only if inference already serves the trainer's newest weights; while the live version lags
+  the newest published one by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
+  (for at most `live_wait_timeout_s` after that version appeared). So `max_staleness = 0` dispatches exactly one step's worth,
   waits for the step report and for the new version to be live: synchronous RL.
 - No more groups than the remaining `max_steps` need; nothing new once the trainer reports it.
 - Re-issue: a request whose completions have not all arrived after `request_timeout_s` is sent
@@ -102,7 +102,9 @@ class Scheduler:
         self.dispatched_groups = 0
         self.reissued = 0
         self.ticks = 0
-        self._lag_since: float | None = None
+        self.newest_step = 0
+        """Trainer step of the newest version known to exist (announced or named in a step report)."""
+        self._newest_at: float | None = None
         self._eval_cache: list[Any] | None = None
         self._wake = asyncio.Event()
         self._unsent: list[rollout_pb2.RolloutRequest] = []
@@ -122,15 +124,20 @@ class Scheduler:
         return sum(len(g.open) for g in self.groups.values())
 
     def lag(self, now: float | None = None) -> int:
-        """Steps by which the newest version inference serves lags the trainer, counted only for
-        `live_wait_timeout_s` (after that, 0: a missing PolicyLive slows the run, never stalls it)."""
+        """Steps by which the version inference serves lags the newest version that exists (up to
+        the trainer's step). Waiting is pointless for weights not yet published, so only those
+        count, and only for `live_wait_timeout_s` after they appeared (a missing PolicyLive slows
+        the run, never stalls it)."""
         now = time.time() if now is None else now
-        lag = max(0, self.step - self.live_step)
-        if lag == 0:
-            self._lag_since = None
+        lag = max(0, min(self.step, self.newest_step) - self.live_step)
+        if lag and self._newest_at is not None and now - self._newest_at >= self.cfg.live_wait_timeout_s:
             return 0
-        self._lag_since = self._lag_since or now
-        return lag if now - self._lag_since < self.cfg.live_wait_timeout_s else 0
+        return lag
+
+    def _known(self, version: int, step: int) -> None:
+        self.version_steps.setdefault(version, step)
+        if step > self.newest_step:
+            self.newest_step, self._newest_at = step, time.time()
 
     def budget(self, now: float | None = None) -> int:
         """Training groups that may be dispatched now."""
@@ -204,8 +211,11 @@ class Scheduler:
             elif e.kind == "trainer.step":
                 self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
                 self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
+                if m.version:  # weights published after this step (the announcement may come later)
+                    self._known(int(m.version), int(m.step))
             elif e.kind == "policy.weights":
                 self.version_steps[int(m.version)] = int(m.step)
+                self._known(int(m.version), int(m.step))
             elif e.kind == "policy.live" and m.ok:
                 self._live(int(m.version))
             elif e.kind == "dlq":
@@ -264,6 +274,7 @@ class Scheduler:
         """The ledger rolled back to `result.version`: the trainer restarts from its step."""
         self.step = result.step
         self.live_version, self.live_step = result.version, result.step
+        self.newest_step, self._newest_at = result.step, None
         self._finish(result.trajectory_ids)
         self.wake()
 
@@ -281,7 +292,7 @@ class Scheduler:
         self.paused = await self.bus.is_paused()
         head = await self.bus.get_head()
         if head is not None:
-            self.version_steps[head.version] = head.step
+            self._known(head.version, head.step)
             self._live(head.version)
         sub = await self.bus.subscribe(
             self.bus.subjects.control_all, policy_pb2.ControlCommand, self._on_control

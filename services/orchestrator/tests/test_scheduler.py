@@ -281,3 +281,14 @@ async def test_a_restarted_scheduler_takes_over_the_groups_in_flight(bus, ledger
         stop.set()
         await task
         await sub.unsubscribe()
+
+
+async def test_a_version_never_reported_live_delays_dispatch_only_for_live_wait_timeout(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=1, groups_per_step=1, max_staleness=0, max_steps=5)
+    cfg = OrchestratorConfig(tick_s=0.05, live_wait_timeout_s=3.0)
+    async with running(bus, writer, run, cfg) as (sched, reqs):
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        await report_step(bus, run_id, 1, reqs.groups(), version=1)  # weights v1 exist; no PolicyLive ever
+        await wait_for(lambda: sched.step == 1, timeout_s=60)
+        assert sched.lag() == 1 and sched.budget() == 0
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
