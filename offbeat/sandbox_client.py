@@ -61,8 +61,11 @@ class SandboxClient:
     ) -> sandbox_pb2.SandboxExecResult:
         import nats.errors
 
-        if not request.request_id:
-            request.request_id = uuid.uuid4().hex
+        original = request
+
+        if not request.request_id:  # the caller's message is left as it was
+            request = sandbox_pb2.SandboxExecRequest(request_id=uuid.uuid4().hex)
+            request.MergeFrom(original)
         timeout = timeout_s if timeout_s is not None else self._timeout_for(request)
         payload = request.SerializeToString()
         last: str = ""

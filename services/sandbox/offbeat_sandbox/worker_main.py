@@ -220,6 +220,9 @@ def _child(job, unit, fds):
     _prctl(_PR_SET_DUMPABLE, 1)
     _set_limits(job["limits"])
     if job["lang"] == "bash":
+        # Python ignores these; a fresh shell must not inherit that (`yes | head` dies quietly)
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
         os.execve("/bin/bash", ["bash", "main.sh", *job["args"]], dict(os.environ))
     _child_python(job, unit, job["nonce"])
 

@@ -202,3 +202,8 @@ async def test_replicas_share_the_queue_group(
         replica.wait(timeout=30)
         log.close()
     await answers_normally(client)
+
+
+async def test_bash_pipelines_behave_as_in_a_fresh_shell(client: SandboxClient) -> None:
+    result = await client.run("yes | head -n 3; echo done", language="bash")
+    assert result.stdout == b"y\ny\ny\ndone\n" and result.stderr == b"", result.stderr
