@@ -9,6 +9,9 @@
   the newest published one by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
   (for at most `live_wait_timeout_s` after that version appeared). So `max_staleness = 0` dispatches exactly one step's worth,
   waits for the step report and for the new version to be live: synchronous RL.
+- A group every sample of which came back already too stale to train (possible only after the
+  live wait timed out) stops counting: the trainer drops it, and it must not hold the budget the
+  trainer needs for a batch.
 - No more groups than the remaining `max_steps` need; nothing new once the trainer reports it.
 - Re-issue: a request whose completions have not all arrived after `request_timeout_s` is sent
   again with the same ids and `attempt + 1`; after `max_attempts` its missing samples are `failed`.
@@ -61,6 +64,8 @@ class Group:
     """Trajectory ids not yet in a terminal status."""
     rewards: dict[str, float] = field(default_factory=dict)
     reissuable: bool = True
+    oldest_step: dict[str, int] = field(default_factory=dict)
+    """Trajectory id -> trainer step of the oldest version that generated it (when known)."""
     """False for a group restored from the ledger whose prompt could not be found again."""
 
     @property
@@ -118,7 +123,15 @@ class Scheduler:
         return self.step >= self.shape.max_steps
 
     def train_groups_in_flight(self) -> int:
-        return sum(1 for g in self.groups.values() if not g.eval)
+        """Training groups that still count against the budget: all but those every sample of
+        which is already too stale to be trained (the trainer will drop them; counting them could
+        leave it without a batch, and so without the step report that would release them)."""
+        return sum(1 for g in self.groups.values() if not g.eval and not self._doomed(g))
+
+    def _doomed(self, group: Group) -> bool:
+        if len(group.oldest_step) < group.request.n:
+            return False
+        return all(self.step - s > self.shape.max_staleness for s in group.oldest_step.values())
 
     def trajectories_in_flight(self) -> int:
         return sum(len(g.open) for g in self.groups.values())
@@ -203,10 +216,10 @@ class Scheduler:
         for e in events:
             m: Any = e.message
             if e.kind == "rollout.completion":
-                self._completed(m.trajectory_id)
+                self._completed(m.trajectory_id, m.version_spans)
             elif e.kind == "rollout.scored":
                 tid = m.completion.trajectory_id
-                self._completed(tid)
+                self._completed(tid, m.completion.version_spans)
                 self._scored(tid, m.reward)
             elif e.kind == "trainer.step":
                 self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
@@ -223,10 +236,13 @@ class Scheduler:
                 self._finish(dead_letter_trajectories(m, kind))
         self.wake()
 
-    def _completed(self, tid: str) -> None:
+    def _completed(self, tid: str, spans: Sequence[Any] = ()) -> None:
         group = self.groups.get(self.by_trajectory.get(tid, ""))
         if group is not None:
             group.pending.discard(tid)
+            oldest = min((int(span.version) for span in spans), default=None)
+            if oldest is not None and oldest in self.version_steps:
+                group.oldest_step[tid] = self.version_steps[oldest]
 
     def _scored(self, tid: str, reward: float) -> None:
         group = self.groups.get(self.by_trajectory.get(tid, ""))
