@@ -64,9 +64,9 @@ class Group:
     """Trajectory ids not yet in a terminal status."""
     rewards: dict[str, float] = field(default_factory=dict)
     reissuable: bool = True
+    """False for a group restored from the ledger whose prompt could not be found again."""
     oldest_step: dict[str, int] = field(default_factory=dict)
     """Trajectory id -> trainer step of the oldest version that generated it (when known)."""
-    """False for a group restored from the ledger whose prompt could not be found again."""
 
     @property
     def eval(self) -> bool:
