@@ -77,42 +77,33 @@ def _get(url):
         return 0, b""
 
 
-@pytest.fixture
-def scorer(bus, service_config_file, tokenizer_dir, envpkg_site, nats_url, run_id):
-    """A running offbeat-scorer for the test's run; yields its health port. (It depends on `bus` so
-    that it is stopped before the bus fixture deletes the run's stream.)"""
-    with service_config_file.open("a") as f:
-        f.write(
-            f'[model]\npath = "{tokenizer_dir}"\n'
-            '[[envs]]\nname = "reasoning_gym:basic_arithmetic"\n'
-            '[[envs]]\nname = "math"\n'
-            '[[envs]]\nname = "echo_number"\n'
-            "[scorer]\nmax_in_flight = 32\ngroup_timeout_s = 30.0\nrate_window_s = 60.0\n"
-        )
+def start_scorer(config_file, *, envpkg_site, nats_url, run_id, sets=()):
+    """Start offbeat-scorer; returns (process, health port) once it reports healthy."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(envpkg_site), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [
-            str(BIN / "offbeat-scorer"),
-            "--config",
-            str(service_config_file),
-            "--nats-url",
-            nats_url,
-            "--set",
-            f"run.id={run_id}",
-            "--set",
-            f"scorer.health_port={port}",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    args = [
+        str(BIN / "offbeat-scorer"),
+        "--config",
+        str(config_file),
+        "--nats-url",
+        nats_url,
+        "--set",
+        f"run.id={run_id}",
+        "--set",
+        f"scorer.health_port={port}",
+    ]
+    for item in sets:
+        args += ["--set", item]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 120
     while _get(f"http://127.0.0.1:{port}/healthz")[0] != 200:
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.monotonic() < deadline, "scorer did not become healthy"
         time.sleep(0.2)
-    yield port
+    return proc, port
+
+
+def stop_scorer(proc):
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=30)
@@ -120,6 +111,31 @@ def scorer(bus, service_config_file, tokenizer_dir, envpkg_site, nats_url, run_i
         proc.kill()
         proc.wait()
     assert proc.returncode == 0, proc.stdout.read().decode()[-3000:]
+
+
+@pytest.fixture
+def scorer_config(service_config_file, tokenizer_dir):
+    with service_config_file.open("a") as f:
+        f.write(
+            f'[model]\npath = "{tokenizer_dir}"\n'
+            '[[envs]]\nname = "reasoning_gym:basic_arithmetic"\n'
+            '[[envs]]\nname = "math"\n'
+            '[[envs]]\nname = "echo_number"\n'
+            '[[envs]]\nname = "slow_echo"\nargs = { delay_s = 5.0 }\n'
+            '[[envs]]\nname = "code"\nargs = { timeout_s = 2.0, retries = 1 }\n'
+            "[scorer]\nmax_in_flight = 32\ngroup_timeout_s = 30.0\nrate_window_s = 60.0\n"
+            'sandbox_subject = "nosandbox.sandbox.exec"\n'
+        )
+    return service_config_file
+
+
+@pytest.fixture
+def scorer(bus, scorer_config, envpkg_site, nats_url, run_id):
+    """A running offbeat-scorer for the test's run; yields its health port. (It depends on `bus` so
+    that it is stopped before the bus fixture deletes the run's stream.)"""
+    proc, port = start_scorer(scorer_config, envpkg_site=envpkg_site, nats_url=nats_url, run_id=run_id)
+    yield port
+    stop_scorer(proc)
 
 
 def completion(run_id, tokenizer, *, env, key, text, group="g", size=1, index=0, eval=False):
@@ -303,3 +319,41 @@ async def test_redelivered_completion_is_scored_once_and_bad_ones_are_dead_lette
     pending, ack_pending = await bus.consumer_pending("trainer")
     assert pending == 0 and ack_pending == 0, "the duplicate score was published again"
     await sub.unsubscribe()
+
+
+async def test_slow_scoring_keeps_its_ack_deadline_alive(
+    bus, scorer_config, envpkg_site, nats_url, run_id, tokenizer
+):
+    # ack_wait 1.5 s, scoring 5 s: without in_progress() the server would redeliver it 3 times
+    proc, port = start_scorer(
+        scorer_config, envpkg_site=envpkg_site, nats_url=nats_url, run_id=run_id, sets=["bus.ack_wait_s=1.5"]
+    )
+    try:
+        info = await bus.js.consumer_info(bus.subjects.stream, "scorer")
+        assert info.config.ack_wait == 1.5, "the service's ack_wait did not apply to the consumer"
+        c = completion(run_id, tokenizer, env="slow_echo", key="train:4", text="4")
+        await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+        got = await collect(bus, 1)
+        assert got[c.trajectory_id][1].reward == 1.0
+        await asyncio.sleep(2.0)  # a redelivery, had there been one, would now be scored again
+        _, metrics = _get(f"http://127.0.0.1:{port}/metrics")
+        line = [
+            m
+            for m in metrics.decode().splitlines()
+            if m.startswith('offbeat_scorer_scored_total{env="slow_echo"')
+        ]
+        assert line == ['offbeat_scorer_scored_total{env="slow_echo",status="ok"} 1.0'], line
+    finally:
+        stop_scorer(proc)
+
+
+async def test_sandbox_down_is_published_as_sandbox_error(scorer, bus, run_id, tokenizer):
+    from offbeat.envs import load
+
+    example = load("code").get("c000_add")
+    c = completion(run_id, tokenizer, env="code", key=example.key, text=f"```python\n{example.answer}```")
+    await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+    got = await collect(bus, 1)
+    scored = got[c.trajectory_id][1]
+    assert scored.status == rollout_pb2.REWARD_STATUS_SANDBOX_ERROR, (scored.status, scored.status_reason)
+    assert "sandbox" in scored.status_reason and scored.reward == 0.0

@@ -1,7 +1,9 @@
-"""A user's environment: repeat a number; with a group reward that sees the whole group."""
+"""A user's environments: repeat a number (with a group reward that sees the whole group), and a
+slow variant whose scoring takes `delay_s` (for ack-deadline tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterator, Sequence
 
@@ -39,3 +41,17 @@ class EchoNumber(Environment):
         for r in rewards:
             r.components["group_members_seen"] = float(len(completions))
         return rewards
+
+
+class SlowEcho(EchoNumber):
+    """Repeat the number; scoring takes `delay_s` seconds (like a slow sandbox run)."""
+
+    group_reward = False
+
+    def __init__(self, *, size: int = 20, delay_s: float = 5.0) -> None:
+        super().__init__(size=size)
+        self.delay_s = delay_s
+
+    async def score(self, example: Example, completion: str) -> Reward:
+        await asyncio.sleep(self.delay_s)
+        return await super().score(example, completion)
