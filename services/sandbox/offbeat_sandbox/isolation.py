@@ -42,6 +42,8 @@ What it does not cover:
   limit and RLIMIT_CPU bound each run.
 - /usr is bound whole: the host's installed software (tools, libraries) is readable, though none
   of its data is (no /etc but the loader cache, no /home, /root, /var, /work, no run state).
+- /dev/shm is read-only and SysV IPC is refused (either would let state outlive a run), so
+  programs that need POSIX semaphores or shared memory (e.g. `multiprocessing` queues) fail.
 - Side channels (timing, cache) and covert channels between concurrent runs are not addressed.
 - A forked child starts as a copy of the warm worker: freed memory of earlier jobs of the same
   worker (code, stdin, never expected answers) may still be readable by a later run of that worker.
