@@ -266,10 +266,11 @@ class Bus:
         """Drain subscriptions and flush pending publishes, then close."""
         if self.nc.is_closed:
             return
-        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+        with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError, ConnectionError):
             await self.nc.drain()
         if not self.nc.is_closed:
-            await self.nc.close()
+            with contextlib.suppress(nats.errors.Error, ConnectionError):
+                await self.nc.close()
 
     # --- declaration -----------------------------------------------------------------------
 

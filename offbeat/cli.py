@@ -37,7 +37,7 @@ def _infra_main(args: argparse.Namespace) -> int:
 
     state = Path(args.state_dir)
     if args.action == "up":
-        infra = Infra.up(state, detach=True)
+        infra = Infra.up(state)
         print(json.dumps(infra.urls) if args.json else "\n".join(f"{k}: {v}" for k, v in infra.urls.items()))
         return 0
     existing = Infra.load(state)

@@ -102,7 +102,6 @@ class NatsServer:
         port: int = 0,
         host: str = "127.0.0.1",
         max_payload_bytes: int = 8 * 1024 * 1024,
-        detach: bool = False,
         timeout_s: float = 10.0,
         max_file_store_bytes: int | None = None,
     ) -> NatsServer:
@@ -121,17 +120,17 @@ class NatsServer:
         server = cls(
             host=host, port=port, store_dir=str(store), config_path=str(conf), log_path=str(root / "nats.log")
         )
-        server._spawn(detach=detach, timeout_s=timeout_s)
+        server._spawn(timeout_s=timeout_s)
         return server
 
-    def _spawn(self, *, detach: bool, timeout_s: float) -> None:
+    def _spawn(self, *, timeout_s: float) -> None:
         log = Path(self.log_path)
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [nats_server_binary(), "-c", self.config_path],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=detach,
+                start_new_session=True,  # a Ctrl-C meant for the launcher must not kill the server first
             )
         self.pid = proc.pid
         self._proc = proc
@@ -140,7 +139,7 @@ class NatsServer:
     def restart(self, *, timeout_s: float = 10.0) -> None:
         """Stop and start again on the same port and store (for chaos tests)."""
         self.stop()
-        self._spawn(detach=False, timeout_s=timeout_s)
+        self._spawn(timeout_s=timeout_s)
 
     def running(self) -> bool:
         return bool(self.pid) and _pid_alive(self.pid)
@@ -357,7 +356,6 @@ class Infra:
         state_dir: str | Path,
         *,
         durable: bool = True,
-        detach: bool = True,
         max_payload_bytes: int = 8 * 1024 * 1024,
     ) -> Infra:
         state = Path(state_dir)
@@ -366,7 +364,6 @@ class Infra:
             return existing
         nats = NatsServer.start(
             state,
-            detach=detach,
             max_payload_bytes=max_payload_bytes,
             port=existing.nats.port if existing else 0,
         )

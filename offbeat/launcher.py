@@ -128,7 +128,8 @@ class Launcher:
         self.args = args
         self.state = Path(run.run.state_dir).resolve()
         self.run_dir = self.state / "runs" / run.run.id
-        self.sets: list[str] = [*args.set, f"run.state_dir={json.dumps(str(self.state))}"]
+        # services keep their state (checkpoints, weights) per run; the embedded servers are shared
+        self.sets: list[str] = [*args.set, f"run.state_dir={json.dumps(str(self.run_dir))}"]
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
         self.failed: str | None = None
@@ -152,9 +153,7 @@ class Launcher:
             return self.args.nats_url, self.args.database_url
         from offbeat.infra import Infra
 
-        self.infra = Infra.up(
-            self.state / "infra", detach=False, max_payload_bytes=self.run_cfg.bus.max_payload_bytes
-        )
+        self.infra = Infra.up(self.state / "infra", max_payload_bytes=self.run_cfg.bus.max_payload_bytes)
         return self.args.nats_url or self.infra.nats.url, self.args.database_url or self.infra.postgres.url
 
     def _model_path(self) -> str | None:
@@ -202,6 +201,45 @@ class Launcher:
         if result.returncode != 0:
             raise SystemExit(f"offbeat run: warm start failed (exit {result.returncode}); see {log}")
         return str(out)
+
+    async def _forget_run(self, nats_url: str, database_url: str) -> None:
+        """--fresh: remove the run's stream, KV, weights bucket and ledger rows."""
+        import nats.js.errors
+        from sqlalchemy import text
+
+        from offbeat.bus import Bus
+        from offbeat.ledger import Ledger
+
+        bus = await Bus.connect(
+            self.run_cfg.bus.model_copy(update={"nats_url": nats_url}),
+            self.run_cfg.run.id,
+            name="offbeat-run",
+        )
+        try:
+            for delete, name in (
+                (bus.js.delete_stream, bus.subjects.stream),
+                (bus.js.delete_key_value, bus.subjects.kv_bucket),
+            ):
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await delete(name)
+        finally:
+            await bus.close()
+        ledger = Ledger.connect(database_url, pool_size=1)
+        try:
+            async with ledger.engine.begin() as conn:
+                for table, key in (
+                    ("trajectories", "run_id"),
+                    ("trainer_steps", "run_id"),
+                    ("policy_versions", "run_id"),
+                    ("dead_letters", "run_id"),
+                    ("admin_actions", "run_id"),
+                    ("runs", "id"),
+                ):
+                    await conn.execute(
+                        text(f"DELETE FROM {table} WHERE {key} = :r"), {"r": self.run_cfg.run.id}
+                    )
+        finally:
+            await ledger.close()
 
     # --- children ----------------------------------------------------------------------------
 
@@ -295,6 +333,8 @@ class Launcher:
             from offbeat.ledger import upgrade
 
             await asyncio.to_thread(upgrade, database_url)
+            if self.args.fresh:
+                await self._forget_run(nats_url, database_url)
             for service in self.cfg.services:
                 count = (
                     1 if service in ("trainer", "orchestrator") else max(1, self.cfg.replicas.get(service, 1))
