@@ -42,6 +42,13 @@ async def grade(client: SandboxClient, code: str) -> pb.SandboxExecResult:
     return result
 
 
+async def still_grades_correctly(client: SandboxClient) -> None:
+    """After a hack, the service answers normally and a correct solution still passes everything."""
+    await answers_normally(client)
+    result = await grade(client, CORRECT)
+    assert result.tests_passed == len(TESTS), [(t.index, t.message) for t in result.tests]
+
+
 async def test_correct_solution_passes_every_test(client: SandboxClient) -> None:
     result = await grade(client, CORRECT)
     assert result.tests_passed == len(TESTS), [(t.index, t.message) for t in result.tests]
@@ -63,7 +70,7 @@ async def test_wrong_solution_fails_and_exact_types_count(client: SandboxClient)
 async def test_exiting_zero_before_the_harness_passes_nothing(client: SandboxClient, exit_code: str) -> None:
     result = await grade(client, "def add(a, b):\n    return 0\n" + exit_code)
     assert result.tests_passed == 0, [(t.index, t.passed, t.message) for t in result.tests]
-    await answers_normally(client)
+    await still_grades_correctly(client)
 
 
 async def test_exiting_zero_inside_the_function_passes_nothing(client: SandboxClient) -> None:
@@ -72,6 +79,7 @@ async def test_exiting_zero_inside_the_function_passes_nothing(client: SandboxCl
     assert result.tests_passed == 0
     code = "import sys\ndef add(a, b):\n    sys.exit(0)\n"
     assert (await grade(client, code)).tests_passed == 0
+    await still_grades_correctly(client)
 
 
 async def test_always_equal_objects_are_not_plain_data(client: SandboxClient) -> None:
@@ -95,6 +103,7 @@ def add(a, b):
     result = await grade(client, code)
     assert result.tests_passed == 0, [(t.index, t.message) for t in result.tests]
     assert "not plain data" in result.tests[0].message
+    await still_grades_correctly(client)
 
 
 async def test_patching_builtins_passes_nothing(client: SandboxClient) -> None:
@@ -112,6 +121,7 @@ def add(a, b):
 """
     result = await grade(client, code)
     assert result.tests_passed == 0, [(t.index, t.message) for t in result.tests]
+    await still_grades_correctly(client)
 
 
 async def test_patching_the_harness_with_the_stolen_nonce_passes_nothing(client: SandboxClient) -> None:
@@ -139,7 +149,7 @@ os._exit(0)
     result = await grade(client, code)
     assert b"nonce found" in result.stdout, "the hack did not run as intended"
     assert result.tests_passed == 0, [(t.index, t.message) for t in result.tests]
-    await answers_normally(client)
+    await still_grades_correctly(client)
 
 
 async def test_printing_a_forged_success_record_passes_nothing(client: SandboxClient) -> None:
@@ -154,6 +164,7 @@ def add(a, b):
 """
     result = await grade(client, code)
     assert result.tests_passed == 0, [(t.index, t.message) for t in result.tests]
+    await still_grades_correctly(client)
 
 
 async def test_killing_the_worker_passes_nothing(client: SandboxClient) -> None:
@@ -161,7 +172,7 @@ async def test_killing_the_worker_passes_nothing(client: SandboxClient) -> None:
     result = await grade(client, code)
     assert result.tests_passed == 0
     assert all(not t.passed for t in result.tests)
-    await answers_normally(client)
+    await still_grades_correctly(client)
 
 
 async def test_assert_literals_never_enter_the_sandbox(client: SandboxClient) -> None:
@@ -182,6 +193,7 @@ def add(a, b):
     assert result.tests_passed == 1
     result = await client.run_tests(code + "raise SystemExit(0)\n", tests)
     assert b"add(2, 3)" in result.stdout and b"5" not in result.stdout, result.stdout
+    await still_grades_correctly(client)
 
 
 async def test_the_workers_pipes_are_out_of_reach(client: SandboxClient) -> None:
@@ -209,4 +221,4 @@ def add(a, b):
     report = json.loads(result.stdout)
     assert report["list"] == 13 and report["written"] == [], report  # EACCES
     assert (await grade(client, code)).tests_passed == 0
-    await answers_normally(client)
+    await still_grades_correctly(client)
