@@ -214,9 +214,11 @@ if os.fork() == 0:
 os.wait()
 print("parent gone")
 """
-    result = await client.run(code, limits=lim(wall_timeout_s=10))
+    result = await client.run(code, limits=lim(wall_timeout_s=60))
     assert result.status == pb.EXEC_STATUS_OK and result.stdout == b"parent gone\n", result
-    assert result.wall_s < 5, "the service waited for the daemon instead of killing it"
+    assert result.wall_s < 30, (
+        "the service waited for the daemon (until the wall clock) instead of killing it"
+    )
     alive = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
