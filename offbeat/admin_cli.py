@@ -4,8 +4,9 @@
     offbeat admin watch [--kind step --kind control ...] [--count N]   (events as the ledger records them)
 
 `--address host:port` (default 127.0.0.1:50151), the token from `--token-file` or
-`OFFBEAT_ADMIN_TOKEN` (the orchestrator generates `<state_dir>/<run>/admin.token` when given
-none), `--tls-ca FILE` for a TLS server. Errors print the server's status code and message and
+`OFFBEAT_ADMIN_TOKEN`, `--tls-ca FILE` for a TLS server. On the orchestrator's machine,
+`--run-dir <state_dir>/<run>` reads the address and the token the orchestrator left there
+(`admin.address`; `admin.token`, which it generates when given no token). Errors print the server's status code and message and
 exit 1; the token is never printed.
 
 Not covered: anything the API does not offer; any gRPC client can use it (the server has reflection).
@@ -26,7 +27,8 @@ ACTIONS = ("status", "pause", "resume", "rollback", "policies", "staleness", "tr
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=ACTIONS, help="what to ask or do")
     p.add_argument("version", nargs="?", type=int, help="rollback target version")
-    p.add_argument("--address", default="127.0.0.1:50151", help="the orchestrator's admin API (host:port)")
+    p.add_argument("--address", help="the orchestrator's admin API, host:port (default 127.0.0.1:50151)")
+    p.add_argument("--run-dir", help="<state_dir>/<run>: read admin.address and admin.token from it")
     p.add_argument("--token-file", help="file holding the bearer token (else $OFFBEAT_ADMIN_TOKEN)")
     p.add_argument("--tls-ca", help="PEM CA bundle: connect with TLS and verify the server against it")
     p.add_argument("--status", default="", help="trajectories: only this ledger status")
@@ -39,15 +41,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--count", type=int, default=0, help="watch: stop after this many events (0: never)")
 
 
+def _address(args: argparse.Namespace) -> str:
+    if args.address:
+        return str(args.address)
+    if args.run_dir and (Path(args.run_dir) / "admin.address").is_file():
+        return (Path(args.run_dir) / "admin.address").read_text().strip()
+    return "127.0.0.1:50151"
+
+
 def _token(args: argparse.Namespace) -> str:
+    if not args.token_file and args.run_dir and not os.environ.get("OFFBEAT_ADMIN_TOKEN"):
+        args.token_file = str(Path(args.run_dir) / "admin.token")
     if args.token_file:
+        if not Path(args.token_file).is_file():
+            raise SystemExit(f"offbeat admin: token file {args.token_file} does not exist")
         token = Path(args.token_file).read_text().strip()
         if not token:
             raise SystemExit(f"offbeat admin: token file {args.token_file} is empty")
         return token
     token = os.environ.get("OFFBEAT_ADMIN_TOKEN", "").strip()
     if not token:
-        raise SystemExit("offbeat admin: no token: pass --token-file or set OFFBEAT_ADMIN_TOKEN")
+        raise SystemExit(
+            "offbeat admin: no token: pass --token-file or --run-dir, or set OFFBEAT_ADMIN_TOKEN"
+        )
     return token
 
 
@@ -75,10 +91,10 @@ def main(args: argparse.Namespace) -> int:
     )
     if args.tls_ca:
         channel = grpc.secure_channel(
-            args.address, grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
+            _address(args), grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
         )
     else:
-        channel = grpc.insecure_channel(args.address)
+        channel = grpc.insecure_channel(_address(args))
     stub = admin_pb2_grpc.AdminServiceStub(channel)
     kw: dict[str, Any] = {"metadata": metadata, "timeout": args.timeout}
     try:

@@ -19,7 +19,6 @@ from offbeat.testing import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 BIN = Path(sys.executable).parent
-TOKEN = "cli-test-token"
 
 
 def _healthz(port: int) -> dict:
@@ -30,8 +29,13 @@ def _healthz(port: int) -> dict:
         return {}
 
 
-def _admin(*args: str, token: str = TOKEN) -> subprocess.CompletedProcess:
-    env = os.environ | {"OFFBEAT_ADMIN_TOKEN": token, "COLUMNS": "200"}
+NO_TOKEN = {k: v for k, v in os.environ.items() if k != "OFFBEAT_ADMIN_TOKEN"}
+
+
+def _admin(*args: str, token: str | None = None) -> subprocess.CompletedProcess:
+    env = NO_TOKEN | {"COLUMNS": "200"}
+    if token is not None:
+        env["OFFBEAT_ADMIN_TOKEN"] = token
     return subprocess.run(
         [str(BIN / "offbeat"), "admin", *args], capture_output=True, text=True, timeout=120, env=env
     )
@@ -44,6 +48,7 @@ async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbe
     config.write_text(config.read_text() + '\n[[envs]]\nname = "math"\n')
     admin_port, health_port = free_port(), free_port()
     address = f"127.0.0.1:{admin_port}"
+    run_dir = str(config.parent / "state" / run_id)
     proc = subprocess.Popen(
         [
             str(BIN / "offbeat-orchestrator"),
@@ -68,7 +73,7 @@ async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbe
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=os.environ | {"OFFBEAT_ADMIN_TOKEN": TOKEN},
+        env=NO_TOKEN,  # so it generates one into <state_dir>/<run>/admin.token
     )
     try:
         deadline = time.monotonic() + 120
@@ -89,11 +94,16 @@ async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbe
 
         await wait_for(requested, timeout_s=60)  # max_staleness = 0: one step's worth (1 group of 2)
 
-        out = _admin("status", "--address", address)
+        token_file = Path(run_dir) / "admin.token"
+        assert token_file.stat().st_mode & 0o077 == 0, "the generated token file is readable by others"
+        token = token_file.read_text().strip()
+        assert (Path(run_dir) / "admin.address").read_text().strip() == address
+        out = _admin("status", "--address", address, "--token-file", str(token_file))
         assert out.returncode == 0, out.stderr
+        assert out.stdout == _admin("status", "--run-dir", run_dir).stdout
         for needle in (f"run {run_id}", "trainer step", "groups in flight", "trajectories requested"):
             assert needle in out.stdout, f"{needle!r} not in:\n{out.stdout}"
-        assert TOKEN not in out.stdout + out.stderr
+        assert token not in out.stdout + out.stderr
 
         watch = subprocess.Popen(
             [
@@ -104,32 +114,34 @@ async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbe
                 "control",
                 "--count",
                 "1",
-                "--address",
-                address,
+                "--run-dir",
+                run_dir,
             ],
             stdout=subprocess.PIPE,
             text=True,
-            env=os.environ | {"OFFBEAT_ADMIN_TOKEN": TOKEN},
+            env=NO_TOKEN,
         )
         deadline = time.monotonic() + 120
         while watch.poll() is None and time.monotonic() < deadline:  # until the stream sees a pause
-            assert _admin("pause", "--address", address).stdout.strip() == "paused"
+            assert _admin("pause", "--run-dir", run_dir).stdout.strip() == "paused"
             time.sleep(0.5)
         watched, _ = watch.communicate(timeout=10)
         assert watch.returncode == 0 and "control" in watched and "pause" in watched, watched
-        status = _admin("status", "--address", address).stdout
+        status = _admin("status", "--run-dir", run_dir).stdout
         assert re.search(r"paused\W+yes", status), status
-        out = _admin("trajectories", "--status", "requested", "--address", address)
+        out = _admin("trajectories", "--status", "requested", "--run-dir", run_dir)
         assert out.returncode == 0 and "requested" in out.stdout and out.stdout.count("math") == 2, out.stdout
-        assert _admin("policies", "--address", address).returncode == 0
-        assert _admin("staleness", "--address", address).returncode == 0
+        assert _admin("policies", "--run-dir", run_dir).returncode == 0
+        assert _admin("staleness", "--run-dir", run_dir).returncode == 0
 
-        out = _admin("rollback", "5", "--address", address)
+        out = _admin("rollback", "5", "--run-dir", run_dir)
         assert out.returncode == 1 and "NOT_FOUND" in out.stderr
         out = _admin("status", "--address", address, token="wrong")
         assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr and "wrong" not in out.stderr
+        out = _admin("status", "--address", address)
+        assert out.returncode != 0 and "no token" in out.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         log, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, log.decode()[-3000:]
-    assert TOKEN not in log.decode(), "the admin token leaked into the log"
+    assert token not in log.decode(), "the admin token leaked into the log"
