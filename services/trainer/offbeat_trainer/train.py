@@ -90,7 +90,10 @@ class TrainCore:
         self.loss_settings = LossSettings(settings.mask_low, settings.mask_high, settings.kl_coef)
         model.to(self.device)
         if settings.activation_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.train()
         self.wrapper = "none"

@@ -1,0 +1,128 @@
+"""Groups, staleness, masked failed rewards, advantages and packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from offbeat_trainer.batching import GroupBuffer, Trajectory, group_advantages
+from offbeat_trainer.packing import pack, plan
+from offbeat_trainer.train import completion_logprobs, load_model
+
+
+def traj(
+    tid: str,
+    gid: str,
+    reward: float,
+    *,
+    version: int = 0,
+    status: str = "ok",
+    size: int = 3,
+    p: int = 4,
+    c: int = 3,
+) -> Trajectory:
+    return Trajectory(
+        tid,
+        gid,
+        size,
+        list(range(5, 5 + p)),
+        list(range(40, 40 + c)),
+        [-1.0] * c,
+        reward,
+        status,
+        version,
+        versions=frozenset({version}),
+    )
+
+
+def take(buf: GroupBuffer, step: int, *, max_staleness: int = 1, groups: int = 1, filt: bool = False):  # type: ignore[no-untyped-def]
+    return buf.take_step(
+        step=step,
+        version_steps={0: 0, 1: 1, 2: 2},
+        max_staleness=max_staleness,
+        groups_per_step=groups,
+        std_normalize=False,
+        filter_zero_advantage=filt,
+    )
+
+
+def test_incomplete_group_is_not_trained():
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0))
+    buf.add(traj("b", "g", 0.0))
+    batch = take(buf, 0)
+    assert batch.samples == [] and batch.dropped == [] and len(buf) == 2
+
+
+def test_failed_reward_is_masked_out_of_group_mean_and_reported():
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0))
+    buf.add(traj("b", "g", 0.0))
+    buf.add(traj("c", "g", 0.0, status="timeout"))
+    batch = take(buf, 0)
+    assert [t.trajectory_id for t in batch.samples] == ["a", "b"]
+    assert [t.advantage for t in batch.samples] == [0.5, -0.5]  # mean over a, b only
+    assert [(d.trajectory_id, d.reason) for d in batch.dropped] == [("c", "reward_failed:timeout")]
+
+
+def test_staleness_uses_oldest_version_and_step_being_trained():
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0, version=0))
+    buf.add(traj("b", "g", 0.0, version=1))
+    buf.add(traj("c", "g", 0.5, version=2))
+    batch = take(buf, 2, max_staleness=1)  # update 2 -> 3: lags 2, 1, 0
+    assert [(d.trajectory_id, d.reason, d.staleness) for d in batch.dropped] == [("a", "stale", 2)]
+    assert batch.staleness == {"b": 1, "c": 0}
+
+
+def test_fully_dropped_group_does_not_count_towards_a_step():
+    buf = GroupBuffer()
+    for k in range(3):
+        buf.add(traj(f"s{k}", "old", 1.0, version=0))
+    batch = take(buf, 5, max_staleness=1)
+    assert batch.samples == [] and len(batch.dropped) == 3 and len(buf) == 0
+
+
+def test_zero_advantage_filter():
+    buf = GroupBuffer()
+    for k in range(3):
+        buf.add(traj(f"z{k}", "flat", 1.0))
+    batch = take(buf, 0, filt=True)
+    assert batch.samples == [] and {d.reason for d in batch.dropped} == {"zero_advantage"}
+
+
+def test_std_normalisation():
+    assert group_advantages([1.0, 0.0], std_normalize=True) == pytest.approx([1.0, -1.0], abs=1e-5)
+
+
+def test_plan_respects_budget_and_keeps_every_sequence():
+    lengths = [5, 9, 3, 7, 2, 12, 4]
+    bins = plan(lengths, 12)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= 12 for b in bins)
+    assert plan([20], 8) == [[0]]  # longer than the budget: a micro-batch of its own
+
+
+def test_packed_logprobs_equal_one_sequence_at_a_time(tiny_model):  # type: ignore[no-untyped-def]
+    model = load_model(str(tiny_model))
+    samples = [traj(f"t{i}", "g", 0.0, p=3 + i, c=2 + 2 * i) for i in range(5)]
+    packed = pack(samples, budget=10_000, normalize="token")
+    assert len(packed) == 1 and packed[0].num_sequences == 5
+    with torch.no_grad():
+        lp, _ = completion_logprobs(model, packed[0], temperature=1.0)
+        order = sorted(range(5), key=lambda i: -samples[i].num_tokens)
+        single = torch.cat(
+            [
+                completion_logprobs(
+                    model, pack([samples[i]], budget=10_000, normalize="token")[0], temperature=1.0
+                )[0]
+                for i in order
+            ]
+        )
+    assert (lp - single).abs().max().item() < 1e-5, "packed sequences attend to each other"
+
+
+def test_sequence_normalisation_weights():
+    samples = [traj("a", "g", 0.0, c=2), traj("b", "g", 0.0, c=4)]
+    mb = pack(samples, budget=100, normalize="sequence")[0]
+    assert sorted(set(mb.weights.tolist())) == pytest.approx([1 / 8, 1 / 4])
+    assert mb.weights.sum().item() == pytest.approx(1.0)
