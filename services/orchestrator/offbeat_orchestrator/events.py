@@ -222,7 +222,8 @@ def dead_letter_trajectories(letter: policy_pb2.DeadLetter, kind: str) -> list[s
 
 
 def dead_letter_rows(run_id: str, letter: policy_pb2.DeadLetter, *, key: str, letter_kind: str) -> Rows:
-    """`letter_kind` is the subject kind of the dead message (e.g. `rollout.completion`)."""
+    """The dead letter's row, and `failed` for the samples its payload names (unless the ledger
+    itself refused it). `letter_kind` is the subject kind of the dead message (`rollout.completion`)."""
     at = ts(letter.dead_at) or datetime.now(UTC)
     reason = f"dead letter from {letter.consumer or '?'}: {letter.reason}"
     return Rows(
@@ -241,7 +242,9 @@ def dead_letter_rows(run_id: str, letter: policy_pb2.DeadLetter, *, key: str, le
         trajectories=[
             {"run_id": run_id, "trajectory_id": tid, "status": "failed", "reason": reason, "finished_at": at}
             for tid in dead_letter_trajectories(letter, letter_kind)
-            if len(tid) <= MAX_ID  # an id the ledger cannot hold was never recorded (that may be why)
+            # the ledger's own refusals say nothing of the sample's fate; an id the ledger cannot
+            # hold was never recorded
+            if letter.consumer != "ledger" and len(tid) <= MAX_ID
         ],
     )
 

@@ -9,9 +9,10 @@
   the newest published one by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
   (for at most `live_wait_timeout_s` after that version appeared). So `max_staleness = 0` dispatches exactly one step's worth,
   waits for the step report and for the new version to be live: synchronous RL.
-- A group every sample of which came back already too stale to train (possible only after the
-  live wait timed out) stops counting: the trainer drops it, and it must not hold the budget the
-  trainer needs for a batch.
+- A group that can never be trained stops counting against the budget, so it cannot starve the
+  trainer of the batch whose step report would release it: every sample came back too stale
+  (possible only after the live wait timed out), or a sample failed before reaching the trainer
+  (dead-lettered, or no completion after the last attempt), which only trains complete groups.
 - No more groups than the remaining `max_steps` need; nothing new once the trainer reports it.
 - Re-issue: a request whose completions have not all arrived after `request_timeout_s` is sent
   again with the same ids and `attempt + 1`; after `max_attempts` its missing samples are `failed`.
@@ -67,6 +68,8 @@ class Group:
     """False for a group restored from the ledger whose prompt could not be found again."""
     oldest_step: dict[str, int] = field(default_factory=dict)
     """Trajectory id -> trainer step of the oldest version that generated it (when known)."""
+    incomplete: bool = False
+    """A sample failed before reaching the trainer, which only trains complete groups."""
 
     @property
     def eval(self) -> bool:
@@ -129,6 +132,8 @@ class Scheduler:
         return sum(1 for g in self.groups.values() if not g.eval and not self._doomed(g))
 
     def _doomed(self, group: Group) -> bool:
+        if group.incomplete:
+            return True
         if len(group.oldest_step) < group.request.n:
             return False
         return all(self.step - s > self.shape.max_staleness for s in group.oldest_step.values())
@@ -233,7 +238,8 @@ class Scheduler:
                 self._live(int(m.version))
             elif e.kind == "dlq":
                 kind = m.subject.removeprefix(self.bus.subjects.root + ".")
-                self._finish(dead_letter_trajectories(m, kind))
+                if m.consumer != "ledger":  # the ledger's own refusals do not stop the pipeline
+                    self._finish(dead_letter_trajectories(m, kind), failed=True)
         self.wake()
 
     def _completed(self, tid: str, spans: Sequence[Any] = ()) -> None:
@@ -257,12 +263,14 @@ class Scheduler:
             if right in (0, group.request.n):
                 self.skip.add((group.request.env, group.request.prompt_key))
 
-    def _finish(self, tids: Sequence[str]) -> None:
+    def _finish(self, tids: Sequence[str], *, failed: bool = False) -> None:
+        """These trajectories reached a terminal status; `failed`: one the trainer never receives."""
         for tid in tids:
             gid = self.by_trajectory.pop(tid, None)
             group = self.groups.get(gid or "")
             if group is None:
                 continue
+            group.incomplete |= failed
             group.open.discard(tid)
             group.pending.discard(tid)
             if not group.open:
@@ -431,5 +439,5 @@ class Scheduler:
                         ]
                     )
                 )
-            self._finish(failed)
+            self._finish(failed, failed=True)
         return again

@@ -317,3 +317,30 @@ async def test_a_group_generated_too_stale_to_train_does_not_hold_the_budget(bus
         await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
         await wait_for(lambda: len(reqs.groups()) == 3, timeout_s=60)
         assert stale.group_id in sched.groups, "the stale group is still tracked until the trainer reports it"
+
+
+async def test_a_group_with_a_dead_lettered_sample_stops_holding_the_budget(bus, ledger, writer, run_id):
+    """The trainer trains complete groups only: a group missing a dead-lettered sample never
+    trains, so it must not hold the budget (with k = 0 that would stall the run)."""
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
+    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (_, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        group = reqs.groups()[0]
+        c = completion(group, 0)
+        letter = policy_pb2.DeadLetter(
+            subject=bus.subjects.rollout_completion,
+            payload=c.SerializeToString(),
+            reason="rubric crashed",
+            consumer="scorer",
+            deliveries=5,
+            msg_id=f"completion:{c.trajectory_id}",
+            dead_at=1.0,
+        )
+        await bus.publish(bus.subjects.dlq, letter, msg_id="dlq:scorer:1")
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        rows = await trajectory_rows(ledger, run_id)
+        assert (rows[c.trajectory_id]["status"], rows[c.trajectory_id]["reason"]) == (
+            "failed",
+            "dead letter from scorer: rubric crashed",
+        )
