@@ -6,6 +6,10 @@ requests already wait, it is answered `OVERLOADED` at once, so callers back off 
 piling up. Limits a request leaves at 0 get the configured defaults; larger ones are cut to the
 configured ceilings. Metrics: runs by status, latency histogram, pool occupancy.
 
+`SANDBOX_ERROR` means the request could not be run as given (the reason is in `error`). A run that
+takes its worker down (kills or stops it, leaves behind what cannot be cleaned) is the run's own
+failure, `RUNTIME_ERROR`: otherwise a policy could turn a zero into "not judged".
+
 Not covered: the isolation itself (`isolation`), the worker (`worker_main`), grading (`grader`).
 """
 
@@ -140,8 +144,12 @@ class Sandbox:
         except InvalidRequest as exc:
             result.status, result.error = pb.EXEC_STATUS_SANDBOX_ERROR, str(exc)
         except WorkerError as exc:
+            # The worker is trusted code that only dies, stalls or stops early when the run made it
+            # (killed or stopped its parent, left what cannot be cleaned): the run's failure, not a
+            # failure to judge it, or a policy could dodge a zero by taking its sandbox down.
             log.warning("request %s: %s", req.request_id, exc)
-            result.status, result.error = pb.EXEC_STATUS_SANDBOX_ERROR, str(exc)[:2000]
+            result.status = pb.EXEC_STATUS_RUNTIME_ERROR
+            result.error = f"the run took down its sandbox worker: {exc}"[:2000]
         if req.tests and len(result.tests) != len(req.tests):  # executed == given, or nothing passes
             del result.tests[:]
             result.tests.extend(

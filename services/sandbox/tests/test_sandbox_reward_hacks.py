@@ -172,6 +172,9 @@ async def test_killing_the_worker_passes_nothing(client: SandboxClient) -> None:
     result = await grade(client, code)
     assert result.tests_passed == 0
     assert all(not t.passed for t in result.tests)
+    # the run's own failure (a zero), not a failure to judge it that a policy could hide behind
+    assert result.status == pb.EXEC_STATUS_RUNTIME_ERROR, result.error
+    assert "took down its sandbox worker" in result.error
     await still_grades_correctly(client)
 
 
