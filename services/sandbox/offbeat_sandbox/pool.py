@@ -192,6 +192,7 @@ class Pool:
         self.waiting = 0
         self.busy = 0
         self.closed = False
+        self.restart_failures = 0  # failed starts in a row of replacement workers: health turns on it
 
     async def start(self) -> None:
         """Start every worker (sequentially: each spawn blocks the loop for a moment)."""
@@ -255,6 +256,7 @@ class Pool:
             try:
                 await worker.start(self.start_timeout_s)
             except (WorkerError, OSError) as exc:
+                self.restart_failures += 1
                 log.error("restarting worker %d failed: %s", slot, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -262,6 +264,7 @@ class Pool:
             if self.closed:
                 worker.kill()
                 return
+            self.restart_failures = 0
             self._all[slot] = worker
             self._idle.put_nowait(worker)
             self._gauges()

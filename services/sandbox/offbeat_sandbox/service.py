@@ -276,10 +276,17 @@ async def serve(ctx: ServiceContext[SandboxConfig]) -> None:
     ctx.details.update({"subject": subject, "workers": ctx.config.workers})
 
     def occupancy() -> None:
-        if sandbox.pool is not None:
+        pool = sandbox.pool
+        if pool is not None:
             ctx.details.update(
-                {"busy": sandbox.pool.busy, "idle": sandbox.pool.idle, "waiting": sandbox.pool.waiting}
+                {
+                    "busy": pool.busy,
+                    "idle": pool.idle,
+                    "waiting": pool.waiting,
+                    "restart_failures": pool.restart_failures,
+                }
             )
+            ctx.set_healthy(pool.restart_failures < 3)  # workers that cannot be started: unhealthy
 
     ctx.set_healthy()
     log.info("serving %s in queue group %s", subject, ctx.config.queue_group)
