@@ -10,9 +10,13 @@ For each environment (`reasoning_gym:basic_arithmetic`, and `code` through a rea
   `scored_at` stamps of the published trajectories (first to last), so neither start-up nor the
   bench's own collection counts.
 
-Completions come in groups of 8 per prompt, a third each correct, wrong and malformed.
+Completions come in groups of 8 per prompt, a third each correct, wrong and malformed. Direct and
+service rounds alternate (3 each by default) and the medians are reported, with the CPU time each
+path spends per completion (the scorer process's own CPU for the service), which load from other
+processes on the machine disturbs less than wall-clock rates.
 Last line: one JSON object with `<env>_service_scored_per_s`, `<env>_direct_scored_per_s`,
-`<env>_ratio` (goal for reasoning_gym: ratio >= 0.8), plus counts and the score-only figures.
+`<env>_ratio` (goal for reasoning_gym: ratio >= 0.8), `<env>_*_cpu_us_per_completion`, counts,
+statuses and the score-only figure.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +54,7 @@ RG_N = int(os.environ.get("BENCH_SCORER_RG_N", "20000"))
 CODE_N = int(os.environ.get("BENCH_SCORER_CODE_N", "400"))
 GROUP = 8
 CODE_CONCURRENCY = 32
+ROUNDS = int(os.environ.get("BENCH_SCORER_ROUNDS", "3"))
 
 
 def rg_texts(env: Environment, n: int, rng: random.Random) -> list[tuple[str, str]]:
@@ -94,13 +100,13 @@ async def direct_rate(
         async with sem:
             await env.score(env.get(key), decode(ids))
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     if concurrency == 1:
         for key, ids in items:
             await env.score(env.get(key), decode(ids))
     else:
         await asyncio.gather(*(one(k, ids) for k, ids in items))
-    return len(items) / (time.perf_counter() - started)
+    return len(items) / (time.perf_counter() - started), (time.process_time() - cpu) / len(items) * 1e6
 
 
 async def score_only_rate(env: Environment, texts: list[tuple[str, str]]) -> float:
@@ -109,6 +115,12 @@ async def score_only_rate(env: Environment, texts: list[tuple[str, str]]) -> flo
     for example, text in pairs:
         await env.score(example, text)
     return len(pairs) / (time.perf_counter() - started)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_service(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
@@ -144,9 +156,10 @@ async def service_rate(
     tokenizer_dir: Path,
     env_name: str,
     items: list[tuple[str, list[int]]],
-    max_in_flight: int,
+    max_scoring: int,
     sandbox_prefix: str = "offbeat",
-) -> tuple[float, dict[str, int]]:
+) -> tuple[float, float, dict[str, int]]:
+    """(scored per second, scorer CPU microseconds per completion, statuses) through the service."""
     run_id = f"b{uuid.uuid4().hex[:8]}"
     cfg = BusConfig(nats_url=url, stream_max_bytes=1024**3)
     bus = await Bus.connect(cfg, run_id, name="bench")
@@ -181,7 +194,7 @@ async def service_rate(
     config.write_text(
         f'[run]\nid = "{run_id}"\nstate_dir = "{tmp / "state"}"\n[bus]\nstream_max_bytes = {1024**3}\n'
         f'[model]\npath = "{tokenizer_dir}"\n[[envs]]\nname = "{env_name}"\n'
-        f'[scorer]\nmax_in_flight = {max_in_flight}\nsandbox_subject = "{sandbox_prefix}.sandbox.exec"\n'
+        f'[scorer]\nmax_scoring = {max_scoring}\nsandbox_subject = "{sandbox_prefix}.sandbox.exec"\n'
         'log_level = "WARNING"\n'
     )
     port = free_port()
@@ -197,9 +210,11 @@ async def service_rate(
         ],
         port,
     )
+    cpu = cpu_seconds(proc.pid)  # healthy: imports and set-up are done, consuming starts now
     try:
         while (await bus.consumer_pending("scorer")) != (0, 0):  # noqa: ASYNC110 (polls the server)
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(0.2)
+        cpu = cpu_seconds(proc.pid) - cpu
     finally:
         stop_service(proc)
     sub = await bus._pull("trainer")
@@ -220,7 +235,29 @@ async def service_rate(
     if len(stamps) != len(items):
         raise SystemExit(f"{env_name}: {len(stamps)} scored of {len(items)}")
     stamps.sort()
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), statuses
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), cpu / len(stamps) * 1e6, statuses
+
+
+def summary(
+    name: str,
+    direct: list[tuple[float, float]],
+    service: list[tuple[float, float]],
+    n: int,
+    statuses: dict[str, int],
+) -> dict[str, Any]:
+    """Median of the alternated rounds: rates and the CPU each path spends per completion."""
+    d_rate = statistics.median(r for r, _ in direct)
+    s_rate = statistics.median(r for r, _ in service)
+    return {
+        f"{name}_n": n,
+        f"{name}_rounds": len(direct),
+        f"{name}_direct_scored_per_s": round(d_rate, 1),
+        f"{name}_service_scored_per_s": round(s_rate, 1),
+        f"{name}_ratio": round(s_rate / d_rate, 3),
+        f"{name}_direct_cpu_us_per_completion": round(statistics.median(c for _, c in direct), 1),
+        f"{name}_service_cpu_us_per_completion": round(statistics.median(c for _, c in service), 1),
+        f"{name}_statuses": statuses,
+    }
 
 
 async def main() -> None:
@@ -252,23 +289,20 @@ async def main() -> None:
             figures["reasoning_gym_score_only_per_s"] = round(
                 await score_only_rate(load_env(rg_name), texts), 1
             )
-            direct = await direct_rate(load_env(rg_name), items, decode, 1)
-            service, statuses = await service_rate(
-                url=server.url,
-                tmp=tmp,
-                tokenizer_dir=tokenizer_dir,
-                env_name=rg_name,
-                items=items,
-                max_in_flight=256,
-            )
-            figures.update(
-                reasoning_gym_n=len(items),
-                reasoning_gym_direct_scored_per_s=round(direct, 1),
-                reasoning_gym_service_scored_per_s=round(service, 1),
-                reasoning_gym_ratio=round(service / direct, 3),
-                reasoning_gym_statuses=statuses,
-            )
-            print(json.dumps({k: v for k, v in figures.items() if k.startswith("reasoning")}), flush=True)
+            direct, service = [], []
+            for _ in range(ROUNDS):  # alternated, so load from elsewhere hits both alike
+                direct.append(await direct_rate(load_env(rg_name), items, decode, 1))
+                rate, cpu, statuses = await service_rate(
+                    url=server.url,
+                    tmp=tmp,
+                    tokenizer_dir=tokenizer_dir,
+                    env_name=rg_name,
+                    items=items,
+                    max_scoring=64,
+                )
+                service.append((rate, cpu))
+            figures.update(summary("reasoning_gym", direct, service, len(items), statuses))
+            print(json.dumps(figures), flush=True)
 
             # code: every score is a sandbox round trip; direct uses the service's concurrency
             sandbox_port = free_port()
@@ -296,27 +330,24 @@ async def main() -> None:
                 await code.setup(EnvContext(nats=nc, sandbox_subject="benchsbx.sandbox.exec"))
                 ctexts = code_texts(code, CODE_N, rng)
                 citems = [(k, encode(t)) for k, t in ctexts]
-                cdirect = await direct_rate(code, citems, decode, CODE_CONCURRENCY)
+                direct, service = [], []
+                for _ in range(ROUNDS):
+                    direct.append(await direct_rate(code, citems, decode, CODE_CONCURRENCY))
+                    rate, cpu, cstatuses = await service_rate(
+                        url=server.url,
+                        tmp=tmp,
+                        tokenizer_dir=tokenizer_dir,
+                        env_name="code",
+                        items=citems,
+                        max_scoring=CODE_CONCURRENCY,
+                        sandbox_prefix="benchsbx",
+                    )
+                    service.append((rate, cpu))
                 await nc.close()
-                cservice, cstatuses = await service_rate(
-                    url=server.url,
-                    tmp=tmp,
-                    tokenizer_dir=tokenizer_dir,
-                    env_name="code",
-                    items=citems,
-                    max_in_flight=CODE_CONCURRENCY,
-                    sandbox_prefix="benchsbx",
-                )
             finally:
                 stop_service(sandbox)
-            figures.update(
-                code_n=len(citems),
-                code_concurrency=CODE_CONCURRENCY,
-                code_direct_scored_per_s=round(cdirect, 1),
-                code_service_scored_per_s=round(cservice, 1),
-                code_ratio=round(cservice / cdirect, 3),
-                code_statuses=cstatuses,
-            )
+            figures.update(summary("code", direct, service, len(citems), cstatuses))
+            figures["code_concurrency"] = CODE_CONCURRENCY
         finally:
             server.stop()
     print(json.dumps(figures))
