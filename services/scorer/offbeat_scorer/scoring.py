@@ -133,6 +133,7 @@ class Scorer:
         self.status_counts: dict[str, int] = {}
         self.slots = Slots(config.max_scoring)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._loading = asyncio.Lock()
 
     @classmethod
     def with_tokenizer(cls, config: ScorerConfig, specs: Sequence[EnvSpec], tokenizer_path: str) -> Scorer:
@@ -165,16 +166,21 @@ class Scorer:
             await env.close()
 
     async def env(self, name: str) -> Environment:
-        """The environment named in a completion; ones not in `[[envs]]` load with default args."""
+        """The environment named in a completion; ones not in `[[envs]]` load with default args.
+        A name that does not load is a message that can never be scored: dead-lettered."""
         env = self.envs.get(name)
-        if env is None:
-            spec = self.specs.get(name)
-            try:
-                env = load_env(name, **(spec.args if spec else {}))
-            except KeyError as exc:
-                raise Reject(f"unknown environment {name!r}: {exc}") from None
-            await env.setup(self.ctx)
-            self.envs[name] = env
+        if env is not None:
+            return env
+        async with self._loading:  # one load (and one setup) per environment
+            env = self.envs.get(name)
+            if env is None:
+                spec = self.specs.get(name)
+                try:
+                    env = load_env(name, **(spec.args if spec else {}))
+                except (KeyError, ValueError, TypeError, ImportError) as exc:
+                    raise Reject(f"environment {name!r} does not load: {type(exc).__name__}: {exc}") from None
+                await env.setup(self.ctx)
+                self.envs[name] = env
         return env
 
     async def score_completion(

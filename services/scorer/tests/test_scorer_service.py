@@ -307,12 +307,16 @@ async def test_redelivered_completion_is_scored_once_and_bad_ones_are_dead_lette
     await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}:again")
     unknown_env = completion(run_id, tokenizer, env="no_such_env", key="k", text="1")
     unknown_key = completion(run_id, tokenizer, env="math", key="nope", text="1")
-    for bad in (unknown_env, unknown_key):
+    unknown_task = completion(run_id, tokenizer, env="reasoning_gym:no_such_task", key="train:1", text="1")
+    for bad in (unknown_env, unknown_key, unknown_task):
         await bus.publish(bus.subjects.rollout_completion, bad, msg_id=f"completion:{bad.trajectory_id}")
-    await wait_for(lambda: len(dead) >= 2, timeout_s=60)
+    await wait_for(lambda: len(dead) >= 3, timeout_s=60)
     reasons = [letter.reason for letter in dead]
-    assert all(letter.consumer == "scorer" for letter in dead)
-    assert any("no_such_env" in r for r in reasons) and any("nope" in r for r in reasons), reasons
+    assert all(letter.consumer == "scorer" and letter.deliveries == 1 for letter in dead), (
+        "not rejected at once"
+    )
+    for name in ("no_such_env", "nope", "no_such_task"):
+        assert any(name in r for r in reasons), reasons
     await wait_for(lambda: _drained(bus, "scorer"), timeout_s=60)  # both copies handled
     got = await collect(bus, 1)
     assert list(got) == [c.trajectory_id]
@@ -321,6 +325,7 @@ async def test_redelivered_completion_is_scored_once_and_bad_ones_are_dead_lette
     await sub.unsubscribe()
 
 
+@pytest.mark.slow
 async def test_slow_scoring_keeps_its_ack_deadline_alive(
     bus, scorer_config, envpkg_site, nats_url, run_id, tokenizer
 ):
