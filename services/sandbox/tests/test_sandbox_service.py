@@ -207,3 +207,60 @@ async def test_replicas_share_the_queue_group(
 async def test_bash_pipelines_behave_as_in_a_fresh_shell(client: SandboxClient) -> None:
     result = await client.run("yes | head -n 3; echo done", language="bash")
     assert result.stdout == b"y\ny\ny\ndone\n" and result.stderr == b"", result.stderr
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+async def test_no_sandbox_outlives_its_service(nats_url: str, tmp_path: Path, how: str) -> None:
+    """Stopped or killed (no clean-up code runs), the service takes every worker process with it."""
+    import json as _json
+    import signal
+    import urllib.request
+
+    import nats
+    from offbeat_sandbox.isolation import processes_of_uid
+
+    from offbeat.infra import free_port
+    from offbeat.testing import wait_for
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'[run]\nid = "sbxstop"\nstate_dir = "{tmp_path / "state"}"\n[bus]\nprefix = "sbxstop"\n'
+    )
+    port = free_port()
+    log_path = tmp_path / "service.log"
+    args = [str(BIN / "offbeat-sandbox"), "--config", str(config), "--nats-url", nats_url]
+    args += ["--set", f"sandbox.health_port={port}", "--set", "sandbox.workers=2"]
+    args += ["--set", f"sandbox.uid_base={63800 + (os.getpid() % 100) * 8}"]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                await asyncio.sleep(0.1)
+        ready = [_json.loads(x) for x in log_path.read_text().splitlines() if '"sandbox pool ready"' in x]
+        first, last = (int(u) for u in ready[-1]["uids"].split("-"))
+        uids = range(first, last + 1)
+        assert all(processes_of_uid(uid) for uid in uids), "the workers were not running"
+        nc = await nats.connect(nats_url)
+        client = SandboxClient(nc, subject="sbxstop.sandbox.exec", timeout_s=30)
+        sleeper = asyncio.create_task(
+            client.run("import time\ntime.sleep(60)", limits=pb.ExecLimits(wall_timeout_s=60))
+        )
+        await asyncio.sleep(1.0)  # the sleeper is in a worker now
+        proc.send_signal(getattr(signal, how))
+        await asyncio.to_thread(proc.wait, 30)
+        sleeper.cancel()
+        await nc.close()
+        try:
+            await wait_for(lambda: not any(processes_of_uid(uid) for uid in uids), timeout_s=10)
+        except AssertionError:
+            left = {uid: processes_of_uid(uid) for uid in uids}
+            raise AssertionError(f"sandbox processes outlived the service ({how}): {left}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
