@@ -21,9 +21,11 @@ own unit result (executed == given) and its own exactly-one final record; exit c
 means pass (`sys.exit(0)`, `os._exit(0)`, `raise SystemExit(0)` before the harness ran leave no record).
 
 Not covered: a solution that reads the nonce out of its own memory can write records, but only
-values: it cannot learn the expected ones, which are not in the sandbox. Where an assert compares
-two non-literal expressions (e.g. against a reference implementation shipped in the snippet), the
-sandbox holds everything needed to forge that comparison.
+values: it cannot learn the expected ones, which are not in the sandbox. Only literal operands of a
+comparison stay out: where an assert compares two computed values (e.g. against a reference
+implementation shipped in the snippet) or is a call (`assert math.isclose(f(x), 1.5)`: the 1.5 is in
+the sent code), the sandbox holds everything needed to forge that record. Floats compare exactly
+(Python's `==`), with NaN equal to NaN.
 """
 
 from __future__ import annotations
