@@ -49,6 +49,10 @@ class OrchestratorConfig(ServiceConfig):
     live_wait_timeout_s: float = Field(120.0, gt=0)
     """How long dispatch waits for inference to serve a newly published version before it stops
     counting the lag (so a missing PolicyLive slows the run but never stalls it)."""
+    stall_timeout_s: float = Field(30.0, gt=0)
+    """With the budget used, every group generated and no trainer step for this long (or 3x the
+    longest step interval seen, if larger), one more step's worth of groups goes out (see the
+    scheduler's stall guard)."""
     tick_s: float = Field(0.25, gt=0)
     """Period of the scheduler's loop when nothing wakes it (time-outs are checked each tick)."""
     eval_every: int = Field(0, ge=0)

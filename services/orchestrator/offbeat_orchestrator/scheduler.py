@@ -13,6 +13,11 @@
   trainer of the batch whose step report would release it: every sample came back too stale
   (possible only after the live wait timed out), or a sample failed before reaching the trainer
   (dead-lettered, or no completion after the last attempt), which only trains complete groups.
+- Stall guard: when nothing moved for `stall_timeout_s` (or 3x the longest step interval seen),
+  every training group in flight is fully generated and no step came, the trainer is holding
+  or has silently dropped them (e.g. groups with nothing trainable, reported only with the next
+  step): one more step's worth is dispatched, at most G beyond the bound, so the run cannot
+  deadlock. The trainer's staleness filter still applies to whatever is trained.
 - No more groups than the remaining `max_steps` need; nothing new once the trainer reports it.
 - Re-issue: a request whose completions have not all arrived after `request_timeout_s` is sent
   again with the same ids and `attempt + 1`; after `max_attempts` its missing samples are `failed`.
@@ -116,6 +121,11 @@ class Scheduler:
         self._eval_cache: list[Any] | None = None
         self._wake = asyncio.Event()
         self._unsent: list[rollout_pb2.RolloutRequest] = []
+        self.stall_topups = 0
+        """Times the pipeline stalled and one step's worth of groups beyond the bound went out."""
+        self._last_progress = time.time()
+        self._last_step_at: float | None = None
+        self._longest_step_s = 0.0
         if writer is not None:
             writer.observers.append(self.observe)
 
@@ -159,10 +169,34 @@ class Scheduler:
 
     def budget(self, now: float | None = None) -> int:
         """Training groups that may be dispatched now."""
+        now = time.time() if now is None else now
         g, k = self.shape.groups_per_step, self.shape.max_staleness
         cap = g * max(0, k + 1 - self.lag(now))
         cap = min(cap, g * max(0, self.shape.max_steps - self.step))
-        return max(0, cap - self.train_groups_in_flight())
+        in_flight = self.train_groups_in_flight()
+        if cap - in_flight <= 0 and self._stalled(now, in_flight):
+            self.stall_topups += 1
+            self._last_progress = now
+            log.warning(
+                "no progress for %.0fs with %d fully generated groups in flight and no trainer step: "
+                "the trainer may be dropping groups it has not reported yet; dispatching %d more",
+                self.stall_threshold_s(),
+                in_flight,
+                g,
+            )
+            return g
+        return max(0, cap - in_flight)
+
+    def stall_threshold_s(self) -> float:
+        return max(self.cfg.stall_timeout_s, 3 * self._longest_step_s)
+
+    def _stalled(self, now: float, in_flight: int) -> bool:
+        """Nothing moved for the stall threshold, inference owes nothing, and at most one step's
+        worth of groups beyond the bound is out: then one more step's worth may go."""
+        g, k = self.shape.groups_per_step, self.shape.max_staleness
+        if self.finished or in_flight >= g * (k + 2) or now - self._last_progress < self.stall_threshold_s():
+            return False
+        return all(not group.pending for group in self.groups.values() if not group.eval)
 
     def eval_due(self, now: float | None = None) -> bool:
         """At step 0, every `eval_every` steps and at `max_steps`, once each, once the trainer's
@@ -220,6 +254,13 @@ class Scheduler:
     def observe(self, events: list[Observed]) -> None:
         for e in events:
             m: Any = e.message
+            if e.kind in ("rollout.completion", "rollout.scored", "trainer.step"):
+                now = time.time()
+                if e.kind == "trainer.step":
+                    if self._last_step_at is not None:
+                        self._longest_step_s = max(self._longest_step_s, now - self._last_step_at)
+                    self._last_step_at = now
+                self._last_progress = now
             if e.kind == "rollout.completion":
                 self._completed(m.trajectory_id, m.version_spans)
             elif e.kind == "rollout.scored":

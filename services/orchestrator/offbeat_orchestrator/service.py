@@ -85,6 +85,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
                 paused=scheduler.paused,
                 groups_in_flight=len(scheduler.groups),
                 events_written=writer.committed_events,
+                stall_topups=scheduler.stall_topups,
             )
             if scheduler.finished and not finished:
                 finished = True

@@ -344,3 +344,46 @@ async def test_a_group_with_a_dead_lettered_sample_stops_holding_the_budget(bus,
             "failed",
             "dead letter from scorer: rubric crashed",
         )
+
+
+async def test_a_stalled_trainer_gets_one_more_step_of_groups_and_no_more(bus, writer, run_id):
+    """The trainer drops a group with nothing trainable and reports it only with its next step;
+    if that group held the whole budget, the run would deadlock. After the stall timeout one
+    more step's worth goes out, never more than that."""
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
+    cfg = OrchestratorConfig(tick_s=0.05, stall_timeout_s=1.0)
+    async with running(bus, writer, run, cfg) as (sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        first = reqs.groups()[0]
+        await settle(sched)
+        assert len(reqs.groups()) == 1, "over budget while inference still owed completions"
+        for i in range(2):  # both samples right: zero advantage, the trainer drops the group silently
+            c = completion(first, i)
+            await bus.publish(bus.subjects.rollout_scored, scored(c, 1.0), msg_id=f"scored:{c.trajectory_id}")
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        assert sched.stall_topups == 1
+        second = reqs.groups()[1]
+        for i in range(2):
+            c = completion(second, i)
+            await bus.publish(
+                bus.subjects.rollout_scored, scored(c, float(i)), msg_id=f"scored:{c.trajectory_id}"
+            )
+        start = sched.ticks
+        await wait_for(lambda: sched.ticks >= start + 60, timeout_s=120)  # > 1 s of rounds
+        assert len(reqs.groups()) == 2, "dispatched more than one step's worth beyond the bound"
+        await bus.publish(
+            bus.subjects.trainer_step,
+            step(
+                run_id,
+                1,
+                consumed=list(second.trajectory_ids),
+                dropped=[(t, "zero_advantage") for t in first.trajectory_ids],
+                version=1,
+            ),
+            msg_id="step:1:x",
+        )
+        await announce(bus, run_id, 1, 1)
+        await wait_for(lambda: len(reqs.groups()) == 3, timeout_s=60)
+        await settle(sched)
+        assert len(reqs.groups()) == 3 and sched.train_groups_in_flight() == 1
