@@ -3,8 +3,9 @@
 `SandboxClient` sends a `SandboxExecRequest` on `<prefix>.sandbox.exec` (request/reply; the service
 replicas share a queue group) and returns the `SandboxExecResult`. It retries when no replica
 answers (no responders, timeout) and when the answer is `OVERLOADED`, with a short backoff, then
-raises `SandboxUnavailable` (no answer) or returns the `OVERLOADED` result. The reply timeout covers
-the request's own wall-clock budget (per test in test mode) plus a margin.
+raises `SandboxUnavailable` (no answer) or returns the `OVERLOADED` result. The reply timeout is
+twice the request's own wall-clock budget (per test in test mode) plus a margin, so a slow run is
+answered (TIMEOUT, a judgement) rather than lost to a client timeout (not judged).
 
 Test mode (`run_tests`): a `TestCase` with `function` + `args_json` + `expected_json` calls
 `function(*args)` and compares with exact types; `stdin` + `expected_stdout` runs the program and
@@ -52,9 +53,11 @@ class SandboxClient:
         self.retries = retries
 
     def _timeout_for(self, request: sandbox_pb2.SandboxExecRequest) -> float:
+        # twice the request's own budget: the service answers a run that used all of it (even
+        # after waiting for a worker, which it bounds) before the client gives up and retries
         wall = request.limits.wall_timeout_s or DEFAULT_WALL_S
         runs = max(1, len(request.tests))
-        return max(self.timeout_s, runs * (wall + 1.0) + MARGIN_S)
+        return max(self.timeout_s, 2 * runs * (wall + 1.0) + MARGIN_S)
 
     async def execute(
         self, request: sandbox_pb2.SandboxExecRequest, *, timeout_s: float | None = None

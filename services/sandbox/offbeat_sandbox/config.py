@@ -27,6 +27,8 @@ class SandboxConfig(ServiceConfig):
     """Warm isolated workers per replica (each one bwrap sandbox that forks a child per run)."""
     max_queue: int = Field(256, ge=0)
     """Requests that may wait for a worker; past it a request is answered `OVERLOADED` at once."""
+    max_queue_wait_s: float = Field(30.0, gt=0)
+    """Longest a request waits for a worker; past it, it is answered `OVERLOADED` (never run)."""
     recycle_after_runs: int = Field(500, ge=1)
     """A worker is replaced after this many runs (and after any anomaly)."""
     uid_base: int = Field(61000, ge=1000, le=2**31 - 100_000)

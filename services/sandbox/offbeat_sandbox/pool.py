@@ -42,6 +42,10 @@ class WorkerError(Exception):
     """The worker died, broke the protocol or missed its deadline; it has been killed."""
 
 
+class PoolBusy(Exception):
+    """No worker became idle in time: the request was not run."""
+
+
 class Worker:
     """One bwrap sandbox running `worker_main`, driven over two pipes."""
 
@@ -208,12 +212,17 @@ class Pool:
         POOL_IDLE.set(self._idle.qsize())
         POOL_WAITING.set(self.waiting)
 
-    async def run(self, job: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-        """Run a job on an idle worker; raises WorkerError if the worker failed (it is replaced)."""
+    async def run(
+        self, job: dict[str, Any], *, timeout_s: float, max_wait_s: float | None = None
+    ) -> dict[str, Any]:
+        """Run a job on an idle worker; raises WorkerError if the worker failed (it is replaced),
+        PoolBusy if no worker became idle within `max_wait_s`."""
         self.waiting += 1
         self._gauges()
         try:
-            worker = await self._idle.get()
+            worker = await asyncio.wait_for(self._idle.get(), timeout=max_wait_s)
+        except TimeoutError:
+            raise PoolBusy(f"no worker idle within {max_wait_s:.1f}s") from None
         finally:
             self.waiting -= 1
         self.busy += 1

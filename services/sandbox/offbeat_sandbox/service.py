@@ -2,8 +2,9 @@
 
 Any number of replicas serve the same subject in one NATS queue group; each runs a warm pool of
 isolated workers (`pool`, `isolation`). A request waits for an idle worker; when `max_queue`
-requests already wait, it is answered `OVERLOADED` at once, so callers back off instead of
-piling up. Limits a request leaves at 0 get the configured defaults; larger ones are cut to the
+requests already wait, it is answered `OVERLOADED` at once, and so is one that waited
+`max_queue_wait_s`, so callers back off instead of piling up (and a request is answered well
+within the client's timeout, which covers its own budget twice). Limits a request leaves at 0 get the configured defaults; larger ones are cut to the
 configured ceilings. Metrics: runs by status, latency histogram, pool occupancy.
 
 `SANDBOX_ERROR` means the request could not be run as given (the reason is in `error`). A run that
@@ -30,7 +31,7 @@ from offbeat.v1 import sandbox_pb2 as pb
 from offbeat_sandbox.config import SandboxConfig
 from offbeat_sandbox.grader import InvalidRequest, grade_test, test_units, unit_bytes, unit_status
 from offbeat_sandbox.isolation import SandboxSpec, claim_uid_block, find_bwrap, python_runtime, seccomp_bpf
-from offbeat_sandbox.pool import Pool, WorkerError
+from offbeat_sandbox.pool import Pool, PoolBusy, WorkerError
 
 log = logging.getLogger("offbeat_sandbox.service")
 
@@ -143,6 +144,8 @@ class Sandbox:
             result = await self._execute(req, result)
         except InvalidRequest as exc:
             result.status, result.error = pb.EXEC_STATUS_SANDBOX_ERROR, str(exc)
+        except PoolBusy as exc:
+            result.status, result.error = pb.EXEC_STATUS_OVERLOADED, f"sandbox busy: {exc}"
         except WorkerError as exc:
             # The worker is trusted code that only dies, stalls or stops early when the run made it
             # (killed or stopped its parent, left what cannot be cleaned): the run's failure, not a
@@ -187,7 +190,7 @@ class Sandbox:
         outcomes: list[dict[str, Any]] = []
         if units:
             deadline = len(units) * (lim["wall"] + 1.0) + self.config.grace_s
-            answer = await self.pool.run(job, timeout_s=deadline)
+            answer = await self.pool.run(job, timeout_s=deadline, max_wait_s=self.config.max_queue_wait_s)
             outcomes = answer.get("units") or []
             if not isinstance(outcomes, list) or len(outcomes) > len(units):
                 raise WorkerError("worker answered more units than it was given")

@@ -147,6 +147,25 @@ async def test_bounded_queue_answers_overloaded_at_once() -> None:
         await sandbox.close()
 
 
+async def test_a_request_waits_for_a_worker_at_most_max_queue_wait() -> None:
+    uid_base = 63200 + (os.getpid() % 400) * 8
+    sandbox = Sandbox(SandboxConfig(workers=1, max_queue=10, max_queue_wait_s=0.5, uid_base=uid_base))
+    await sandbox.start()
+    try:
+        slow = pb.SandboxExecRequest(
+            code="import time\ntime.sleep(4)", limits=pb.ExecLimits(wall_timeout_s=10)
+        )
+        running = asyncio.create_task(sandbox.execute(slow))
+        await asyncio.sleep(0.5)
+        late = await sandbox.execute(pb.SandboxExecRequest(code="print(1)"))
+        assert late.status == pb.EXEC_STATUS_OVERLOADED and "busy" in late.error, late
+        assert not running.done(), "the refusal came only once the worker was free"
+        assert (await running).status == pb.EXEC_STATUS_OK
+        assert (await sandbox.execute(pb.SandboxExecRequest(code="print(1)"))).stdout == b"1\n"
+    finally:
+        await sandbox.close()
+
+
 async def test_replicas_share_the_queue_group(
     client: SandboxClient, sandbox_service: RunningService, nats_url: str, tmp_path: Path
 ) -> None:
