@@ -362,3 +362,42 @@ async def test_sandbox_down_is_published_as_sandbox_error(scorer, bus, run_id, t
     scored = got[c.trajectory_id][1]
     assert scored.status == rollout_pb2.REWARD_STATUS_SANDBOX_ERROR, (scored.status, scored.status_reason)
     assert "sandbox" in scored.status_reason and scored.reward == 0.0
+
+
+@pytest.mark.slow
+async def test_replicas_share_the_work_and_score_each_completion_once(
+    bus, scorer_config, envpkg_site, nats_url, run_id, tokenizer
+):
+    # each replica holds at most 16 completions and scores each for 0.2 s, so neither can take all 64
+    config = scorer_config.parent / "replicas.toml"
+    config.write_text(scorer_config.read_text().replace("delay_s = 5.0", "delay_s = 0.2"))
+    sets = ["scorer.max_in_flight=16", "scorer.max_scoring=8"]
+    replicas = [
+        start_scorer(config, envpkg_site=envpkg_site, nats_url=nats_url, run_id=run_id, sets=sets)
+        for _ in range(2)
+    ]
+    try:
+        cs = [
+            completion(run_id, tokenizer, env="slow_echo", key=f"train:{i % 20}", text=str(i % 20))
+            for i in range(64)
+        ]
+        for c in cs:
+            await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+        got = await collect(bus, len(cs), timeout_s=180)
+        assert set(got) == {c.trajectory_id for c in cs}
+        assert all(scored.reward == 1.0 for _, scored in got.values())
+
+        def totals():
+            return [
+                json.loads(_get(f"http://127.0.0.1:{port}/healthz")[1])["scored_total"]
+                for _, port in replicas
+            ]
+
+        await wait_for(lambda: sum(totals()) >= len(cs), timeout_s=30)  # /healthz refreshes every second
+        await asyncio.sleep(1.5)
+        totals = totals()
+        assert sum(totals) == len(cs), f"scored {totals}: some completion was scored twice"
+        assert min(totals) > 0, f"one replica did all the work: {totals}"
+    finally:
+        for proc, _ in replicas:
+            stop_scorer(proc)
