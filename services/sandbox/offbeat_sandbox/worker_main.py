@@ -361,6 +361,19 @@ def _run_unit(job, unit):
     if not exited:
         _sweep()
     wall = time.monotonic() - started
+    for fd in open_reads:  # what a killed run wrote before it died: every writer is gone now
+        os.set_blocking(fd, False)
+        while len(bufs[fd]) <= caps[fd]:
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                break
+            if not data:
+                break
+            bufs[fd] += data
+        if len(bufs[fd]) > caps[fd]:
+            del bufs[fd][caps[fd] :]
+            trunc[fd] = True
     os.close(pidfd)
     for fd in (out_r, err_r, rec_r, in_w):
         if fd >= 0:

@@ -283,3 +283,12 @@ async def test_no_sandbox_outlives_its_service(nats_url: str, tmp_path: Path, ho
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_output_before_a_timeout_is_kept(client: SandboxClient) -> None:
+    code = (
+        "import sys, time\nprint('before', flush=True)\nsys.stderr.write('err before\\n')\ntime.sleep(60)\n"
+    )
+    result = await client.run(code, limits=pb.ExecLimits(wall_timeout_s=1))
+    assert result.status == pb.EXEC_STATUS_TIMEOUT
+    assert result.stdout == b"before\n" and result.stderr == b"err before\n"
