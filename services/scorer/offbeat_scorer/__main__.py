@@ -9,6 +9,8 @@ from offbeat_scorer.config import ScorerConfig
 def main() -> None:
     args = service_parser("scorer", "Scores completions with the environments' rubrics.").parse_args()
     run, config = load_service_config(args, "scorer", ScorerConfig)
+    if not (config.tokenizer_path or run.model.path):
+        raise SystemExit("offbeat-scorer: [model] path is empty: the scorer detokenizes with its tokenizer")
     from offbeat_scorer.service import serve
 
     run_service("scorer", run, config, serve)
