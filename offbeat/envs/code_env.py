@@ -119,6 +119,8 @@ class CodeEnv(Environment):
         status = sandbox_pb2.ExecStatus.Name(result.status)
         if result.status in (sandbox_pb2.EXEC_STATUS_SANDBOX_ERROR, sandbox_pb2.EXEC_STATUS_OVERLOADED):
             return Reward.failed(RewardStatus.SANDBOX_ERROR, f"sandbox answered {status}: {result.error}")
+        if not result.tests and result.status == sandbox_pb2.EXEC_STATUS_OK:
+            return Reward.failed(RewardStatus.SANDBOX_ERROR, "sandbox answered OK without test results")
         if result.tests and len(result.tests) != len(tests):
             return Reward.failed(
                 RewardStatus.SANDBOX_ERROR,
