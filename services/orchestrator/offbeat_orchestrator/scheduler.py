@@ -9,10 +9,13 @@
   the newest published one by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
   (for at most `live_wait_timeout_s` after that version appeared). So `max_staleness = 0` dispatches exactly one step's worth,
   waits for the step report and for the new version to be live: synchronous RL.
-- A group that can never be trained stops counting against the budget, so it cannot starve the
-  trainer of the batch whose step report would release it: every sample came back too stale
-  (possible only after the live wait timed out), or a sample failed before reaching the trainer
-  (dead-lettered, or no completion after the last attempt), which only trains complete groups.
+- A group the trainer will certainly drop stops counting against the budget, so it cannot starve
+  the trainer of the batch whose step report would release it (the trainer reports drops only
+  with its next step): every sample came back too stale (possible only after the live wait timed
+  out); a sample failed before reaching the trainer (dead-lettered, or no completion after the
+  last attempt: the trainer only trains complete groups); no sample was judged (`ok` or
+  `parse_error`; infrastructure failures are masked); or all judged rewards are equal while the
+  trainer filters zero-advantage groups.
 - Stall guard: when nothing moved for `stall_timeout_s` (or 3x the longest step interval seen),
   every training group in flight is fully generated and no step came, the trainer is holding
   or has silently dropped them (e.g. groups with nothing trainable, reported only with the next
@@ -45,7 +48,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from offbeat.bus import Bus, Publication
 from offbeat.config import RunSection
@@ -53,11 +56,14 @@ from offbeat.ledger.models import TERMINAL
 from offbeat.ledger.store import RollbackResult
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_orchestrator.config import OrchestratorConfig
-from offbeat_orchestrator.events import Rows, dead_letter_trajectories
+from offbeat_orchestrator.events import Rows, dead_letter_trajectories, reward_status_name
 from offbeat_orchestrator.ledger_writer import LedgerWriter, Observed
 from offbeat_orchestrator.prompts import ExampleSource, Mixture, eval_prompts, set_prompt
 
 log = logging.getLogger("offbeat.orchestrator.scheduler")
+
+JUDGED: Final = ("ok", "parse_error")
+"""Reward statuses the trainer trains on (docs/contracts.md, Reward statuses)."""
 
 
 @dataclass
@@ -73,6 +79,8 @@ class Group:
     """False for a group restored from the ledger whose prompt could not be found again."""
     oldest_step: dict[str, int] = field(default_factory=dict)
     """Trajectory id -> trainer step of the oldest version that generated it (when known)."""
+    statuses: dict[str, str] = field(default_factory=dict)
+    """Trajectory id -> reward status (`ok`, `parse_error`, ...) of its scored sample."""
     incomplete: bool = False
     """A sample failed before reaching the trainer, which only trains complete groups."""
 
@@ -93,6 +101,7 @@ class Scheduler:
         *,
         writer: LedgerWriter | None = None,
         start_step: int = 0,
+        zero_advantage_dropped: bool = False,
     ) -> None:
         self.bus = bus
         self.shape = run
@@ -108,6 +117,8 @@ class Scheduler:
         self.groups: dict[str, Group] = {}
         self.by_trajectory: dict[str, str] = {}
         self.skip: set[tuple[str, str]] = set()
+        self.zero_advantage_dropped = zero_advantage_dropped
+        """The trainer drops groups whose advantages are all zero (`[trainer] filter_zero_advantage`)."""
         self.version_steps: dict[int, int] = {}
         self.live_version: int | None = None
         self.live_step = 0
@@ -142,11 +153,20 @@ class Scheduler:
         return sum(1 for g in self.groups.values() if not g.eval and not self._doomed(g))
 
     def _doomed(self, group: Group) -> bool:
+        """Whether the trainer will certainly drop the whole group (so it must not hold budget)."""
+        n = group.request.n
         if group.incomplete:
             return True
-        if len(group.oldest_step) < group.request.n:
+        if len(group.oldest_step) == n and all(
+            self.step - s > self.shape.max_staleness for s in group.oldest_step.values()
+        ):
+            return True
+        if len(group.rewards) < n:
             return False
-        return all(self.step - s > self.shape.max_staleness for s in group.oldest_step.values())
+        trainable = [r for tid, r in group.rewards.items() if group.statuses.get(tid) in JUDGED]
+        if not trainable:  # only infrastructure failures, which the trainer masks
+            return True
+        return self.zero_advantage_dropped and max(trainable) == min(trainable)
 
     def trajectories_in_flight(self) -> int:
         return sum(len(g.open) for g in self.groups.values())
@@ -266,7 +286,7 @@ class Scheduler:
             elif e.kind == "rollout.scored":
                 tid = m.completion.trajectory_id
                 self._completed(tid, m.completion.version_spans)
-                self._scored(tid, m.reward)
+                self._scored(tid, m.reward, reward_status_name(m.status))
             elif e.kind == "trainer.step":
                 self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
                 self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
@@ -291,7 +311,7 @@ class Scheduler:
             if oldest is not None and oldest in self.version_steps:
                 group.oldest_step[tid] = self.version_steps[oldest]
 
-    def _scored(self, tid: str, reward: float) -> None:
+    def _scored(self, tid: str, reward: float, status: str = "ok") -> None:
         group = self.groups.get(self.by_trajectory.get(tid, ""))
         if group is None:
             return
@@ -299,6 +319,7 @@ class Scheduler:
             self._finish([tid])
             return
         group.rewards[tid] = reward
+        group.statuses[tid] = status
         if self.cfg.difficulty_filter and len(group.rewards) == group.request.n:
             right = sum(r >= self.cfg.difficulty_threshold for r in group.rewards.values())
             if right in (0, group.request.n):

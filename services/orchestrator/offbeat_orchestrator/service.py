@@ -54,6 +54,9 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
             await asyncio.to_thread(load_envs, run.envs),
             writer=writer,
             start_step=await ledger.latest_step(run_id),
+            zero_advantage_dropped=bool(
+                (run.model_extra or {}).get("trainer", {}).get("filter_zero_advantage", False)
+            ),
         )
         scheduler.restore(await ledger.unfinished_groups(run_id))
         token, source = load_token(cfg.admin_token_file, fallback_dir=Path(run.run.state_dir) / run_id)

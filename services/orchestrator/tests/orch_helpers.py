@@ -81,10 +81,10 @@ def completion(
     )
 
 
-def scored(c: rollout_pb2.RolloutCompletion, reward: float) -> rollout_pb2.ScoredTrajectory:
-    return rollout_pb2.ScoredTrajectory(
-        completion=c, reward=reward, status=rollout_pb2.REWARD_STATUS_OK, scored_at=time.time()
-    )
+def scored(
+    c: rollout_pb2.RolloutCompletion, reward: float, status: int = rollout_pb2.REWARD_STATUS_OK
+) -> rollout_pb2.ScoredTrajectory:
+    return rollout_pb2.ScoredTrajectory(completion=c, reward=reward, status=status, scored_at=time.time())
 
 
 def weights(run_id: str, version: int, step: int, parent: int) -> policy_pb2.WeightVersion:

@@ -387,3 +387,50 @@ async def test_a_stalled_trainer_gets_one_more_step_of_groups_and_no_more(bus, w
         await wait_for(lambda: len(reqs.groups()) == 3, timeout_s=60)
         await settle(sched)
         assert len(reqs.groups()) == 3 and sched.train_groups_in_flight() == 1
+
+
+@pytest.mark.parametrize(
+    ("statuses", "rewards", "zero_advantage_dropped", "released"),
+    [
+        (("sandbox_error", "timeout"), (0.0, 0.0), False, True),  # masked: nothing to train
+        (("parse_error", "parse_error"), (0.0, 0.0), False, False),  # judged: trained (as zeros)
+        (("ok", "ok"), (1.0, 1.0), True, True),  # zero advantage, and the trainer filters it
+        (("ok", "ok"), (1.0, 1.0), False, False),
+        (("ok", "sandbox_error"), (1.0, 0.0), True, True),  # one judged member: zero advantage
+    ],
+)
+async def test_a_group_the_trainer_will_drop_by_its_rewards_stops_holding_the_budget(
+    bus, writer, run_id, statuses, rewards, zero_advantage_dropped, released
+):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
+    sched = Scheduler(
+        bus,
+        run,
+        OrchestratorConfig(tick_s=0.05),
+        [("count", 1.0, CountingEnv())],
+        writer=writer,
+        zero_advantage_dropped=zero_advantage_dropped,
+    )
+    reqs = Requests()
+    sub = await bus.subscribe(bus.subjects.rollout_request, rollout_pb2.RolloutRequest, reqs.on)
+    stop = asyncio.Event()
+    task = asyncio.create_task(sched.run(stop))
+    try:
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        group = reqs.groups()[0]
+        for i, (status, reward) in enumerate(zip(statuses, rewards, strict=True)):
+            c = completion(group, i)
+            value = rollout_pb2.RewardStatus.Value(f"REWARD_STATUS_{status.upper()}")
+            await bus.publish(
+                bus.subjects.rollout_scored, scored(c, reward, value), msg_id=f"scored:{c.trajectory_id}"
+            )
+        await wait_for(lambda: len(sched.groups[group.group_id].rewards) == 2, timeout_s=60)
+        if released:
+            await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        else:
+            await settle(sched)
+            assert len(reqs.groups()) == 1, "released a group the trainer will train"
+    finally:
+        stop.set()
+        await task
+        await sub.unsubscribe()
