@@ -302,17 +302,28 @@ class AdminServer:
             self.server,
         )
         cfg = ctx.cfg
-        address = f"{cfg.admin_host}:{cfg.admin_port}"
+        creds = None
         if cfg.tls_cert_file and cfg.tls_key_file:
             with open(cfg.tls_key_file, "rb") as key, open(cfg.tls_cert_file, "rb") as cert:
                 creds = grpc.ssl_server_credentials([(key.read(), cert.read())])
-            self.port = self.server.add_secure_port(address, creds)
-            self.tls = True
-        else:
-            self.port = self.server.add_insecure_port(address)
-            self.tls = False
+        self.tls = creds is not None
+        self.port = self._bind(cfg.admin_host, cfg.admin_port, creds)
+        if not self.port and cfg.admin_port:
+            # another orchestrator (a second run, a test) holds it: take a free port, say so loudly;
+            # the address is in /healthz and <state_dir>/<run>/admin.address
+            log.warning("admin port %d is taken; serving on a free port instead", cfg.admin_port)
+            self.port = self._bind(cfg.admin_host, 0, creds)
         if not self.port:
-            raise OSError(f"admin API could not bind {address}")
+            raise OSError(f"admin API could not bind {cfg.admin_host}")
+
+    def _bind(self, host: str, port: int, creds: grpc.ServerCredentials | None) -> int:
+        address = f"{host}:{port}"
+        try:
+            if creds is not None:
+                return int(self.server.add_secure_port(address, creds))
+            return int(self.server.add_insecure_port(address))
+        except RuntimeError:  # grpcio raises where it used to return 0
+            return 0
 
     async def start(self) -> None:
         await self.server.start()

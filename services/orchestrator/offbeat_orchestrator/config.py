@@ -35,7 +35,8 @@ class OrchestratorConfig(ServiceConfig):
     admin_host: str = "127.0.0.1"
     """Address the admin gRPC API listens on (`0.0.0.0` to accept remote clients)."""
     admin_port: int = Field(50151, ge=0, le=65535)
-    """Port of the admin gRPC API; 0 picks a free one (reported in /healthz as `admin_port`)."""
+    """Port of the admin gRPC API; 0 picks a free one. If it is taken, a free one is used with a
+    warning. The port in use is in /healthz (`admin_port`) and `<state_dir>/<run>/admin.address`."""
     admin_token_file: str = ""
     """File holding the admin bearer token; empty: the `OFFBEAT_ADMIN_TOKEN` environment variable."""
     tls_cert_file: str = ""

@@ -290,3 +290,26 @@ async def test_tls_when_certificates_are_configured(bus, ledger, writer, run_id,
             assert code == grpc.StatusCode.UNAVAILABLE, "a plaintext client was answered by a TLS server"
     finally:
         await server.stop(0)
+
+
+async def test_a_taken_admin_port_falls_back_to_a_free_one(admin, bus, ledger, writer, run_id):
+    _, first = admin
+    ctx = AdminContext(
+        run_id=run_id,
+        bus=bus,
+        ledger=ledger,
+        writer=writer,
+        scheduler=None,
+        cfg=OrchestratorConfig(admin_port=first.port),
+    )
+    second = AdminServer(ctx, TOKEN)
+    await second.start()
+    try:
+        assert second.port and second.port != first.port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as channel:
+            reply = await admin_pb2_grpc.AdminServiceStub(channel).GetStatus(
+                admin_pb2.GetStatusRequest(), metadata=AUTH
+            )
+            assert reply.run_id == run_id
+    finally:
+        await second.stop(0)
