@@ -48,6 +48,13 @@ class SandboxConfig(ServiceConfig):
     seccomp: bool = True
     """Load a seccomp filter in every sandbox (ptrace, mount, namespaces, keyrings, SysV IPC, TIOCSTI,
     non-unix sockets, ... are refused); off or unavailable: namespaces and rlimits still hold."""
+    cgroups: bool = True
+    """Put each worker's whole tree in its own cgroup (memory, pids) under the service's cgroup, where
+    the host allows; without, memory is bounded per process only."""
+    worker_memory_bytes: int = Field(0, ge=0)
+    """Memory of a worker's whole tree, tmpfs included; 0: `max_memory_bytes + tmpfs_bytes + 256 MiB`."""
+    worker_processes: int = Field(0, ge=0)
+    """Processes of a worker's whole tree; 0: `max_processes + 16`."""
     tmpfs_bytes: int = Field(64 * 1024**2, ge=1024**2)
     """Size of the private tmpfs that holds each run's working directory."""
     worker_start_timeout_s: float = Field(20.0, gt=0)

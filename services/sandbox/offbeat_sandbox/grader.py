@@ -266,6 +266,8 @@ def unit_status(unit: dict[str, Any], limits: dict[str, Any]) -> int:
     sig = int(unit.get("signal") or 0)
     if unit.get("output_limit"):
         return pb.EXEC_STATUS_OUTPUT_LIMIT
+    if unit.get("oom"):
+        return pb.EXEC_STATUS_MEMORY_LIMIT
     if unit.get("timeout"):
         return pb.EXEC_STATUS_TIMEOUT
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and float(unit.get("cpu", 0)) >= limits["cpu"] - 0.05):

@@ -22,6 +22,8 @@ lives inside one bwrap sandbox that it shares with nothing else):
   setns, namespace flags on clone (clone3 answers ENOSYS), keyrings, bpf, perf_event_open,
   userfaultfd, io_uring, module and kexec calls, SysV IPC (it would outlive a run), set*id,
   TIOCSTI/TIOCLINUX ioctls, clock setting and a few more are refused with EPERM.
+- Per worker, where the host allows (`cgroups`): a cgroup bounding the memory (tmpfs included) and
+  the number of processes of the worker's whole tree, whatever its runs fork.
 - Per run (set by the worker, see `worker_main`): rlimits on CPU time, address space, file size,
   open files, processes, core size 0; a wall-clock deadline after which every process of the run
   is SIGKILLed (`kill(-1)` inside the pid namespace, which the worker enters as subreaper); the same
@@ -35,9 +37,8 @@ What it does not cover:
   reachable through an allowed syscall is an escape. A microVM (Firecracker, Kata) gives each
   sandbox its own kernel; gVisor (runsc) puts a user-space kernel between the code and the host's.
   Both cost start-up time and memory that a warm pool hides, and neither is used here.
-- Memory is limited per process (RLIMIT_AS), not for a run's whole process tree: with
-  `max_processes` processes a run may hold up to that many times the limit. A cgroup (memory.max,
-  pids.max) per worker would bound the tree; this service does not create cgroups.
+- Where no cgroup can be made (read-only cgroupfs), memory is limited per process only (RLIMIT_AS):
+  with `max_processes` processes a run may hold up to that many times the limit.
 - CPU is not shared fairly between runs of different workers (no cgroup cpu weight); a wall-clock
   limit and RLIMIT_CPU bound each run.
 - /usr is bound whole: the host's installed software (tools, libraries) is readable, though none
@@ -236,8 +237,20 @@ class SandboxSpec:
     tmpfs_bytes: int
     seccomp: bytes | None
     extra_ro_binds: list[str] = field(default_factory=list)
+    cgroup_memory_bytes: int = 0
+    """Memory of a worker's whole tree (its own cgroup); 0: no cgroups."""
+    cgroup_pids: int = 0
+    """Processes of a worker's whole tree (its own cgroup)."""
 
-    def argv(self, *, seccomp_fd: int | None, worker_source: str, job_fd: int, result_fd: int) -> list[str]:
+    def argv(
+        self,
+        *,
+        seccomp_fd: int | None,
+        worker_source: str,
+        job_fd: int,
+        result_fd: int,
+        block_fd: int | None = None,
+    ) -> list[str]:
         a = [
             self.bwrap,
             "--unshare-user",
@@ -276,6 +289,8 @@ class SandboxSpec:
         a += ["--remount-ro", "/", "--chdir", "/tmp"]
         if seccomp_fd is not None:
             a += ["--seccomp", str(seccomp_fd)]
+        if block_fd is not None:  # wait (before the worker starts) until it is in its cgroup
+            a += ["--block-fd", str(block_fd)]
         a += [
             "--",
             self.runtime.executable,

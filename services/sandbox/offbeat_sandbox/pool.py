@@ -24,7 +24,8 @@ from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from offbeat_sandbox.isolation import SandboxSpec, kill_uid
+from offbeat_sandbox.cgroups import WorkerCgroup
+from offbeat_sandbox.isolation import SandboxSpec, kill_uid, processes_of_uid
 
 log = logging.getLogger("offbeat_sandbox.pool")
 
@@ -59,6 +60,7 @@ class Worker:
         self._job_transport: asyncio.WriteTransport | None = None
         self._res_transport: asyncio.ReadTransport | None = None
         self._seq = 0
+        self.cgroup: WorkerCgroup | None = None
 
     async def start(self, timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -73,8 +75,22 @@ class Worker:
             os.close(sc_w)
             seccomp_fd = sc_r
             passed.append(sc_r)
+        block_w = None
+        if self.spec.cgroup_memory_bytes:
+            self.cgroup = WorkerCgroup.create(
+                f"offbeat-sandbox-{self.uid}",
+                memory_bytes=self.spec.cgroup_memory_bytes,
+                pids_max=self.spec.cgroup_pids,
+            )
+        if self.cgroup is not None:
+            block_r, block_w = os.pipe()
+            passed.append(block_r)
         argv = self.spec.argv(
-            seccomp_fd=seccomp_fd, worker_source=WORKER_SOURCE, job_fd=job_r, result_fd=res_w
+            seccomp_fd=seccomp_fd,
+            worker_source=WORKER_SOURCE,
+            job_fd=job_r,
+            result_fd=res_w,
+            block_fd=passed[-1] if block_w is not None else None,
         )
         try:
             # Popen from the event loop's thread: --die-with-parent follows the thread that forked
@@ -94,6 +110,12 @@ class Worker:
         finally:
             for fd in passed:
                 os.close(fd)
+        if block_w is not None:
+            try:
+                await self._enter_cgroup()
+            finally:
+                os.write(block_w, b"x")  # bwrap goes on and execs the worker
+                os.close(block_w)
         assert self.proc.stderr is not None
         os.set_blocking(self.proc.stderr.fileno(), False)
         reader = asyncio.StreamReader(limit=MAX_RESULT_BYTES)
@@ -112,6 +134,19 @@ class Worker:
             self.kill()
             raise WorkerError(f"worker {self.slot} sent {ready!r} instead of ready")
         WORKERS_STARTED.inc()
+
+    async def _enter_cgroup(self) -> None:
+        """Move bwrap (both processes, held on --block-fd before the worker starts) to the cgroup;
+        everything they fork from then on is born in it."""
+        assert self.proc is not None and self.cgroup is not None
+        for _ in range(2000):
+            pids = processes_of_uid(self.uid)
+            for pid in pids:
+                self.cgroup.add(pid)
+            if len(pids) >= 2 or self.proc.poll() is not None:
+                return
+            await asyncio.sleep(0.002)
+        raise WorkerError(f"worker {self.slot}: bwrap did not reach its block point")
 
     async def _read_frame(self) -> dict[str, Any]:
         assert self._reader is not None
@@ -138,6 +173,7 @@ class Worker:
         job = {**job, "id": self._seq}
         body = marshal.dumps(job)
         self.runs += 1
+        ooms = self.cgroup.oom_kills() if self.cgroup is not None else 0
         self._job_transport.write(len(body).to_bytes(4, "big") + body)
         try:
             result = await asyncio.wait_for(self._read_frame(), timeout=timeout_s)
@@ -151,6 +187,12 @@ class Worker:
         if result.get("id") != self._seq:
             self.kill()
             raise WorkerError(f"worker {self.slot} answered job {result.get('id')!r}, expected {self._seq}")
+        if self.cgroup is not None and self.cgroup.oom_kills() > ooms:
+            # the kernel killed a process of this job for the tree's memory limit: the units whose
+            # main process it killed, or (a child was killed) every unit of the job
+            units = [u for u in result.get("units") or [] if isinstance(u, dict)]
+            for unit in [u for u in units if u.get("signal") == 9] or units:
+                unit["oom"] = True
         return result
 
     def stderr_tail(self) -> str:
@@ -177,6 +219,8 @@ class Worker:
                 self.proc.stderr.close()
         if not kill_uid(self.uid):
             log.error("processes of uid %d survived SIGKILL", self.uid)
+        elif self.cgroup is not None:
+            self.cgroup.remove()
 
 
 class Pool:
@@ -278,6 +322,9 @@ class Pool:
             self._idle.put_nowait(worker)
             self._gauges()
             return
+
+    def cgroups_in_use(self) -> bool:
+        return any(w.cgroup is not None for w in self._all.values())
 
     @property
     def idle(self) -> int:

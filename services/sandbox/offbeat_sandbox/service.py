@@ -65,6 +65,12 @@ class Sandbox:
             tmpfs_bytes=cfg.tmpfs_bytes,
             seccomp=seccomp_bpf() if cfg.seccomp else None,
             extra_ro_binds=list(cfg.extra_ro_binds),
+            cgroup_memory_bytes=(
+                cfg.worker_memory_bytes or cfg.max_memory_bytes + cfg.tmpfs_bytes + 256 * 1024**2
+            )
+            if cfg.cgroups
+            else 0,
+            cgroup_pids=cfg.worker_processes or cfg.max_processes + 16,
         )
         uid_base, self._uid_locks = claim_uid_block(
             cfg.uid_base, cfg.workers, os.path.join(cfg.runtime_dir, "locks")
@@ -84,6 +90,7 @@ class Sandbox:
                 "uids": f"{uid_base}-{uid_base + cfg.workers - 1}",
                 "bwrap": spec.bwrap,
                 "seccomp": spec.seccomp is not None,
+                "cgroups": self.pool.cgroups_in_use(),
             },
         )
 

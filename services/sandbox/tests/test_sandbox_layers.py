@@ -73,3 +73,41 @@ async def test_the_service_loads_its_seccomp_filter(client: SandboxClient, nats_
     report = json.loads(result.stdout)
     assert report["seccomp"] == "2", "no seccomp filter in the service's sandboxes"
     _contained(report)
+
+
+async def test_memory_spread_over_processes_is_bounded_by_the_worker_cgroup() -> None:
+    """Each process stays under RLIMIT_AS; together they exceed the worker's cgroup: MEMORY_LIMIT,
+    even though the run's main process allocates nothing and exits 0."""
+    uid_base = 63600 + (os.getpid() % 400) * 8
+    sandbox = Sandbox(SandboxConfig(workers=1, uid_base=uid_base, worker_memory_bytes=300 * 1024**2))
+    await sandbox.start()
+    try:
+        assert sandbox.pool is not None
+        if not sandbox.pool.cgroups_in_use():
+            pytest.skip("this host gives the service no writable cgroup (memory, pids)")
+        code = """
+import os, time
+children = []
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        block = bytearray(150 * 1024 * 1024)
+        for i in range(0, len(block), 4096):
+            block[i] = 1
+        time.sleep(2)
+        os._exit(0)
+    children.append(pid)
+print(sorted(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children))
+"""
+        limits = pb.ExecLimits(wall_timeout_s=20, memory_bytes=512 * 1024**2)
+        result = await sandbox.execute(pb.SandboxExecRequest(code=code, limits=limits))
+        assert result.status == pb.EXEC_STATUS_MEMORY_LIMIT, (
+            result.status,
+            result.stdout,
+            result.stderr[-300:],
+        )
+        assert b"-9" in result.stdout, result.stdout  # at least one child was killed for the tree's limit
+        after = await sandbox.execute(pb.SandboxExecRequest(code="print(1)"))
+        assert after.status == pb.EXEC_STATUS_OK and after.stdout == b"1\n"
+    finally:
+        await sandbox.close()
