@@ -124,3 +124,11 @@ def test_splits_are_deterministic_and_never_overlap():
         env.get("eval:300")
     with pytest.raises(ValueError):
         next(env.examples("test"))  # type: ignore[arg-type]
+
+
+def test_system_prompt_is_configurable():
+    bare = envs.load("reasoning_gym:gcd", system_prompt="")
+    assert isinstance(bare.get("train:1").prompt, str)
+    chat = envs.load("reasoning_gym:gcd", system_prompt="Answer in <answer></answer>.")
+    assert chat.get("train:1").prompt[0] == {"role": "system", "content": "Answer in <answer></answer>."}
+    assert envs.load("reasoning_gym:gcd").get("train:1").prompt[0]["content"].startswith("Given a problem")

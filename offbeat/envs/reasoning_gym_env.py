@@ -50,7 +50,9 @@ class ReasoningGymEnv(Environment):
         self.eval_size = eval_size
         self.parser = make_parser(parser)
         self.format = FormatComponent.build(format, format_weight, self.parser)
-        if system_prompt is None:
+        if (
+            not system_prompt
+        ):  # None, or "" from TOML: the prompt is the bare question (short, for tiny models)
             self.system_prompt: str | None = None
         else:
             self.system_prompt = SYSTEM_PROMPTS.get(system_prompt, system_prompt)
