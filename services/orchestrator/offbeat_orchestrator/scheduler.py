@@ -12,7 +12,7 @@
 - A group the trainer will certainly drop stops counting against the budget, so it cannot starve
   the trainer of the batch whose step report would release it (the trainer reports drops only
   with its next step): every sample came back too stale (possible only after the live wait timed
-  out); a sample failed before reaching the trainer (dead-lettered, or no completion after the
+  out) or touched a rolled-back version; a sample failed before reaching the trainer (dead-lettered, or no completion after the
   last attempt: the trainer only trains complete groups); no sample was judged (`ok` or
   `parse_error`; infrastructure failures are masked); or all judged rewards are equal while the
   trainer filters zero-advantage groups.
@@ -79,6 +79,8 @@ class Group:
     """False for a group restored from the ledger whose prompt could not be found again."""
     oldest_step: dict[str, int] = field(default_factory=dict)
     """Trajectory id -> trainer step of the oldest version that generated it (when known)."""
+    versions: dict[str, set[int]] = field(default_factory=dict)
+    """Trajectory id -> the policy versions that generated it."""
     statuses: dict[str, str] = field(default_factory=dict)
     """Trajectory id -> reward status (`ok`, `parse_error`, ...) of its scored sample."""
     incomplete: bool = False
@@ -118,6 +120,7 @@ class Scheduler:
         self.by_trajectory: dict[str, str] = {}
         self.skip: set[tuple[str, str]] = set()
         self.zero_advantage_dropped = zero_advantage_dropped
+        self.rolled_back_versions: set[int] = set()
         """The trainer drops groups whose advantages are all zero (`[trainer] filter_zero_advantage`)."""
         self.version_steps: dict[int, int] = {}
         self.live_version: int | None = None
@@ -161,6 +164,8 @@ class Scheduler:
             self.step - s > self.shape.max_staleness for s in group.oldest_step.values()
         ):
             return True
+        if len(group.versions) == n and all(v & self.rolled_back_versions for v in group.versions.values()):
+            return True  # every sample touched a rolled-back version: dropped `rolled_back`
         if len(group.rewards) < n:
             return False
         trainable = [r for tid, r in group.rewards.items() if group.statuses.get(tid) in JUDGED]
@@ -307,7 +312,9 @@ class Scheduler:
         group = self.groups.get(self.by_trajectory.get(tid, ""))
         if group is not None:
             group.pending.discard(tid)
-            oldest = min((int(span.version) for span in spans), default=None)
+            versions = {int(span.version) for span in spans}
+            group.versions[tid] = versions
+            oldest = min(versions, default=None)
             if oldest is not None and oldest in self.version_steps:
                 group.oldest_step[tid] = self.version_steps[oldest]
 
@@ -361,6 +368,7 @@ class Scheduler:
         self.step = result.step
         self.live_version, self.live_step = result.version, result.step
         self.newest_step, self._newest_at = result.step, None
+        self.rolled_back_versions |= set(result.versions)
         self._finish(result.trajectory_ids)
         self.wake()
 

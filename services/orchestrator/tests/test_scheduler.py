@@ -10,6 +10,7 @@ from offbeat_orchestrator.scheduler import Scheduler
 from orch_helpers import CountingEnv, completion, live, scored, step, trajectory_rows, weights
 
 from offbeat.config import RunSection
+from offbeat.ledger.store import RollbackResult
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2, rollout_pb2
 
@@ -434,3 +435,25 @@ async def test_a_group_the_trainer_will_drop_by_its_rewards_stops_holding_the_bu
         stop.set()
         await task
         await sub.unsubscribe()
+
+
+async def test_after_a_rollback_a_group_generated_by_a_rolled_back_version_stops_holding_the_budget(
+    bus, writer, run_id
+):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
+    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        await report_step(bus, run_id, 1, reqs.groups(), version=1)
+        await announce(bus, run_id, 1, 1)
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        late = reqs.groups()[1]
+        # what the admin API does after the ledger rolled back to v0
+        sched.rolled_back(RollbackResult(version=0, step=0, versions=[1], trajectory_ids=[], steps=1))
+        assert sched.step == 0
+        await settle(sched)
+        assert len(reqs.groups()) == 2
+        for i in range(2):  # inference was still on v1 when it generated these
+            c = completion(late, i, versions=(1,))
+            await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+        await wait_for(lambda: len(reqs.groups()) == 3, timeout_s=60)
