@@ -29,7 +29,8 @@ class InferenceConfig(ServiceConfig):
     max_batch: int = Field(64, ge=1, le=4096)
     """Engine capacity: sequences decoded together; more wait in the engine's queue."""
     max_requests_in_flight: int = Field(0, ge=0)
-    """Rollout requests held from the bus at once (each has n samples); 0 means `max_batch`."""
+    """Rollout requests held from the bus at once (each has n samples); 0 means 2 x `max_batch`,
+    so the engine has waiting work to admit the moment a slot frees."""
     max_new_tokens: int = Field(512, ge=1)
     """Completion length for requests whose `sampling.max_tokens` is 0."""
     max_model_len: int | None = Field(None, ge=16, le=131072)

@@ -63,7 +63,8 @@ def spans_from_versions(versions: list[int]) -> list[tuple[int, int, int]]:
 class WeightsApplied:
     version: int
     apply_s: float
-    """Seconds from starting to read the verified file to the version being live."""
+    """Seconds from starting to read the verified file to the version being live (including the
+    wait for the decode step that was running to end)."""
     details: dict[str, Any] = field(default_factory=dict)
 
 

@@ -8,8 +8,9 @@ position ids, so a row's log-probs equal a teacher-forced forward pass of the sa
 (log-prob convention: see `offbeat_inference.engine`). Leading cache columns that only padding
 uses are trimmed after retirements.
 
-Weight updates are read from the file off the stepping thread, validated against the model's
-parameter names and shapes, and copied into the parameters between two steps; tokens sampled
+Weight updates are mapped from the file (header checked, no copy) off the stepping thread,
+validated against the model's parameter names and shapes, and copied into the parameters between
+two steps (the one pass over the data); tokens sampled
 after the copy carry the new version. A file that does not fit raises `WeightLoadError` and
 changes nothing.
 
@@ -21,7 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import inspect
+import json
 import logging
+import math
+import mmap
 import random
 import threading
 import time
@@ -65,9 +70,11 @@ class _Update:
     state: dict[str, torch.Tensor]
     version: int
     started: float
+    read_s: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
     applied: bool = False
-    applied_s: float = 0.0
+    copy_s: float = 0.0
+    live_s: float = 0.0
 
 
 class HFEngine(Engine):
@@ -81,8 +88,12 @@ class HFEngine(Engine):
         max_prefill_tokens: int = 16384,
         device: str = "cpu",
         trust_remote_code: bool = False,
+        static_batches: bool = False,
     ) -> None:
+        """`static_batches` admits new sequences only when the batch is empty (the baseline that
+        continuous batching is measured against in `bench/inference.py`)."""
         self.model_path = model_path
+        self.static_batches = static_batches
         self.dtype = getattr(torch, dtype)
         self.capacity = capacity
         self.max_model_len = max_model_len
@@ -102,6 +113,7 @@ class HFEngine(Engine):
         self._closed = False
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
+        self._cache_kw = "cache"
         self.steps = 0
 
     # --- Engine API ---------------------------------------------------------------------------
@@ -137,6 +149,10 @@ class HFEngine(Engine):
             self.model_path, dtype=self.dtype, trust_remote_code=self.trust_remote_code
         )
         self.model = model.to(self.device).eval()
+        # transformers >= 5.24 names the cache argument `cache`, earlier versions `past_key_values`
+        # (an unknown keyword is swallowed by **kwargs, so the name must be right)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
         eos: set[int] = set()
         for source in (self._tokenizer.eos_token_id, model.generation_config.eos_token_id):
             if isinstance(source, int):
@@ -146,7 +162,11 @@ class HFEngine(Engine):
         self._eos = frozenset(eos)
         with torch.no_grad():  # one prefill: refuse cache layouts the merge does not handle
             cache = self._new_cache()
-            self.model(input_ids=torch.tensor([[0, 0]], device=self.device), cache=cache, use_cache=True)
+            self.model(
+                input_ids=torch.tensor([[0, 0]], device=self.device),
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
         from transformers.cache_utils import DynamicLayer
 
         kinds = {type(layer).__name__ for layer in cache.layers}
@@ -187,7 +207,7 @@ class HFEngine(Engine):
     async def update_weights(self, path: Path, version: int) -> WeightsApplied:
         started = time.perf_counter()
         state = await asyncio.to_thread(self._read_checked, path)
-        update = _Update(state=state, version=version, started=started)
+        update = _Update(state=state, version=version, started=started, read_s=time.perf_counter() - started)
         with self._wake:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -197,7 +217,16 @@ class HFEngine(Engine):
             await asyncio.to_thread(update.done.wait, 0.5)
         if not update.applied:
             raise RuntimeError(f"engine stopped before version {version} was applied")
-        return WeightsApplied(version=version, apply_s=update.applied_s, details={"tensors": len(state)})
+        return WeightsApplied(
+            version=version,
+            apply_s=update.live_s,
+            details={
+                "tensors": len(state),
+                "read_s": update.read_s,
+                "copy_s": update.copy_s,
+                "work_s": update.read_s + update.copy_s,
+            },
+        )
 
     async def close(self) -> None:
         with self._wake:
@@ -209,12 +238,9 @@ class HFEngine(Engine):
     # --- weights ------------------------------------------------------------------------------
 
     def _read_checked(self, path: Path) -> dict[str, torch.Tensor]:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         try:
-            state = load_file(str(path), device=str(self.device))
-        except (SafetensorError, OSError, ValueError) as exc:
+            state = map_safetensors(path)
+        except (OSError, ValueError) as exc:
             raise WeightLoadError(f"{path.name}: not a readable safetensors file: {exc}") from None
         expected = self.model.state_dict()
         storage: dict[int, list[str]] = collections.defaultdict(list)
@@ -239,13 +265,16 @@ class HFEngine(Engine):
         return state
 
     def _apply(self, update: _Update) -> None:
+        started = time.perf_counter()
         params = self.model.state_dict()
         with torch.no_grad():
             for name, tensor in update.state.items():
                 params[name].copy_(tensor)
         self._version = update.version
         update.applied = True
-        update.applied_s = time.perf_counter() - update.started
+        now = time.perf_counter()
+        update.copy_s = now - started
+        update.live_s = now - update.started
         update.done.set()
 
     # --- the stepping thread ------------------------------------------------------------------
@@ -320,7 +349,11 @@ class HFEngine(Engine):
         pos = torch.tensor([[s.pos] for s in rows], device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         out = self.model(
-            input_ids=ids, attention_mask=self._mask, position_ids=pos, cache=self._cache, use_cache=True
+            input_ids=ids,
+            attention_mask=self._mask,
+            position_ids=pos,
+            use_cache=True,
+            **{self._cache_kw: self._cache},
         )
         for s in rows:
             s.pos += 1
@@ -329,6 +362,8 @@ class HFEngine(Engine):
     def _admit(self) -> list[_Seq]:
         admitted: list[_Seq] = []
         longest = 0
+        if self.static_batches and self._rows:
+            return admitted
         with self._wake:
             while self._waiting and len(self._rows) + len(admitted) < self.capacity:
                 seq = self._waiting[0]
@@ -355,9 +390,9 @@ class HFEngine(Engine):
             input_ids=ids,
             attention_mask=mask,
             position_ids=pos,
-            cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         now = time.time()
         for s in seqs:
@@ -422,6 +457,60 @@ class HFEngine(Engine):
 
         if not seq.loop.is_closed():
             seq.loop.call_soon_threadsafe(resolve)
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private memory map of it (no copy yet).
+
+    Copying them into the parameters is then the only pass over the data, so an update costs about
+    one read of the file and needs no second copy of the weights in memory. The header is checked
+    completely (dtypes, shapes against byte ranges, ranges inside the file) before any view exists.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a safetensors header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise ValueError(f"header of {n} bytes does not fit in {size}")
+        header = json.loads(f.read(n))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    base = 8 + n
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{name}: dtype {info['dtype']} is not supported")
+        begin, stop = info["data_offsets"]
+        numel = math.prod(info["shape"])
+        if not 0 <= begin <= stop <= size - base or stop - begin != numel * dtype.itemsize:
+            raise ValueError(
+                f"{name}: byte range {begin}..{stop} does not hold {info['shape']} {info['dtype']}"
+            )
+        flat = (
+            torch.frombuffer(mapped, dtype=dtype, count=numel, offset=base + begin)
+            if numel
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[name] = flat.view(info["shape"])
+    return tensors
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:

@@ -174,7 +174,7 @@ class InferenceService:
 
     async def _pull_until_stopped(self) -> None:
         stop = self.ctx.stop
-        limit = self.config.max_requests_in_flight or self.config.max_batch
+        limit = self.config.max_requests_in_flight or 2 * self.config.max_batch
         while not stop.is_set():
             if self.paused.is_set():
                 await _first(stop.wait(), self.resumed.wait())

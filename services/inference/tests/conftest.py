@@ -39,11 +39,13 @@ async def start_service(
 
     running: list[tuple[object, asyncio.Task[None], Bus]] = []
 
-    async def start(max_model_len: int = 1024, **overrides: object) -> InferenceService:
+    async def start(
+        max_model_len: int = 1024, model_path: Path | None = None, **overrides: object
+    ) -> InferenceService:
         run = RunConfig(
             run=RunSection(id=run_id, state_dir=str(tmp_path / "state")),
             bus=bus_config,
-            model=ModelConfig(path=str(tiny_model), max_model_len=max_model_len),
+            model=ModelConfig(path=str(model_path or tiny_model), max_model_len=max_model_len),
         )
         config = InferenceConfig(replica=f"r{len(running)}", **overrides)  # type: ignore[arg-type]
         bus = await Bus.connect(bus_config, run_id, name="inference-under-test")

@@ -126,7 +126,7 @@ async def test_eos_token_finishes_with_stop(tiny_model, tmp_path):
 async def test_finished_sequences_free_their_slot_between_steps(tiny_model):
     # One long and twelve short sequences through 4 slots. With continuous batching the short ones
     # stream through the 3 free slots while the long one decodes, so the whole run takes as many
-    # steps as the long one has tokens (static batches of 4 would need 200 + 2 * 5 = 210 steps).
+    # steps as the long one has tokens (static batches of 4 need 200 + 3 * 5 = 215 steps: checked below).
     engine = await started(tiny_model, capacity=4)
     try:
         tok = engine.tokenizer
@@ -140,6 +140,17 @@ async def test_finished_sequences_free_their_slot_between_steps(tiny_model):
         assert max(g.finished_at for g in results[1:]) <= results[0].finished_at
     finally:
         await engine.close()
+    static = await started(tiny_model, capacity=4, static_batches=True)
+    try:
+        shorts = [
+            static.generate(tok.encode(f"s{i}"), Sampling(temperature=0.0, max_tokens=5)) for i in range(12)
+        ]
+        await asyncio.gather(
+            static.generate(tok.encode("long"), Sampling(temperature=0.0, max_tokens=200)), *shorts
+        )
+        assert static.steps == 200 + 3 * 5, f"the static baseline took {static.steps} steps"
+    finally:
+        await static.close()
 
 
 async def test_weights_swap_between_steps_and_bad_files_change_nothing(tiny_model, tiny_model_v1, tmp_path):
@@ -152,6 +163,11 @@ async def test_weights_swap_between_steps_and_bad_files_change_nothing(tiny_mode
         truncated.write_bytes((tiny_model_v1 / "model.safetensors").read_bytes()[:1000])
         with pytest.raises(WeightLoadError, match="not a readable"):
             await engine.update_weights(truncated, 7)
+
+        cut = tmp_path / "cut.safetensors"  # the header is whole, the last tensor's bytes are not
+        cut.write_bytes((tiny_model_v1 / "model.safetensors").read_bytes()[:-100])
+        with pytest.raises(WeightLoadError, match="byte range"):
+            await engine.update_weights(cut, 7)
 
         other = tmp_path / "other"
         from offbeat.tinymodel import build_tiny_model
