@@ -14,9 +14,10 @@ from offbeat.config import ServiceConfig
 class ScorerConfig(ServiceConfig):
     """The `[scorer]` section."""
 
-    max_in_flight: int = Field(2048, ge=1)
+    max_in_flight: int = Field(1024, ge=1)
     """Completions one replica holds at once (fetched, unacked). Larger than `max_scoring` so pulls
-    stay batched; held completions that wait for a scoring slot keep their ack deadline alive."""
+    stay batched; held completions that wait for a scoring slot keep their ack deadline alive. Each
+    holds its token ids and log-probs in memory (~0.5 MB at 65,536 tokens): lower it for long rollouts."""
     max_scoring: int = Field(64, ge=1)
     """Completions being scored at once (each `score` call): the bound on concurrency that protects
     the sandbox (its queue answers OVERLOADED past its limit) and the event loop."""
