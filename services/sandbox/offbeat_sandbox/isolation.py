@@ -11,7 +11,7 @@ lives inside one bwrap sandbox that it shares with nothing else):
   `claim_uid_block`): bwrap is exec'd as that uid, so RLIMIT_NPROC holds (it is ignored for uid 0)
   and one worker's fork bomb cannot use another's process budget. Inside, the code is uid 65534.
 - Filesystem: a fresh root with read-only binds of only /usr (and the /bin, /lib* links), the
-  dynamic loader cache and the Python runtime (a hard-linked mirror of the stdlib, without
+  dynamic loader cache, a generated /etc/passwd and /etc/group, and the Python runtime (a hard-linked mirror of the stdlib, without
   site-packages, when its prefix is not readable by the sandbox uids); a private size-limited tmpfs
   at /tmp holding the run's working directory; a fresh /proc of the sandbox's own pid namespace and a
   minimal read-only /dev. `/` is remounted read-only. No host file outside those binds is visible,
@@ -85,6 +85,11 @@ WORK_DIR = "/tmp/w"
 """The run's working directory inside the sandbox (on the private tmpfs)."""
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": WORK_DIR}
 """The whole environment of the code."""
+ETC_FILES = {
+    "/etc/passwd": f"root:x:0:0:root:/:/usr/sbin/nologin\nnobody:x:{SANDBOX_UID}:{SANDBOX_UID}:sandbox:{WORK_DIR}:/usr/sbin/nologin\n",
+    "/etc/group": f"root:x:0:\nnogroup:x:{SANDBOX_UID}:\n",
+}
+"""Generated (never the host's) so that `whoami`, `getpass.getuser()`, `~user` work."""
 
 # Syscalls refused with EPERM (names the kernel/libseccomp does not know are skipped).
 _DENIED = (
@@ -250,6 +255,7 @@ class SandboxSpec:
         job_fd: int,
         result_fd: int,
         block_fd: int | None = None,
+        etc_fds: dict[str, int] | None = None,
     ) -> list[str]:
         a = [
             self.bwrap,
@@ -281,6 +287,8 @@ class SandboxSpec:
             elif os.path.isdir(top):
                 a += ["--ro-bind", top, top]
         a += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+        for path, fd in (etc_fds or {}).items():
+            a += ["--perms", "0444", "--ro-bind-data", str(fd), path]
         a += ["--ro-bind", self.runtime.source, self.runtime.prefix]
         for path in self.extra_ro_binds:
             a += ["--ro-bind", path, path]

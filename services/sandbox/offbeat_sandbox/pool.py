@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from offbeat_sandbox.cgroups import WorkerCgroup
-from offbeat_sandbox.isolation import SandboxSpec, kill_uid, processes_of_uid
+from offbeat_sandbox.isolation import ETC_FILES, SandboxSpec, kill_uid, processes_of_uid
 
 log = logging.getLogger("offbeat_sandbox.pool")
 
@@ -75,6 +75,13 @@ class Worker:
             os.close(sc_w)
             seccomp_fd = sc_r
             passed.append(sc_r)
+        etc_fds = {}
+        for path, content in ETC_FILES.items():
+            data_r, data_w = os.pipe()
+            os.write(data_w, content.encode())  # tiny: fits the pipe buffer
+            os.close(data_w)
+            etc_fds[path] = data_r
+            passed.append(data_r)
         block_w = None
         if self.spec.cgroup_memory_bytes:
             self.cgroup = WorkerCgroup.create(
@@ -91,6 +98,7 @@ class Worker:
             job_fd=job_r,
             result_fd=res_w,
             block_fd=passed[-1] if block_w is not None else None,
+            etc_fds=etc_fds,
         )
         try:
             # Popen from the event loop's thread: --die-with-parent follows the thread that forked

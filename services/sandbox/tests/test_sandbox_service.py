@@ -39,6 +39,13 @@ async def test_large_stdin_and_output(client: SandboxClient) -> None:
     assert result.stdout == data[::-1] and not result.stdout_truncated
 
 
+async def test_the_user_is_known_by_name(client: SandboxClient) -> None:
+    result = await client.run("import getpass, os\nprint(getpass.getuser(), os.path.expanduser('~'))")
+    assert result.stdout == b"nobody /tmp/w\n", result.stderr
+    result = await client.run("whoami; id -gn", language="bash")
+    assert result.stdout == b"nobody\nnogroup\n", result.stderr
+
+
 async def test_bash_run(client: SandboxClient) -> None:
     result = await client.run(
         'read x; echo "got $x $1"; echo err >&2; exit 0', language="bash", stdin=b"in\n", args=["a1"]
