@@ -17,6 +17,11 @@ from offbeat.v1 import policy_pb2, rollout_pb2
 pytestmark = pytest.mark.integration
 
 
+def _cfg(**fields):
+    """Fast rounds; the stall guard off unless a test is about it (so it cannot mask another rule)."""
+    return OrchestratorConfig(**({"tick_s": 0.05, "stall_timeout_s": 600.0} | fields))
+
+
 class Requests:
     """Every rollout.request on the bus, as a plain subscription sees it."""
 
@@ -74,7 +79,7 @@ async def report_step(bus, run_id, n, groups, *, version):
 async def test_in_flight_groups_never_exceed_the_staleness_budget(bus, writer, run_id):
     G, k, max_steps = 2, 1, 4
     run = RunSection(id=run_id, group_size=2, groups_per_step=G, max_staleness=k, max_steps=max_steps)
-    cfg = OrchestratorConfig(tick_s=0.05)
+    cfg = _cfg()
     async with running(bus, writer, run, cfg) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         consumed = 0
@@ -106,7 +111,7 @@ async def test_in_flight_groups_never_exceed_the_staleness_budget(bus, writer, r
 
 async def test_max_staleness_zero_waits_for_the_step_and_the_new_version_to_be_live(bus, writer, run_id):
     run = RunSection(id=run_id, group_size=1, groups_per_step=2, max_staleness=0, max_steps=5)
-    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+    async with running(bus, writer, run, _cfg()) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
         await settle(sched)
@@ -124,7 +129,7 @@ async def test_max_staleness_zero_waits_for_the_step_and_the_new_version_to_be_l
 
 async def test_pause_stops_new_requests_and_resume_continues(bus, writer, run_id):
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=10)
-    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+    async with running(bus, writer, run, _cfg()) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
         await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="p1", reason="test")
@@ -142,14 +147,14 @@ async def test_pause_stops_new_requests_and_resume_continues(bus, writer, run_id
 async def test_paused_flag_in_kv_holds_a_scheduler_that_starts_late(bus, writer, run_id):
     await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="p0", reason="before start")
     run = RunSection(id=run_id, group_size=1, groups_per_step=1, max_staleness=0, max_steps=3)
-    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+    async with running(bus, writer, run, _cfg()) as (sched, reqs):
         await settle(sched)
         assert sched.paused and reqs.seen == []
 
 
 async def test_timed_out_request_is_reissued_with_the_same_ids_then_failed(bus, ledger, writer, run_id):
     run = RunSection(id=run_id, group_size=2, groups_per_step=2, max_staleness=0, max_steps=3)
-    cfg = OrchestratorConfig(tick_s=0.05, request_timeout_s=1.0, max_attempts=3)
+    cfg = _cfg(request_timeout_s=1.0, max_attempts=3)
     async with running(bus, writer, run, cfg) as (_sched, reqs):
         await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
         answered, lost = reqs.groups()
@@ -185,7 +190,7 @@ async def _len(query, n):
 
 async def test_eval_split_is_sent_greedy_at_start_every_eval_every_steps_and_at_the_end(bus, writer, run_id):
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=3)
-    cfg = OrchestratorConfig(tick_s=0.05, eval_every=2, eval_examples=3)
+    cfg = _cfg(eval_every=2, eval_examples=3)
     async with running(bus, writer, run, cfg) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups(eval_=True)) == 3, timeout_s=60)
@@ -213,7 +218,7 @@ async def test_eval_split_is_sent_greedy_at_start_every_eval_every_steps_and_at_
 
 async def test_difficulty_filter_skips_prompts_whose_group_was_all_right_or_all_wrong(bus, writer, run_id):
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=20)
-    cfg = OrchestratorConfig(tick_s=0.05, difficulty_filter=True)
+    cfg = _cfg(difficulty_filter=True)
     sched = Scheduler(bus, run, cfg, [("count", 1.0, CountingEnv(n_train=4))], writer=writer)
     reqs = Requests()
     sub = await bus.subscribe(bus.subjects.rollout_request, rollout_pb2.RolloutRequest, reqs.on)
@@ -244,7 +249,7 @@ async def test_difficulty_filter_skips_prompts_whose_group_was_all_right_or_all_
 
 async def test_a_restarted_scheduler_takes_over_the_groups_in_flight(bus, ledger, writer, run_id):
     run = RunSection(id=run_id, group_size=2, groups_per_step=2, max_staleness=0, max_steps=5)
-    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (_, reqs):
+    async with running(bus, writer, run, _cfg()) as (_, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
         first = reqs.groups()
@@ -256,7 +261,7 @@ async def test_a_restarted_scheduler_takes_over_the_groups_in_flight(bus, ledger
         return len(rows) == 4 and rows[c.trajectory_id]["status"] == "generated"
 
     await wait_for(recorded, timeout_s=60)
-    cfg = OrchestratorConfig(tick_s=0.05, request_timeout_s=1.0)
+    cfg = _cfg(request_timeout_s=1.0)
     sched = Scheduler(bus, run, cfg, [("count", 1.0, CountingEnv())], writer=writer)
     assert sched.restore(await ledger.unfinished_groups(run_id)) == 2
     assert sched.budget() == 0 and sched.trajectories_in_flight() == 4
@@ -286,7 +291,7 @@ async def test_a_restarted_scheduler_takes_over_the_groups_in_flight(bus, ledger
 
 async def test_a_version_never_reported_live_delays_dispatch_only_for_live_wait_timeout(bus, writer, run_id):
     run = RunSection(id=run_id, group_size=1, groups_per_step=1, max_staleness=0, max_steps=5)
-    cfg = OrchestratorConfig(tick_s=0.05, live_wait_timeout_s=3.0)
+    cfg = _cfg(live_wait_timeout_s=3.0)
     async with running(bus, writer, run, cfg) as (sched, reqs):
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
         await report_step(bus, run_id, 1, reqs.groups(), version=1)  # weights v1 exist; no PolicyLive ever
@@ -299,7 +304,7 @@ async def test_a_group_generated_too_stale_to_train_does_not_hold_the_budget(bus
     """k = 0; v1 never goes live, so after the live wait the next group is generated by v0 and is
     stale: the trainer will drop it without a step, so it must not block the next dispatch."""
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
-    cfg = OrchestratorConfig(tick_s=0.05, live_wait_timeout_s=0.5)
+    cfg = _cfg(live_wait_timeout_s=0.5)
     async with running(bus, writer, run, cfg) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
@@ -324,7 +329,7 @@ async def test_a_group_with_a_dead_lettered_sample_stops_holding_the_budget(bus,
     """The trainer trains complete groups only: a group missing a dead-lettered sample never
     trains, so it must not hold the budget (with k = 0 that would stall the run)."""
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
-    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (_, reqs):
+    async with running(bus, writer, run, _cfg()) as (_, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
         group = reqs.groups()[0]
@@ -352,7 +357,7 @@ async def test_a_stalled_trainer_gets_one_more_step_of_groups_and_no_more(bus, w
     if that group held the whole budget, the run would deadlock. After the stall timeout one
     more step's worth goes out, never more than that."""
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
-    cfg = OrchestratorConfig(tick_s=0.05, stall_timeout_s=1.0)
+    cfg = _cfg(stall_timeout_s=1.0)
     async with running(bus, writer, run, cfg) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
@@ -407,7 +412,7 @@ async def test_a_group_the_trainer_will_drop_by_its_rewards_stops_holding_the_bu
     sched = Scheduler(
         bus,
         run,
-        OrchestratorConfig(tick_s=0.05),
+        _cfg(),
         [("count", 1.0, CountingEnv())],
         writer=writer,
         zero_advantage_dropped=zero_advantage_dropped,
@@ -441,7 +446,7 @@ async def test_after_a_rollback_a_group_generated_by_a_rolled_back_version_stops
     bus, writer, run_id
 ):
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
-    async with running(bus, writer, run, OrchestratorConfig(tick_s=0.05)) as (sched, reqs):
+    async with running(bus, writer, run, _cfg()) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
         await report_step(bus, run_id, 1, reqs.groups(), version=1)
