@@ -120,7 +120,10 @@ class Worker:
                 os.close(fd)
         if block_w is not None:
             try:
-                await self._enter_cgroup()
+                await self._enter_cgroup(timeout_s)
+            except (WorkerError, OSError):
+                self.kill()
+                raise
             finally:
                 os.write(block_w, b"x")  # bwrap goes on and execs the worker
                 os.close(block_w)
@@ -143,12 +146,13 @@ class Worker:
             raise WorkerError(f"worker {self.slot} sent {ready!r} instead of ready")
         WORKERS_STARTED.inc()
 
-    async def _enter_cgroup(self) -> None:
+    async def _enter_cgroup(self, timeout_s: float) -> None:
         """Move bwrap (both processes, held on --block-fd before the worker starts) to the cgroup;
         everything they fork from then on is born in it."""
         assert self.proc is not None and self.cgroup is not None
-        for _ in range(2000):
-            pids = processes_of_uid(self.uid)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pids = processes_of_uid(self.uid)  # bwrap, and its clone in the new namespaces
             for pid in pids:
                 self.cgroup.add(pid)
             if len(pids) >= 2 or self.proc.poll() is not None:
