@@ -48,7 +48,9 @@ def migrate(run: RunConfig) -> None:
         except Exception as exc:  # the database may still be starting: retry, then give up loudly
             if time.monotonic() > deadline:
                 raise
-            say(f"ledger at {mask_url(url)} not ready ({type(exc).__name__}); retrying")
+            say(
+                f"ledger at {mask_url(url)} not ready ({type(exc).__name__}: {mask_url(str(exc))[:300]}); retrying"
+            )
             time.sleep(2)
     say(f"ledger migrations applied at {mask_url(url)}")
 

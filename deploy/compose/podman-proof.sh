@@ -100,7 +100,7 @@ OFFBEAT_ADMIN_TOKEN=$ADMIN
 OFFBEAT_TAG=$TAG
 OFFBEAT_NATS_IMAGE=localhost/offbeat-nats-local:$TAG
 OFFBEAT_POSTGRES_IMAGE=localhost/offbeat-postgres-local:$TAG
-OFFBEAT_ADMIN_PORT=${PROOF_ADMIN_PORT:-50151}
+OFFBEAT_ADMIN_PORT=${PROOF_ADMIN_PORT:-55151}
 EOF
 chmod 600 "$WORK/proof.env"
 # The same run file, shortened for two cores: a short warm start and a few steps.
@@ -115,7 +115,14 @@ services:
   orchestrator: {environment: {<<: *short}}
   trainer: {environment: {<<: *short}}
 EOF
-DC=("${COMPOSE[@]}" -p "$PROJECT" --env-file "$WORK/proof.env" -f deploy/compose/docker-compose.yml -f "$WORK/proof.override.yml" --profile cpu)
+COMPOSE_FILE=deploy/compose/docker-compose.yml
+if [[ -n ${PROOF_RUN_CONFIG:-} ]]; then  # try another run file (the proof itself uses the example)
+  COMPOSE_FILE=deploy/compose/.proof.docker-compose.yml
+  sed "s#source: ../../examples/arithmetic.toml#source: $(realpath "$PROOF_RUN_CONFIG")#" \
+    deploy/compose/docker-compose.yml > "$COMPOSE_FILE"
+  say "run config: $PROOF_RUN_CONFIG (not examples/arithmetic.toml)"
+fi
+DC=("${COMPOSE[@]}" -p "$PROJECT" --env-file "$WORK/proof.env" -f "$COMPOSE_FILE" -f "$WORK/proof.override.yml" --profile cpu)
 down() { "${DC[@]}" down -v -t 20 > "$WORK/down.log" 2>&1 || true; }
 down
 HEALTH_PID=
@@ -137,10 +144,47 @@ trap cleanup EXIT
   done
 ) &
 HEALTH_PID=$!
-say "podman-compose up (profile cpu)"
+# podman-compose 1.x on podman 4.3 starts services without waiting for `service_healthy` /
+# `service_completed_successfully` (it says so and goes on), so the stack is brought up in the
+# order those conditions give: infrastructure healthy, one-shot jobs done, then the services.
+up() { "${DC[@]}" up -d --no-build "$@" >> "$WORK/up.log" 2>&1 || { tail -40 "$WORK/up.log"; say "podman-compose up $* failed"; exit 1; }; }
+wait_healthy() {  # wait_healthy <timeout_s> <service>...
+  local limit=$((SECONDS + $1)) svc
+  shift
+  for svc in "$@"; do
+    until "${PODMAN[@]}" healthcheck run "${PROJECT}_${svc}_1" >/dev/null 2>&1; do
+      ((SECONDS < limit)) || { "${PODMAN[@]}" logs --tail 30 "${PROJECT}_${svc}_1" 2>&1; say "FAILED: $svc not healthy"; exit 1; }
+      sleep 2
+    done
+    say "$svc healthy"
+  done
+}
+wait_done() {  # wait_done <timeout_s> <service>...
+  local limit=$((SECONDS + $1)) svc state
+  shift
+  for svc in "$@"; do
+    while state=$("${PODMAN[@]}" inspect -f '{{.State.Status}} {{.State.ExitCode}}' "${PROJECT}_${svc}_1"); [[ $state != exited* ]]; do
+      ((SECONDS < limit)) || { "${PODMAN[@]}" logs --tail 30 "${PROJECT}_${svc}_1" 2>&1; say "FAILED: $svc still $state"; exit 1; }
+      sleep 5
+    done
+    [[ $state == "exited 0" ]] || { "${PODMAN[@]}" logs --tail 40 "${PROJECT}_${svc}_1" 2>&1; say "FAILED: $svc $state"; exit 1; }
+    say "$svc completed"
+  done
+}
+run_config=$(sed -n 's#^ *source: \(.*\.toml\)$#\1#p' "$COMPOSE_FILE" | head -1)
+[[ $run_config == /* ]] || run_config=deploy/compose/$run_config
+# never let the engine create a directory where the run file should be
+[[ -f $run_config ]] || { say "FAILED: the run config $run_config does not exist"; exit 1; }
+say "podman-compose up (profile cpu), run config $run_config"
 t0=$SECONDS
-"${DC[@]}" up -d --no-build > "$WORK/up.log" 2>&1 || { tail -60 "$WORK/up.log"; say "podman-compose up failed"; exit 1; }
-say "stack started in $((SECONDS - t0))s"
+: > "$WORK/up.log"
+up nats postgres
+wait_healthy 180 nats postgres
+up migrate prepare-model
+wait_done 1800 migrate prepare-model
+up
+wait_healthy 600 sandbox scorer inference orchestrator
+say "stack up and healthy in $((SECONDS - t0))s"
 "${PODMAN[@]}" ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '  {{.Names}} {{.Status}}'
 
 # --- 5. wait for the ledger ----------------------------------------------------------------------
