@@ -45,6 +45,9 @@ class TrainerConfig(ServiceConfig):
     """Drop groups whose advantages are all zero (reason `zero_advantage`) instead of training them."""
     micro_batch_tokens: int = Field(8192, ge=16)
     """Token budget of one packed micro-batch (prompt + completion tokens)."""
+    layout: str = Field("auto", pattern=r"^(auto|packed|padded)$")
+    """Micro-batch layout: `packed` rows (position-id resets; for flash-attention varlen) or
+    `padded` length-sorted rows (for sdpa/eager); `auto` picks by `attn_implementation`."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (needed for very long sequences)."""
     attn_implementation: str = "sdpa"

@@ -89,3 +89,16 @@ def load_loss(path: str) -> Callable[..., LossOutput]:
     if not callable(fn):
         raise ValueError(f"loss {path!r} is not callable")
     return fn  # type: ignore[no-any-return]
+
+
+def sft_loss(
+    logp: torch.Tensor,
+    inference_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    weights: torch.Tensor,
+    settings: LossSettings,
+) -> LossOutput:
+    """Supervised fine-tuning: weighted negative log-likelihood of the completion tokens
+    (advantages and inference log-probs are ignored)."""
+    loss = -(logp * weights).sum()
+    return LossOutput(loss=loss, stats={"nll": loss.detach()})

@@ -1,10 +1,17 @@
 """Packing a step's trajectories into micro-batches by a token budget.
 
-Sequences (prompt + completion ids, never re-tokenized) are placed first-fit-decreasing into
-micro-batches of at most `budget` tokens and concatenated into one row with `position_ids` that
-restart at 0 for every sequence; transformers derives a block-diagonal causal mask from them, so
-packed sequences do not attend to each other. A sequence longer than the budget gets a
-micro-batch of its own. Only completion tokens carry loss: each micro-batch lists the positions
+Two layouts of the same sequences (prompt + completion ids, never re-tokenized):
+
+- `packed`: first-fit-decreasing into micro-batches of at most `budget` tokens, concatenated into
+  one row with `position_ids` that restart at 0 for every sequence; transformers derives a
+  block-diagonal causal mask from them (varlen kernels with flash-attention, so no padding and no
+  quadratic cost across sequences). The layout for `flash_attention_2`.
+- `padded`: sequences sorted by length and cut into rows of a right-padded [B, Lmax] batch with
+  B * Lmax <= budget, so padding is small and attention costs about the sum of squared lengths
+  with any kernel (a micro-batch of one sequence needs no mask at all: the causal fast path).
+  The layout for `sdpa`/`eager`, where a packed row would pay for attention across sequences.
+
+A sequence longer than the budget gets a micro-batch of its own. Only completion tokens carry loss: each micro-batch lists the positions
 whose logits predict a completion token, with that token, its inference log-prob, its advantage
 and its normalisation weight (token-level: 1 / completion tokens in the step; sequence-level:
 1 / (sequences in the step * its completion length)).
@@ -25,9 +32,12 @@ from offbeat_trainer.batching import Trajectory
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor  # [1, L] long
-    position_ids: torch.Tensor  # [1, L] long
-    logit_index: torch.Tensor  # [N] positions whose logits predict a completion token
+    input_ids: torch.Tensor  # [B, L] long
+    position_ids: torch.Tensor | None  # [B, L] long (packed layout)
+    attention_mask: torch.Tensor | None  # [B, L] (padded layout with padding)
+    logit_index: torch.Tensor  # [K] sequence positions whose logits are computed (logits_to_keep)
+    rows: torch.Tensor  # [N] row of each completion token's predicting logit
+    cols: torch.Tensor  # [N] its index into logit_index
     targets: torch.Tensor  # [N] the completion tokens
     inference_logp: torch.Tensor  # [N]
     advantages: torch.Tensor  # [N]
@@ -41,8 +51,11 @@ class MicroBatch:
         return dataclasses.replace(
             self,
             input_ids=self.input_ids.to(device),
-            position_ids=self.position_ids.to(device),
+            position_ids=None if self.position_ids is None else self.position_ids.to(device),
+            attention_mask=None if self.attention_mask is None else self.attention_mask.to(device),
             logit_index=self.logit_index.to(device),
+            rows=self.rows.to(device),
+            cols=self.cols.to(device),
             targets=self.targets.to(device),
             inference_logp=self.inference_logp.to(device),
             advantages=self.advantages.to(device),
@@ -76,47 +89,85 @@ def token_weights(samples: Sequence[Trajectory], normalize: str) -> list[float]:
     return [1.0 / (n * len(s.completion_ids)) if s.completion_ids else 0.0 for s in samples]
 
 
-def pack(samples: Sequence[Trajectory], *, budget: int, normalize: str) -> list[MicroBatch]:
+def plan_padded(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices sorted by length (longest first), cut into rows while rows * longest <= budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    for i in order:
+        if bins and (len(bins[-1]) + 1) * lengths[bins[-1][0]] <= budget:
+            bins[-1].append(i)
+        else:
+            bins.append([i])
+    return bins
+
+
+def pack(
+    samples: Sequence[Trajectory], *, budget: int, normalize: str, layout: str = "packed"
+) -> list[MicroBatch]:
     weights = token_weights(samples, normalize)
     usable = [i for i, s in enumerate(samples) if s.completion_ids]
     for i in usable:
         if not samples[i].prompt_ids:
             raise ValueError(f"trajectory {samples[i].trajectory_id} has no prompt tokens")
-    bins = plan([samples[i].num_tokens for i in usable], budget)
-    out = []
-    for b in bins:
-        ids: list[int] = []
-        pos: list[int] = []
-        index: list[int] = []
-        targets: list[int] = []
-        inf: list[float] = []
-        adv: list[float] = []
-        w: list[float] = []
-        for j in b:
-            s = samples[usable[j]]
-            off = len(ids)
-            p, c = len(s.prompt_ids), len(s.completion_ids)
-            ids += s.prompt_ids + s.completion_ids
-            pos += list(range(p + c))
-            index += range(off + p - 1, off + p + c - 1)
-            targets += s.completion_ids
-            inf += s.inference_logprobs
-            adv += [s.advantage] * c
-            w += [weights[usable[j]]] * c
-        out.append(
-            MicroBatch(
-                input_ids=torch.tensor([ids], dtype=torch.long),
-                position_ids=torch.tensor([pos], dtype=torch.long),
-                logit_index=torch.tensor(index, dtype=torch.long),
-                targets=torch.tensor(targets, dtype=torch.long),
-                inference_logp=torch.tensor(inf, dtype=torch.float32),
-                advantages=torch.tensor(adv, dtype=torch.float32),
-                weights=torch.tensor(w, dtype=torch.float64).float(),
-                num_tokens=len(ids),
-                num_sequences=len(b),
-            )
-        )
-    return out
+    lengths = [samples[i].num_tokens for i in usable]
+    bins = plan(lengths, budget) if layout == "packed" else plan_padded(lengths, budget)
+    return [
+        _micro_batch([samples[usable[j]] for j in b], [weights[usable[j]] for j in b], layout) for b in bins
+    ]
+
+
+def _micro_batch(seqs: list[Trajectory], weights: list[float], layout: str) -> MicroBatch:
+    rows_ids: list[list[int]] = []
+    rows: list[int] = []
+    positions: list[int] = []  # position (in its row) of the logit predicting each completion token
+    targets: list[int] = []
+    inf: list[float] = []
+    adv: list[float] = []
+    w: list[float] = []
+    pos_ids: list[int] = []
+    for s, sw in zip(seqs, weights, strict=True):
+        p, c = len(s.prompt_ids), len(s.completion_ids)
+        if layout == "packed":
+            off = len(pos_ids)
+            pos_ids += range(p + c)
+            if not rows_ids:
+                rows_ids.append([])
+            rows_ids[0] += s.prompt_ids + s.completion_ids
+            row = 0
+        else:
+            off = 0
+            rows_ids.append(s.prompt_ids + s.completion_ids)
+            row = len(rows_ids) - 1
+        rows += [row] * c
+        positions += range(off + p - 1, off + p + c - 1)
+        targets += s.completion_ids
+        inf += s.inference_logprobs
+        adv += [s.advantage] * c
+        w += [sw] * c
+    width = max(len(r) for r in rows_ids)
+    padded = any(len(r) != width for r in rows_ids)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long)
+    mask = (
+        torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long)
+        if padded
+        else None
+    )
+    keep = sorted(set(positions))
+    where = {p: k for k, p in enumerate(keep)}
+    return MicroBatch(
+        input_ids=ids,
+        position_ids=torch.tensor([pos_ids], dtype=torch.long) if layout == "packed" else None,
+        attention_mask=mask,
+        logit_index=torch.tensor(keep, dtype=torch.long),
+        rows=torch.tensor(rows, dtype=torch.long),
+        cols=torch.tensor([where[p] for p in positions], dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        inference_logp=torch.tensor(inf, dtype=torch.float32),
+        advantages=torch.tensor(adv, dtype=torch.float32),
+        weights=torch.tensor(w, dtype=torch.float32),
+        num_tokens=sum(len(r) for r in rows_ids),
+        num_sequences=len(seqs),
+    )
 
 
 def dummy_micro_batch() -> MicroBatch:
@@ -124,8 +175,11 @@ def dummy_micro_batch() -> MicroBatch:
     in FSDP/DDP need the same number of forward/backward passes on every rank)."""
     return MicroBatch(
         input_ids=torch.zeros((1, 2), dtype=torch.long),
-        position_ids=torch.arange(2).unsqueeze(0),
+        position_ids=None,
+        attention_mask=None,
         logit_index=torch.zeros(1, dtype=torch.long),
+        rows=torch.zeros(1, dtype=torch.long),
+        cols=torch.zeros(1, dtype=torch.long),
         targets=torch.zeros(1, dtype=torch.long),
         inference_logp=torch.zeros(1),
         advantages=torch.zeros(1),

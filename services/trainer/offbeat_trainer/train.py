@@ -47,6 +47,14 @@ class CoreSettings:
     activation_checkpointing: bool = False
     autocast_bf16: bool = True
     parallel: str = "auto"
+    layout: str = "auto"
+    attn_implementation: str = "sdpa"
+
+    @property
+    def resolved_layout(self) -> str:
+        if self.layout != "auto":
+            return self.layout
+        return "packed" if self.attn_implementation.startswith("flash") else "padded"
 
     @classmethod
     def from_config(cls, cfg: Any) -> CoreSettings:
@@ -68,10 +76,11 @@ def completion_logprobs(
     out = model(
         input_ids=mb.input_ids,
         position_ids=mb.position_ids,
+        attention_mask=mb.attention_mask,
         use_cache=False,
         logits_to_keep=mb.logit_index,
     )
-    logits = out.logits[0].float() / temperature
+    logits = out.logits[mb.rows, mb.cols].float() / temperature
     logsm = F.log_softmax(logits, dim=-1)
     logp = logsm.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
@@ -90,10 +99,12 @@ class TrainCore:
         self.loss_settings = LossSettings(settings.mask_low, settings.mask_high, settings.kl_coef)
         model.to(self.device)
         if settings.activation_checkpointing:
-            enable = (
-                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-            )
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         model.train()
         self.wrapper = "none"
@@ -144,7 +155,7 @@ class TrainCore:
         """One optimizer step over the whole step batch (every rank passes the same samples)."""
         s = self.settings
         started = time.perf_counter()
-        micro = pack(samples, budget=s.micro_batch_tokens, normalize=s.normalize)
+        micro = pack(samples, budget=s.micro_batch_tokens, normalize=s.normalize, layout=s.resolved_layout)
         mine = self.my_micro_batches(micro)
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.zeros(6, dtype=torch.float64)  # loss, mismatch_kl, masked, entropy, ratio, tokens

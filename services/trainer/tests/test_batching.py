@@ -102,13 +102,16 @@ def test_plan_respects_budget_and_keeps_every_sequence():
     assert plan([20], 8) == [[0]]  # longer than the budget: a micro-batch of its own
 
 
-def test_packed_logprobs_equal_one_sequence_at_a_time(tiny_model):  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_micro_batch_logprobs_equal_one_sequence_at_a_time(tiny_model, layout):  # type: ignore[no-untyped-def]
     model = load_model(str(tiny_model))
     samples = [traj(f"t{i}", "g", 0.0, p=3 + i, c=2 + 2 * i) for i in range(5)]
-    packed = pack(samples, budget=10_000, normalize="token")
-    assert len(packed) == 1 and packed[0].num_sequences == 5
+    micro = pack(samples, budget=10_000, normalize="token", layout=layout)
+    assert len(micro) == 1 and micro[0].num_sequences == 5
+    if layout == "padded":
+        assert micro[0].input_ids.shape[0] == 5 and micro[0].attention_mask is not None
     with torch.no_grad():
-        lp, _ = completion_logprobs(model, packed[0], temperature=1.0)
+        lp, _ = completion_logprobs(model, micro[0], temperature=1.0)
         order = sorted(range(5), key=lambda i: -samples[i].num_tokens)
         single = torch.cat(
             [
@@ -118,7 +121,24 @@ def test_packed_logprobs_equal_one_sequence_at_a_time(tiny_model):  # type: igno
                 for i in order
             ]
         )
-    assert (lp - single).abs().max().item() < 1e-5, "packed sequences attend to each other"
+    assert (lp - single).abs().max().item() < 1e-5, f"{layout}: sequences leak into each other"
+
+
+def test_temperature_scales_logits(tiny_model):  # type: ignore[no-untyped-def]
+    model = load_model(str(tiny_model))
+    mb = pack([traj("a", "g", 0.0)], budget=100, normalize="token")[0]
+    with torch.no_grad():
+        out = model(input_ids=mb.input_ids, use_cache=False).logits[0, mb.logit_index]
+        expected = torch.log_softmax(out / 0.7, -1).gather(-1, mb.targets[:, None]).squeeze(-1)
+        got, _ = completion_logprobs(model, mb, temperature=0.7)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_padded_rows_respect_budget():
+    samples = [traj(f"t{i}", "g", 0.0, p=4, c=2 + 3 * i) for i in range(8)]
+    micro = pack(samples, budget=64, normalize="token", layout="padded")
+    assert sum(m.num_sequences for m in micro) == 8
+    assert all(m.input_ids.numel() <= 64 or m.num_sequences == 1 for m in micro)
 
 
 def test_sequence_normalisation_weights():

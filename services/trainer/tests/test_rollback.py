@@ -28,9 +28,17 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
 ):  # type: ignore[no-untyped-def]
     state_dir = tmp_path / "state"
     log = tmp_path / "trainer.log"
-    sets = [f"run.id={run_id}", f"model.path={tiny_model}", "run.group_size=2", "run.groups_per_step=1",
-            "run.max_steps=10", "run.max_staleness=100", "trainer.lr=1e-3", "trainer.weights_every=1",
-            "bus.ack_wait_s=3"]
+    sets = [
+        f"run.id={run_id}",
+        f"model.path={tiny_model}",
+        "run.group_size=2",
+        "run.groups_per_step=1",
+        "run.max_steps=10",
+        "run.max_staleness=100",
+        "trainer.lr=1e-3",
+        "trainer.weights_every=1",
+        "bus.ack_wait_s=3",
+    ]
 
     async def publish(tid: str, gid: str, reward: float, version: int) -> None:
         m = make_scored(run_id, tid, gid, group_size=2, reward=reward, version=version)
@@ -81,7 +89,9 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
         assert report.step == 2 and report.version == 4
         assert sorted(report.consumed_trajectory_ids) == ["c0-0", "c0-1"]
         assert sorted((d.trajectory_id, d.reason) for d in report.dropped) == [
-            ("b0-0", "rolled_back"), ("b0-1", "rolled_back")]
+            ("b0-0", "rolled_back"),
+            ("b0-1", "rolled_back"),
+        ]
         assert dict(report.staleness) == {"c0-0": 0, "c0-1": 0}  # version 1 was made at step 1
         await wait_for(lambda: announced[-1].version == 4, timeout_s=30)
         assert (announced[-1].parent, announced[-1].step) == (1, 2)
