@@ -125,7 +125,8 @@ class Worker:
                 self.kill()
                 raise
             finally:
-                os.write(block_w, b"x")  # bwrap goes on and execs the worker
+                with contextlib.suppress(OSError):  # (a killed bwrap reads nothing)
+                    os.write(block_w, b"x")  # bwrap goes on and execs the worker
                 os.close(block_w)
         assert self.proc.stderr is not None
         os.set_blocking(self.proc.stderr.fileno(), False)
