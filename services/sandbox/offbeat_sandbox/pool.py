@@ -123,6 +123,8 @@ class Worker:
                 await self._enter_cgroup(timeout_s)
             except (WorkerError, OSError):
                 self.kill()
+                os.close(job_w)
+                os.close(res_r)
                 raise
             finally:
                 with contextlib.suppress(OSError):  # (a killed bwrap reads nothing)
