@@ -7,15 +7,11 @@
   G = `groups_per_step`. A group dispatched now is consumed at most `max_staleness` steps later,
   but only if inference already serves the trainer's newest weights; while the live version lags
   the newest published one by `lag` steps, the budget shrinks to G * (max_staleness + 1 - lag)
-  (for at most `live_wait_timeout_s` after that version appeared). So `max_staleness = 0` dispatches exactly one step's worth,
-  waits for the step report and for the new version to be live: synchronous RL.
-- A group the trainer will certainly drop stops counting against the budget, so it cannot starve
-  the trainer of the batch whose step report would release it (the trainer reports drops only
-  with its next step): every sample came back too stale (possible only after the live wait timed
-  out) or touched a rolled-back version; a sample failed before reaching the trainer (dead-lettered, or no completion after the
-  last attempt: the trainer only trains complete groups); no sample was judged (`ok` or
-  `parse_error`; infrastructure failures are masked); or all judged rewards are equal while the
-  trainer filters zero-advantage groups.
+  (for at most `live_wait_timeout_s` after that version appeared). So `max_staleness = 0`
+  dispatches exactly one step's worth, waits for the step report and for the new version to be
+  live: synchronous RL.
+- A group the trainer will certainly drop (`groups.never_trained`) stops counting against the
+  budget, so it cannot starve the trainer of the batch whose step report would release it.
 - Stall guard: when nothing moved for `stall_timeout_s` (or 3x the longest step interval seen),
   every training group in flight is fully generated and no step came, the trainer is holding
   or has silently dropped them (e.g. groups with nothing trainable, reported only with the next
@@ -46,9 +42,8 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
 from offbeat.bus import Bus, Publication
 from offbeat.config import RunSection
@@ -57,38 +52,11 @@ from offbeat.ledger.store import RollbackResult
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_orchestrator.config import OrchestratorConfig
 from offbeat_orchestrator.events import Rows, dead_letter_trajectories, reward_status_name
+from offbeat_orchestrator.groups import Group, never_trained
 from offbeat_orchestrator.ledger_writer import LedgerWriter, Observed
 from offbeat_orchestrator.prompts import ExampleSource, Mixture, eval_prompts, set_prompt
 
 log = logging.getLogger("offbeat.orchestrator.scheduler")
-
-JUDGED: Final = ("ok", "parse_error")
-"""Reward statuses the trainer trains on (docs/contracts.md, Reward statuses)."""
-
-
-@dataclass
-class Group:
-    request: rollout_pb2.RolloutRequest
-    dispatched_at: float
-    pending: set[str]
-    """Trajectory ids whose completion has not arrived."""
-    open: set[str]
-    """Trajectory ids not yet in a terminal status."""
-    rewards: dict[str, float] = field(default_factory=dict)
-    reissuable: bool = True
-    """False for a group restored from the ledger whose prompt could not be found again."""
-    oldest_step: dict[str, int] = field(default_factory=dict)
-    """Trajectory id -> trainer step of the oldest version that generated it (when known)."""
-    versions: dict[str, set[int]] = field(default_factory=dict)
-    """Trajectory id -> the policy versions that generated it."""
-    statuses: dict[str, str] = field(default_factory=dict)
-    """Trajectory id -> reward status (`ok`, `parse_error`, ...) of its scored sample."""
-    incomplete: bool = False
-    """A sample failed before reaching the trainer, which only trains complete groups."""
-
-    @property
-    def eval(self) -> bool:
-        return self.request.eval
 
 
 class Scheduler:
@@ -156,22 +124,13 @@ class Scheduler:
         return sum(1 for g in self.groups.values() if not g.eval and not self._doomed(g))
 
     def _doomed(self, group: Group) -> bool:
-        """Whether the trainer will certainly drop the whole group (so it must not hold budget)."""
-        n = group.request.n
-        if group.incomplete:
-            return True
-        if len(group.oldest_step) == n and all(
-            self.step - s > self.shape.max_staleness for s in group.oldest_step.values()
-        ):
-            return True
-        if len(group.versions) == n and all(v & self.rolled_back_versions for v in group.versions.values()):
-            return True  # every sample touched a rolled-back version: dropped `rolled_back`
-        if len(group.rewards) < n:
-            return False
-        trainable = [r for tid, r in group.rewards.items() if group.statuses.get(tid) in JUDGED]
-        if not trainable:  # only infrastructure failures, which the trainer masks
-            return True
-        return self.zero_advantage_dropped and max(trainable) == min(trainable)
+        return never_trained(
+            group,
+            step=self.step,
+            max_staleness=self.shape.max_staleness,
+            rolled_back_versions=self.rolled_back_versions,
+            zero_advantage_dropped=self.zero_advantage_dropped,
+        )
 
     def trajectories_in_flight(self) -> int:
         return sum(len(g.open) for g in self.groups.values())
