@@ -101,7 +101,7 @@ def plain_step(model, opt, msgs: list[rollout_pb2.ScoredTrajectory]) -> int:  # 
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
-    return len(sum(seqs, []))
+    return sum(len(s) for s in seqs)
 
 
 def main() -> None:

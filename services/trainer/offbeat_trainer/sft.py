@@ -98,7 +98,7 @@ def run_sft(args: argparse.Namespace) -> Path:
     order: list[int] = []
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
-        batch = []
+        batch: list[Trajectory] = []
         while len(batch) < min(args.batch_size, len(examples)):
             if not order:
                 order = list(range(len(examples)))
