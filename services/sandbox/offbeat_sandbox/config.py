@@ -14,8 +14,9 @@ from offbeat.config import ServiceConfig
 
 
 def _default_workers() -> int:
-    # two per core: a worker spends much of a run waiting on pipes and fork/exit, not computing
-    return max(2, 2 * (os.cpu_count() or 1))
+    # two per usable core (a worker spends much of a run waiting on pipes and fork/exit), at most 32:
+    # in a container with a CPU quota every core of the node is visible, so set it there
+    return min(32, max(2, 2 * len(os.sched_getaffinity(0))))
 
 
 class SandboxConfig(ServiceConfig):
@@ -24,7 +25,8 @@ class SandboxConfig(ServiceConfig):
     queue_group: str = "sandbox"
     """NATS queue group the replicas share on `<prefix>.sandbox.exec`."""
     workers: int = Field(default_factory=_default_workers, ge=1, le=256)
-    """Warm isolated workers per replica (each one bwrap sandbox that forks a child per run)."""
+    """Warm isolated workers per replica (each one bwrap sandbox that forks a child per run); default
+    two per usable core, at most 32 (set it to twice the CPU limit in a container)."""
     max_queue: int = Field(256, ge=0)
     """Requests that may wait for a worker; past it a request is answered `OVERLOADED` at once."""
     max_queue_wait_s: float = Field(30.0, gt=0)
