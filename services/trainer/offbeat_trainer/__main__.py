@@ -1,12 +1,14 @@
 """`offbeat-trainer`: thin entry point; heavy modules are imported only after arguments parse.
 
 `offbeat-trainer --config run.toml [--resume]` runs the service; `offbeat-trainer sft ...` runs
-supervised fine-tuning (see `offbeat_trainer.sft`).
+supervised fine-tuning (see `offbeat_trainer.sft`). Under torchrun, ranks above 0 become
+followers of rank 0 (see `offbeat_trainer.ranks`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 from offbeat.service import load_service_config, run_service, service_parser
@@ -24,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.epilog = "Subcommand: `offbeat-trainer sft --help` for supervised fine-tuning."
     args = parser.parse_args(argv)
     run, config = load_service_config(args, "trainer", TrainerConfig)
+    if int(os.environ.get("RANK", "0")) > 0:
+        from offbeat_trainer.follower import run_follower
+
+        run_follower(run, config)
+        return
     from offbeat_trainer.service import serve
 
     run_service("trainer", run, config, functools.partial(serve, resume=args.resume))

@@ -157,6 +157,14 @@ class Checkpoints:
         random.setstate(rng["python"])
         return state, model, opt
 
+    def load_state(self, name: str) -> TrainerState:
+        """Only `state.json` and the RNG states (model and optimizer: `TrainCore.load_checkpoint`)."""
+        d = self.root / name
+        rng = torch.load(d / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        return TrainerState.from_json((d / "state.json").read_text())
+
     def weights_path(self, name: str) -> Path:
         return self.root / name / "model.safetensors"
 

@@ -56,6 +56,8 @@ class TrainerConfig(ServiceConfig):
     """bf16 autocast on CUDA (ignored on CPU)."""
     parallel: str = Field("auto", pattern=r"^(auto|fsdp|ddp)$")
     """Data-parallel wrapper under torchrun: FSDP2 `fully_shard` or DDP; `auto` is FSDP2."""
+    dist_timeout_s: float = Field(7 * 24 * 3600.0, gt=0)
+    """Collective timeout under torchrun; followers wait in a broadcast while rank 0 waits for data."""
     weights_every: int = Field(1, ge=1)
     """Publish a new policy version every this many steps."""
     weight_store: str = "weights"

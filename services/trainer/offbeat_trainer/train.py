@@ -216,6 +216,14 @@ class TrainCore:
             self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
+    def load_checkpoint(self, directory: str) -> None:
+        """Load model, optimizer and schedule from a checkpoint directory (every rank reads it)."""
+        from safetensors.torch import load_file
+
+        opt = torch.load(f"{directory}/optimizer.pt", weights_only=False)
+        self.load_full_state(load_file(f"{directory}/model.safetensors"), opt["optimizer"])
+        self.scheduler.load_state_dict(opt["scheduler"])
+
     def load_full_state(self, model_state: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
