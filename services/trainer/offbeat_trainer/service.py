@@ -54,7 +54,7 @@ FAULT_ENV = "OFFBEAT_TRAINER_FAULT"
 def _fault_point(phase: str, step: int) -> None:
     """Fault injection for crash tests: `OFFBEAT_TRAINER_FAULT=<phase>:<step>` SIGKILLs the
     process at that point (`before_checkpoint`: trained, nothing durable; `after_checkpoint`:
-    durable, nothing announced or acked)."""
+    durable, nothing announced or acked; `mid_ack`: announced and reported, one id acked)."""
     if os.environ.get(FAULT_ENV) == f"{phase}:{step}":
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -309,7 +309,7 @@ class Trainer:
             await self.bus.publish(self.bus.subjects.policy_weights, wv, msg_id=f"weights:{version}")
             await self.bus.put_head(wv)
         await self.bus.publish(self.bus.subjects.trainer_step, report, msg_id=report_msg_id(report))
-        await self._ack(done)
+        await self._ack(done, step=step)
         log.info(
             "step",
             extra={
@@ -321,8 +321,10 @@ class Trainer:
             },
         )
 
-    async def _ack(self, ids: list[str]) -> None:
-        for tid in ids:
+    async def _ack(self, ids: list[str], *, step: int) -> None:
+        for n, tid in enumerate(ids):
+            if n == 1:
+                _fault_point("mid_ack", step)
             for d in self.held.pop(tid, []):
                 await d.ack(sync=True, timeout_s=self.cfg.ack_timeout_s)
 

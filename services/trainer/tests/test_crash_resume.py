@@ -1,5 +1,8 @@
 """SIGKILL the trainer mid-step and between steps, `--resume`, and audit the accounting.
 
+Kills: after step 2's checkpoint (nothing acked), externally while waiting for data, after
+training step 3 but before its checkpoint (mid-step), and while acking step 3's messages.
+
 Real nats-server, real `offbeat-trainer` processes, a real tiny model. The kills land at exact
 points through `OFFBEAT_TRAINER_FAULT` (the process SIGKILLs itself there), plus one external
 SIGKILL while the trainer waits for data.
@@ -109,7 +112,14 @@ async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
     assert await _wait_exit(proc) == -signal.SIGKILL, log.read_text()[-3000:]
     assert _state(state_dir)["step"] == 2
 
-    # 4. resume to the end of the data (4 steps), then stop it
+    # 4. resume, killed while acking step 3's messages (one acked, the rest not)
+    proc = start_trainer(
+        service_config_file, nats_url, sets, resume=True, log=log, env={"OFFBEAT_TRAINER_FAULT": "mid_ack:3"}
+    )
+    assert await _wait_exit(proc) == -signal.SIGKILL, log.read_text()[-3000:]
+    assert _state(state_dir)["step"] == 3
+
+    # 5. resume to the end of the data (4 steps), then stop it
     proc = start_trainer(service_config_file, nats_url, sets, resume=True, log=log)
     await wait_for(lambda: _state(state_dir)["step"] == 4, timeout_s=120)
     await wait_for(all_acked, timeout_s=60)
