@@ -116,3 +116,8 @@ class Engine(ABC):
     def in_flight(self) -> int:
         """Sequences admitted or queued now (for health and metrics)."""
         return 0
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer generate (None while it can)."""
+        return None

@@ -106,6 +106,7 @@ class HFEngine(Engine):
         self._version = 0
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._rows: list[_Seq] = []
+        self._admitting: list[_Seq] = []  # taken from the queue, not yet rows (during a prefill)
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
         self._update: _Update | None = None
@@ -133,6 +134,10 @@ class HFEngine(Engine):
     @property
     def in_flight(self) -> int:
         return len(self._waiting) + len(self._rows)
+
+    @property
+    def failure(self) -> str | None:
+        return None if self._failure is None else f"engine thread failed: {self._failure!r}"
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -303,8 +308,8 @@ class HFEngine(Engine):
 
     def _abort_all(self) -> None:
         with self._wake:
-            held = self._rows + list(self._waiting)
-            self._rows, self._cache, self._mask = [], None, None
+            held = self._rows + self._admitting + list(self._waiting)
+            self._rows, self._admitting, self._cache, self._mask = [], [], None, None
             self._waiting.clear()
             if self._update is not None:
                 self._update.done.set()
@@ -321,9 +326,10 @@ class HFEngine(Engine):
         parts: list[torch.Tensor] = []
         if self._rows:
             parts.append(self._decode())
-        admitted = self._admit()
+        admitted = self._admitting = self._admit()
         if admitted:
             parts.append(self._prefill(admitted))
+        self._admitting = []
         rows = self._rows
         tokens, logprobs = sample(torch.cat(parts) if len(parts) > 1 else parts[0], [s.row for s in rows])
         version = self._version

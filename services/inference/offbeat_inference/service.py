@@ -123,6 +123,7 @@ class InferenceService:
         self.paused = asyncio.Event()
         self.resumed = asyncio.Event()
         self.requests_in_flight = 0
+        self.failure: str | None = None
         self._subs: list[Any] = []
 
     async def run(self) -> None:
@@ -157,6 +158,8 @@ class InferenceService:
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await self.engine.close()
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
 
     def details(self) -> dict[str, Any]:
         return {
@@ -165,12 +168,25 @@ class InferenceService:
             "paused": self.paused.is_set(),
             "requests_in_flight": self.requests_in_flight,
             "sequences_in_flight": self.engine.in_flight,
+            "failure": self.engine.failure,
         }
 
     async def _refresh_details(self) -> None:
+        """Keep /healthz current; an engine that can no longer generate stops the replica (its
+        requests are redelivered to others), so a supervisor can restart it."""
         while True:
             self.ctx.details.update(self.details())
+            self._check_engine()
             await asyncio.sleep(0.5)
+
+    def _check_engine(self) -> None:
+        """Stop pulling at once when the engine is dead, so this replica burns no more deliveries."""
+        failure = self.engine.failure
+        if failure is not None and self.failure is None:
+            log.error("stopping: %s", failure)
+            self.failure = failure
+            self.ctx.set_healthy(False)
+            self.ctx.stop.set()
 
     async def _pull_until_stopped(self) -> None:
         stop = self.ctx.stop
@@ -214,6 +230,9 @@ class InferenceService:
             delivery.defer()
             await delivery.nak(delay_s=self.config.paused_nak_delay_s)
             return
+        self._check_engine()
+        if self.failure is not None:
+            raise RuntimeError(f"replica is stopping: {self.failure}")
         n = request.n
         if n < 1 or len(request.trajectory_ids) != n:
             raise Reject(
@@ -242,7 +261,10 @@ class InferenceService:
 
     async def _sample(self, request: rollout_pb2.RolloutRequest, prompt: list[int], index: int) -> None:
         sampling = sampling_for(request, index, default_max_tokens=self.config.max_new_tokens)
-        gen = await self.engine.generate(prompt, sampling)
+        try:
+            gen = await self.engine.generate(prompt, sampling)
+        finally:
+            self._check_engine()
         if gen.finish_reason == "abort":
             raise RuntimeError(f"engine aborted sample {index} of request {request.request_id}")
         completion = to_completion(request, index, prompt, gen, replica=self.config.replica)

@@ -112,6 +112,12 @@ class VLLMEngine(Engine):
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def failure(self) -> str | None:
+        if self.llm is not None and self.llm.errored:
+            return f"vLLM engine died: {self.llm.dead_error!r}"
+        return None
+
     async def start(self) -> None:
         import torch
 

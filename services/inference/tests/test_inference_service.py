@@ -304,3 +304,51 @@ async def test_a_replica_started_while_paused_waits_for_resume(bus, run_id, star
     assert completions == []
     await bus.control(policy_pb2.CONTROL_KIND_RESUME, command_id="r0")
     await wait_for(lambda: len(completions) == 1, timeout_s=30)
+
+
+async def test_a_65536_token_completion_goes_through_the_bus(bus, run_id):
+    # the longest rollouts (INTELLECT-3) are 65,536 tokens: their completion message, with a
+    # log-prob per token and a version switch, must fit the bus's payload limit like any other
+    from offbeat_inference.engine import Generation
+    from offbeat_inference.service import to_completion
+
+    received = await collect(bus, bus.subjects.rollout_completion, rollout_pb2.RolloutCompletion)
+    n = 65_536
+    req = request(run_id, tokens=list(range(1, 200)))
+    gen = Generation(
+        token_ids=[(i * 7919) % 150_000 for i in range(n)],
+        logprobs=[-(i % 97) / 10.0 for i in range(n)],
+        finish_reason="length",
+        spans=[(3, 0, 40_000), (4, 40_000, n)],
+        started_at=time.time(),
+        finished_at=time.time(),
+    )
+    completion = to_completion(req, 0, list(range(1, 200)), gen, replica="r")
+    size = completion.ByteSize()
+    assert size < bus.cfg.max_payload_bytes, f"{size} bytes"
+    await bus.publish(
+        bus.subjects.rollout_completion, completion, msg_id=f"completion:{req.trajectory_ids[0]}"
+    )
+    await wait_for(lambda: len(received) == 1, timeout_s=30)
+    got = received[0]
+    assert list(got.completion_token_ids) == gen.token_ids
+    assert list(got.logprobs) == pytest.approx(gen.logprobs, abs=1e-6)
+    assert [(s.version, s.start, s.end) for s in got.version_spans] == gen.spans
+
+
+async def test_a_dead_engine_stops_the_replica_and_its_request_is_not_lost(bus, run_id, start_service):
+    service = await start_service()
+    layer = service.engine.model.model.layers[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated device failure")
+
+    layer.forward = broken  # the next decode step fails inside the engine's thread
+    req = request(run_id, tokens=[1, 2, 3], max_tokens=5)
+    await publish(bus, req)
+    task = next(t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "InferenceService.run")
+    with pytest.raises(RuntimeError, match="simulated device failure"):
+        await asyncio.wait_for(task, timeout=60)
+    assert not service.ctx.health.healthy
+    pending, ack_pending = await bus.consumer_pending("inference")
+    assert pending + ack_pending == 1, "the request of the dead replica was acked or dropped"
