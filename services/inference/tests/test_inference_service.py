@@ -247,8 +247,8 @@ async def test_corrupted_weights_are_refused_and_the_old_version_keeps_serving(
     assert (ref - torch.tensor(list(c.logprobs))).abs().max().item() <= 1e-3
 
 
-async def test_weights_from_the_nats_object_store_and_the_head_at_start_up(
-    bus, run_id, start_service, tiny_model_v1, tmp_path
+async def test_weights_from_the_nats_object_store_the_head_at_start_up_and_a_rollback(
+    bus, run_id, start_service, tiny_model, tiny_model_v1, tmp_path
 ):
     # version 1 is put in the object store and made head before the replica starts: it must start
     # serving it; version 2 (the base weights again, a rollback-like re-announcement) follows live
@@ -268,6 +268,30 @@ async def test_weights_from_the_nats_object_store_and_the_head_at_start_up(
     await wait_for(lambda: len(completions) == 1, timeout_s=30)
     ref = forward_logprobs(tiny_model_v1, [8, 9], list(completions[0].completion_token_ids))
     assert (ref - torch.tensor(list(completions[0].logprobs))).abs().max().item() <= 1e-3
+
+    # a rollback to 0 re-announces the older version: the replica switches back to the base weights
+    from offbeat.weights import sha256_file
+
+    base = tiny_model / "model.safetensors"
+    wv = policy_pb2.WeightVersion(
+        run_id=run_id,
+        version=0,
+        step=0,
+        parent=-1,
+        uri=base.as_uri(),
+        sha256=sha256_file(base),
+        format="safetensors",
+    )
+    await bus.put_head(wv)
+    await bus.publish(bus.subjects.policy_weights, wv, msg_id="weights:0:rollback:c1")
+    await wait_for(lambda: service.engine.version == 0, timeout_s=30)
+    assert any(x.version == 0 and x.ok for x in lives)
+    again = request(run_id, tokens=[8, 9], temperature=0.0, max_tokens=12)
+    await publish(bus, again)
+    await wait_for(lambda: len(completions) == 2, timeout_s=30)
+    ref = forward_logprobs(tiny_model, [8, 9], list(completions[1].completion_token_ids))
+    assert (ref - torch.tensor(list(completions[1].logprobs))).abs().max().item() <= 1e-3
+    assert [(s.version, s.start, s.end) for s in completions[1].version_spans] == [(0, 0, 12)]
 
 
 async def test_pause_holds_new_requests_and_resume_serves_them(bus, run_id, start_service):
