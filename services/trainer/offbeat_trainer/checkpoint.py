@@ -11,8 +11,8 @@ the newest complete one is what `--resume` loads. Contents:
   next version id, head, consumed and dropped trajectory ids, ids retired by rollbacks, and the
   last step's report and announcement so they can be re-published idempotently after a crash).
 
-Kept: the newest `keep` checkpoints and every checkpoint that produced a live published version
-(what rollback needs). Not covered: sharded (distributed) checkpoint files; ranks gather the full
+Kept: the newest `keep` checkpoints and the checkpoints that produced the newest
+`rollback_window` live published versions (what rollback needs; 0 keeps all of them). Not covered: sharded (distributed) checkpoint files; ranks gather the full
 state and rank 0 writes it.
 """
 
@@ -100,9 +100,10 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
 
 
 class Checkpoints:
-    def __init__(self, root: Path, *, keep: int = 2) -> None:
+    def __init__(self, root: Path, *, keep: int = 2, rollback_window: int = 0) -> None:
         self.root = root
         self.keep = keep
+        self.rollback_window = rollback_window
         root.mkdir(parents=True, exist_ok=True)
 
     def names(self) -> list[str]:
@@ -169,7 +170,10 @@ class Checkpoints:
         return self.root / name / "model.safetensors"
 
     def prune(self, state: TrainerState) -> None:
-        needed = {r.checkpoint for r in state.versions.values() if not r.rolled_back and r.checkpoint}
+        live = sorted(v for v, r in state.versions.items() if not r.rolled_back and r.checkpoint)
+        if self.rollback_window:
+            live = live[-self.rollback_window :]
+        needed = {state.versions[v].checkpoint for v in live}
         names = self.names()
         for name in names[: -self.keep]:
             if name not in needed:

@@ -69,7 +69,9 @@ class Trainer:
         root = Path(self.cfg.checkpoint_dir)
         if not root.is_absolute():
             root = Path(self.run.state_dir).resolve() / root
-        self.ckpts = Checkpoints(root, keep=self.cfg.keep_checkpoints)
+        self.ckpts = Checkpoints(
+            root, keep=self.cfg.keep_checkpoints, rollback_window=self.cfg.rollback_window
+        )
         self.store = resolve_store(self.cfg.weight_store, self.run.state_dir, js=self.bus.js)
         self.buffer = GroupBuffer()
         self.held: dict[str, list[Delivery]] = {}
