@@ -46,6 +46,8 @@ class Trajectory:
                 f"trajectory {c.trajectory_id}: {len(c.logprobs)} log-probs for "
                 f"{len(c.completion_token_ids)} completion tokens"
             )
+        if c.completion_token_ids and not c.prompt_token_ids:
+            raise ValueError(f"trajectory {c.trajectory_id}: completion without prompt tokens")
         oldest = min((s.version for s in c.version_spans), default=0)
         return cls(
             trajectory_id=c.trajectory_id,
