@@ -68,3 +68,37 @@ def test_sft_memorises_pairs_and_output_loads(tiny_model, tmp_path):  # type: ig
             gen = model.generate(ids, max_new_tokens=len(completion) + 1, do_sample=False)
         got = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
         assert got == completion, f"{prompt!r}: generated {got!r}, trained on {completion!r}"
+
+
+def test_sft_from_environment_reference_answers(tiny_model, tmp_path):  # type: ignore[no-untyped-def]
+    from offbeat.envs import load
+
+    examples = [ex for ex, _ in zip(load("math").examples("train"), range(4), strict=False)]
+    assert all(ex.answer for ex in examples), "math env examples lack reference answers"
+    out = tmp_path / "sft-env"
+    run = subprocess.run(
+        [
+            str(BIN / "offbeat-trainer"),
+            "sft",
+            "--model",
+            str(tiny_model),
+            "--env",
+            "math",
+            "--env-examples",
+            "8",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 2/2" in run.stderr
+    state = json.loads(next((out / "checkpoint").glob("ckpt-*/state.json")).read_text())
+    assert state["step"] == 2
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
