@@ -47,10 +47,12 @@ class TinyModelSpec(Strict):
 
 
 class WarmStartSpec(Strict):
-    env: str = ""
-    """Environment whose reference answers the SFT warm start trains on (e.g. `reasoning_gym:basic_arithmetic`)."""
+    env_index: int = Field(0, ge=0)
+    """Which `[[envs]]` entry (with its args) gives the reference answers to train on."""
+    examples: int = Field(4000, ge=1)
+    """Reference prompt/answer pairs taken from that environment's train split."""
     data: str = ""
-    """Or a JSONL file of prompt/completion pairs."""
+    """Or a JSONL file of prompt/completion pairs instead of an environment."""
     steps: int = Field(150, ge=1)
     """SFT optimizer steps; stop early, so RL has something left to learn."""
     extra_args: list[str] = Field(default_factory=list)
@@ -190,7 +192,8 @@ class Launcher:
             "--steps",
             str(warm.steps),
         ]
-        cmd += ["--env", warm.env] if warm.env else ["--data", warm.data]
+        data = warm.data or str(self._reference_answers(warm, self.state / "models" / f"sft-{wkey}.jsonl"))
+        cmd += ["--data", data]
         cmd += ["--seed", str(self.run_cfg.run.seed), *warm.extra_args]
         self._say(f"warm start: {' '.join(cmd[1:])}")
         log = self.run_dir / "logs" / "sft.log"
@@ -240,6 +243,25 @@ class Launcher:
                     )
         finally:
             await ledger.close()
+
+    def _reference_answers(self, warm: WarmStartSpec, path: Path) -> Path:
+        """Write prompt/answer pairs of an environment's train split (with the run's env args) as JSONL."""
+        from offbeat.envs import load
+
+        if warm.env_index >= len(self.run_cfg.envs):
+            raise SystemExit(
+                f"offbeat run: launcher.warm_start.env_index {warm.env_index} names no [[envs]] entry"
+            )
+        spec = self.run_cfg.envs[warm.env_index]
+        env = load(spec.name, **spec.args)
+        lines = []
+        for example in env.examples("train", seed=self.run_cfg.run.seed + 1):
+            if example.answer is not None:
+                lines.append(json.dumps({"prompt": example.prompt, "completion": example.answer}))
+            if len(lines) >= warm.examples:
+                break
+        path.write_text("\n".join(lines) + "\n")
+        return path
 
     # --- children ----------------------------------------------------------------------------
 
