@@ -64,6 +64,18 @@ def test_failed_reward_is_masked_out_of_group_mean_and_reported():
     assert [(d.trajectory_id, d.reason) for d in batch.dropped] == [("c", "reward_failed:timeout")]
 
 
+def test_parse_error_is_a_judgement_and_is_trained():
+    """No parseable answer is the policy's fault: it earns its (zero) reward, which teaches the format."""
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0))
+    buf.add(traj("b", "g", 0.0, status="parse_error"))
+    buf.add(traj("c", "g", 0.0, status="sandbox_error"))
+    batch = take(buf, 0)
+    assert [t.trajectory_id for t in batch.samples] == ["a", "b"]
+    assert [t.advantage for t in batch.samples] == [0.5, -0.5]
+    assert [(d.trajectory_id, d.reason) for d in batch.dropped] == [("c", "reward_failed:sandbox_error")]
+
+
 def test_staleness_uses_oldest_version_and_step_being_trained():
     buf = GroupBuffer()
     buf.add(traj("a", "g", 1.0, version=0))
