@@ -103,7 +103,7 @@ OFFBEAT_POSTGRES_IMAGE=localhost/offbeat-postgres-local:$TAG
 OFFBEAT_ADMIN_PORT=${PROOF_ADMIN_PORT:-55151}
 EOF
 chmod 600 "$WORK/proof.env"
-# The same run file, shortened for two cores: a short warm start and a few steps.
+# The same run file, shortened for two cores: a few steps, and a short warm start if it has one.
 cat > "$WORK/proof.override.yml" <<EOF
 x-short: &short
   OFFBEAT__RUN__MAX_STEPS: "$STEPS"
@@ -111,7 +111,6 @@ services:
   prepare-model:
     environment:
       <<: *short
-      OFFBEAT__LAUNCHER__WARM_START__STEPS: "${PROOF_SFT_STEPS:-30}"
   orchestrator: {environment: {<<: *short}}
   trainer: {environment: {<<: *short}}
 EOF
@@ -145,9 +144,15 @@ trap cleanup EXIT
 ) &
 HEALTH_PID=$!
 # podman-compose 1.x on podman 4.3 starts services without waiting for `service_healthy` /
-# `service_completed_successfully` (it says so and goes on), so the stack is brought up in the
-# order those conditions give: infrastructure healthy, one-shot jobs done, then the services.
-up() { "${DC[@]}" up -d --no-build "$@" >> "$WORK/up.log" 2>&1 || { tail -40 "$WORK/up.log"; say "podman-compose up $* failed"; exit 1; }; }
+# `service_completed_successfully` (it says so and goes on), so podman-compose creates every
+# container and they are started in the order those conditions give: infrastructure healthy,
+# one-shot jobs done, then the services.
+start() {
+  local svc
+  for svc in "$@"; do
+    "${PODMAN[@]}" start "${PROJECT}_${svc}_1" >> "$WORK/up.log" 2>&1 || { tail -20 "$WORK/up.log"; say "FAILED: start $svc"; exit 1; }
+  done
+}
 wait_healthy() {  # wait_healthy <timeout_s> <service>...
   local limit=$((SECONDS + $1)) svc
   shift
@@ -175,14 +180,18 @@ run_config=$(sed -n 's#^ *source: \(.*\.toml\)$#\1#p' "$COMPOSE_FILE" | head -1)
 [[ $run_config == /* ]] || run_config=deploy/compose/$run_config
 # never let the engine create a directory where the run file should be
 [[ -f $run_config ]] || { say "FAILED: the run config $run_config does not exist"; exit 1; }
+if grep -q '^\[launcher.warm_start\]' "$run_config"; then
+  sed -i "s/^      <<: \*short$/&\n      OFFBEAT__LAUNCHER__WARM_START__STEPS: \"${PROOF_SFT_STEPS:-30}\"/" "$WORK/proof.override.yml"
+fi
 say "podman-compose up (profile cpu), run config $run_config"
 t0=$SECONDS
 : > "$WORK/up.log"
-up nats postgres
+"${DC[@]}" up -d --no-build --no-start --no-deps >> "$WORK/up.log" 2>&1 || { tail -40 "$WORK/up.log"; say "FAILED: podman-compose up"; exit 1; }
+start nats postgres
 wait_healthy 180 nats postgres
-up migrate prepare-model
+start migrate prepare-model
 wait_done 1800 migrate prepare-model
-up
+start sandbox scorer inference trainer orchestrator
 wait_healthy 600 sandbox scorer inference orchestrator
 say "stack up and healthy in $((SECONDS - t0))s"
 "${PODMAN[@]}" ps -a --filter "label=io.podman.compose.project=$PROJECT" --format '  {{.Names}} {{.Status}}'
