@@ -257,6 +257,6 @@ class VLLMEngine(Engine):
         )
 
     async def close(self) -> None:
-        if self.llm is not None:
-            self.llm.shutdown()
-            self.llm = None
+        if self.llm is not None:  # shutdown blocks until the engine process exits: not on the loop
+            llm, self.llm = self.llm, None
+            await asyncio.to_thread(llm.shutdown)

@@ -127,7 +127,7 @@ async def test_vllm_weights_applied_with_64_requests_in_flight(engine, vllm_mode
 
 
 async def test_the_service_runs_on_the_vllm_engine(bus, run_id, start_service, vllm_models, tmp_path):
-    service = await start_service(model_path=vllm_models[0], engine="vllm", max_batch=8)
+    service = await start_service(model_path=vllm_models[0], engine="vllm", max_batch=64, max_model_len=2048)
     received: list[rollout_pb2.RolloutCompletion] = []
 
     async def on(c: rollout_pb2.RolloutCompletion) -> None:
@@ -153,3 +153,42 @@ async def test_the_service_runs_on_the_vllm_engine(bus, run_id, start_service, v
         assert (ref - torch.tensor(list(c.logprobs))).abs().max().item() <= 1e-3
         assert [(s.version, s.start, s.end) for s in c.version_spans] == [(0, 0, 6)]
     assert service.details()["engine"] == "VLLMEngine"
+
+    # weights published through the bus while 64 requests are in flight on the vLLM engine
+    from offbeat.v1 import policy_pb2
+    from offbeat.weights import FileWeightStore
+
+    lives: list[policy_pb2.PolicyLive] = []
+
+    async def on_live(x: policy_pb2.PolicyLive) -> None:
+        lives.append(x)
+
+    await bus.subscribe(bus.subjects.policy_live, policy_pb2.PolicyLive, on_live)
+    received.clear()
+    for i in range(64):
+        r = rollout_pb2.RolloutRequest(
+            run_id=run_id,
+            request_id=f"b{i}",
+            group_id=f"b{i}",
+            n=1,
+            trajectory_ids=[f"b{i}"],
+            sampling=rollout_pb2.SamplingParams(temperature=0.0, max_tokens=1500),
+            created_at=time.time(),
+        )
+        r.tokens.token_ids.extend([5 + i, 7, 9])
+        await bus.publish(bus.subjects.rollout_request, r, msg_id=f"request:b{i}:0")
+    await wait_for(lambda: service.engine.in_flight == 64, timeout_s=120)
+    stored = await FileWeightStore(tmp_path / "weights").put(
+        vllm_models[1] / "model.safetensors", run_id=run_id, version=1
+    )
+    wv = policy_pb2.WeightVersion(
+        run_id=run_id, version=1, step=1, parent=0, uri=stored.uri, sha256=stored.sha256, format="safetensors"
+    )
+    await bus.put_head(wv)
+    await bus.publish(bus.subjects.policy_weights, wv, msg_id="weights:1")
+    await wait_for(lambda: any(x.version == 1 and x.ok for x in lives), timeout_s=120)
+    await wait_for(lambda: len(received) == 64, timeout_s=300)
+    for c in received:
+        spans = [(s.version, s.start, s.end) for s in c.version_spans]
+        assert len(c.completion_token_ids) == 1500 and spans[-1][0] == 1 and spans[-1][2] == 1500, spans
+    assert sum(len(c.version_spans) == 2 for c in received) >= 1, "no request was in flight across the switch"
