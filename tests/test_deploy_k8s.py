@@ -233,6 +233,42 @@ def test_run_config_is_the_example(rendered):
             ]
 
 
+def test_config_overrides_name_real_fields(rendered):
+    for overlay, objects in rendered.items():
+        for obj in (o for o in objects if o["kind"] in WORKLOADS):
+            for c in containers(obj):
+                env = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+                check_overrides(env, f"{overlay}: {obj['metadata']['name']}/{c['name']}")
+    with pytest.raises(AssertionError, match="admin_prot"):
+        check_overrides({"OFFBEAT__ORCHESTRATOR__ADMIN_PROT": "1"}, "typo")
+    with pytest.raises(AssertionError, match="max_steps"):
+        check_overrides({"OFFBEAT__RUN__MAX_STEPS": "many"}, "type")
+
+
+def check_overrides(env: dict[str, str], where: str) -> None:
+    """Every OFFBEAT__SECTION__FIELD variable names a real field and its value validates, as the
+    services would read it (the run file's own values are not involved: an empty file)."""
+    import importlib
+
+    from offbeat.config import ConfigError, load_run_config
+
+    models = {
+        name: getattr(importlib.import_module(f"offbeat_{name}.config"), f"{name.capitalize()}Config")
+        for name in ("orchestrator", "inference", "scorer", "sandbox", "trainer")
+    }
+    models["launcher"] = importlib.import_module("offbeat.launcher").LauncherConfig
+    overrides = {k: v for k, v in env.items() if k.startswith("OFFBEAT__")}
+    try:
+        run = load_run_config(None, environ=overrides)
+        for section in (k.split("__")[1].lower() for k in overrides):
+            if section in models:
+                run.section(section, models[section])
+            else:
+                assert section in {"run", "bus", "ledger", "model"}, f"{where}: unknown section {section}"
+    except ConfigError as exc:
+        raise AssertionError(f"{where}: {exc}") from None
+
+
 # --- custom resources and Helm values -------------------------------------------------------
 
 CNPG_SPEC_FIELDS = {
