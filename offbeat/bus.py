@@ -288,7 +288,7 @@ class Bus:
             max_msgs=-1,
             max_consumers=-1,
             duplicate_window=cfg.duplicate_window_s,
-            num_replicas=1,
+            num_replicas=cfg.stream_replicas,
         )
 
     async def ensure(self) -> None:
@@ -319,6 +319,7 @@ class Bus:
             bucket=self.subjects.kv_bucket,
             history=self.cfg.kv_history,
             description=f"offbeat run {self.run_id}",
+            replicas=self.cfg.stream_replicas,
         )
 
     # --- publish ---------------------------------------------------------------------------

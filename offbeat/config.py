@@ -85,6 +85,8 @@ class BusConfig(Strict):
     (backpressure, never loss). Acked messages leave the stream, so this bounds what is in flight."""
     kv_history: int = Field(16, ge=1)
     """History kept per key in the run's KV bucket."""
+    stream_replicas: int = Field(1, ge=1, le=5)
+    """Replicas of the run's stream and KV bucket (3 on a 3-node JetStream cluster: R3)."""
 
 
 class LedgerConfig(Strict):
