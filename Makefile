@@ -34,7 +34,7 @@ proto-check: install
 	$(BIN)/python scripts/gen_proto.py --check
 
 demo: install
-	$(BIN)/offbeat run examples/arithmetic.toml
+	$(BIN)/offbeat run examples/arithmetic.toml --fresh
 
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -51,6 +51,8 @@ class WarmStartSpec(Strict):
     """Which `[[envs]]` entry (with its args) gives the reference answers to train on."""
     examples: int = Field(4000, ge=1)
     """Reference prompt/answer pairs taken from that environment's train split."""
+    completion_template: str = "{answer}"
+    """How a reference answer becomes the SFT completion (e.g. "```python\\n{answer}```" for code)."""
     data: str = ""
     """Or a JSONL file of prompt/completion pairs instead of an environment."""
     steps: int = Field(150, ge=1)
@@ -257,7 +259,8 @@ class Launcher:
         lines = []
         for example in env.examples("train", seed=self.run_cfg.run.seed + 1):
             if example.answer is not None:
-                lines.append(json.dumps({"prompt": example.prompt, "completion": example.answer}))
+                completion = warm.completion_template.format(answer=example.answer)
+                lines.append(json.dumps({"prompt": example.prompt, "completion": completion}))
             if len(lines) >= warm.examples:
                 break
         path.write_text("\n".join(lines) + "\n")

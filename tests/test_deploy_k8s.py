@@ -215,8 +215,6 @@ def test_h200_topology(rendered):
 def test_run_config_is_the_example(rendered):
     """The ConfigMap holds examples/arithmetic.toml byte for byte: the file `offbeat run` uses."""
     example = ROOT / "examples" / "arithmetic.toml"
-    if not example.is_file():  # TODO(deploy): remove once the launcher's example has landed
-        pytest.xfail(f"{example} has not landed yet")
     copy_in_base = (K8S / "base" / "run.toml").read_text()
     assert copy_in_base == example.read_text(), (
         "deploy/k8s/base/run.toml differs from examples/arithmetic.toml: cp examples/arithmetic.toml deploy/k8s/base/run.toml"
