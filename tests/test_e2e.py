@@ -123,17 +123,22 @@ def _admin(run_dir: Path) -> tuple[admin_pb2_grpc.AdminServiceStub, list[tuple[s
     return admin_pb2_grpc.AdminServiceStub(channel), [("authorization", "Bearer e2e-token")]
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+def _wait(predicate, timeout_s: float, what: str, proc: subprocess.Popen[str]) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(
+                f"offbeat run exited {proc.returncode} while waiting for {what}:\n{out[-4000:]}"
+            )
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_pause_resume_and_rollback_on_a_live_run(tmp_path, nats_url, database_url, run_id):
-    config = write_config(tmp_path, run_id, max_staleness=1, max_steps=12)
+    config = write_config(tmp_path, run_id, max_staleness=1, max_steps=40)
     proc = launch(config, nats_url, database_url)
     try:
         run_dir = tmp_path / "state" / "runs" / run_id
@@ -146,8 +151,8 @@ def test_pause_resume_and_rollback_on_a_live_run(tmp_path, nats_url, database_ur
             )
             return int(rows[0][0] or 0)
 
-        _wait(lambda: step() >= 3, 600, "step 3")
-        _wait(lambda: any(run_dir.rglob("admin.address")), 30, "the admin address file")
+        _wait(lambda: step() >= 3, 600, "step 3", proc)
+        _wait(lambda: any(run_dir.rglob("admin.address")), 30, "the admin address file", proc)
         admin, auth = _admin(run_dir)
 
         with pytest.raises(grpc.RpcError) as denied:
@@ -164,12 +169,12 @@ def test_pause_resume_and_rollback_on_a_live_run(tmp_path, nats_url, database_ur
         before = requested()
         time.sleep(8)
         assert requested() == before, "requests kept going out while paused"
-        assert not admin.Resume(admin_pb2.ResumeRequest(reason="e2e"), metadata=auth).paused
-        _wait(lambda: requested() > before, 120, "dispatch after resume")
-
-        _wait(lambda: step() >= 5, 600, "step 5")
+        # roll back while paused: the run cannot race to max_steps before the rollback lands
+        assert step() >= 3
         result = admin.Rollback(admin_pb2.RollbackRequest(version=2, reason="e2e"), metadata=auth)
         assert result.version == 2
+        assert not admin.Resume(admin_pb2.ResumeRequest(reason="e2e"), metadata=auth).paused
+        _wait(lambda: requested() > before, 120, "dispatch after resume", proc)
         rolled = query(
             database_url,
             "SELECT version FROM policy_versions WHERE run_id=%s AND status='rolled_back'",
@@ -190,6 +195,7 @@ def test_pause_resume_and_rollback_on_a_live_run(tmp_path, nats_url, database_ur
             lambda: any(status == "active" for _, _, status in next_version()),
             600,
             "a version after the rollback",
+            proc,
         )
         # a step the trainer finished while the rollback was on its way is published from a rolled-back
         # parent and is rolled back itself; the first active version after the rollback descends from 2
@@ -215,6 +221,7 @@ def test_pause_resume_and_rollback_on_a_live_run(tmp_path, nats_url, database_ur
             ),
             60,
             f"trajectories of rolled-back versions to be discarded (left: {bad[:3]})",
+            proc,
         )
         discarded = query(
             database_url,
