@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from offbeat.v1 import rollout_pb2
@@ -154,3 +157,13 @@ def validate_split(split: str) -> Split:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     return split  # type: ignore[return-value]
+
+
+def load_rows(shipped: str, path: str | Path | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSONL dataset: the file at `path`, else the one shipped as `offbeat/envs/data/<shipped>`."""
+    text = (
+        Path(path).read_text()
+        if path is not None
+        else resources.files("offbeat.envs").joinpath(f"data/{shipped}").read_text()
+    )
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -17,29 +17,26 @@ tests may use `stdin`/`expected_stdout` or `assert_code` and are passed through 
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
 from typing import Any, Final
 
-from offbeat.envs.base import EnvContext, Environment, Example, Reward, RewardStatus, Split, validate_split
+from offbeat.envs.base import (
+    EnvContext,
+    Environment,
+    Example,
+    Reward,
+    RewardStatus,
+    Split,
+    load_rows,
+    validate_split,
+)
 from offbeat.envs.parsers import FormatComponent, Parser, make_parser
 
 INSTRUCTION: Final = (
     "Write a Python function `{signature}`.\n\n{description}\n\n"
     "Answer with the complete function in one ```python code block."
 )
-
-
-def _load_rows(path: str | Path | None) -> list[dict[str, Any]]:
-    text = (
-        Path(path).read_text()
-        if path is not None
-        else resources.files("offbeat.envs").joinpath("data/code.jsonl").read_text()
-    )
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class CodeEnv(Environment):
@@ -58,7 +55,7 @@ class CodeEnv(Environment):
         format: str | None = None,
         format_weight: float = 0.0,
     ) -> None:
-        self.rows = {row["id"]: row for row in _load_rows(path)}
+        self.rows = {row["id"]: row for row in load_rows("code.jsonl", path)}
         for row in self.rows.values():
             validate_split(row["split"])
         self.parser = make_parser(parser)

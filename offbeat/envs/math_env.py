@@ -15,27 +15,15 @@ Not covered: proofs, multi-part answers, or a dataset big enough to train a real
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 from collections.abc import Iterator
-from importlib import resources
-from pathlib import Path
 from typing import Any, Final
 
-from offbeat.envs.base import Environment, Example, Reward, RewardStatus, Split, validate_split
+from offbeat.envs.base import Environment, Example, Reward, RewardStatus, Split, load_rows, validate_split
 from offbeat.envs.parsers import FormatComponent, Parser, make_parser
 
 INSTRUCTION: Final = "Solve the problem. Put your final answer in \\boxed{}."
-
-
-def _load_rows(path: str | Path | None) -> list[dict[str, Any]]:
-    text = (
-        Path(path).read_text()
-        if path is not None
-        else resources.files("offbeat.envs").joinpath("data/math.jsonl").read_text()
-    )
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class MathEnv(Environment):
@@ -51,7 +39,7 @@ class MathEnv(Environment):
         format: str | None = None,
         format_weight: float = 0.0,
     ) -> None:
-        self.rows = {row["id"]: row for row in _load_rows(path)}
+        self.rows = {row["id"]: row for row in load_rows("math.jsonl", path)}
         for row in self.rows.values():
             validate_split(row["split"])
         self.parser = make_parser(parser)
