@@ -208,9 +208,8 @@ class Launcher:
         return str(out)
 
     async def _forget_run(self, nats_url: str, database_url: str) -> None:
-        """--fresh: remove the run's stream, KV, weights bucket and ledger rows."""
+        """--fresh: remove the run's stream, KV bucket and ledger rows (its directory is already gone)."""
         import nats.js.errors
-        from sqlalchemy import text
 
         from offbeat.bus import Bus
         from offbeat.ledger import Ledger
@@ -231,18 +230,7 @@ class Launcher:
             await bus.close()
         ledger = Ledger.connect(database_url, pool_size=1)
         try:
-            async with ledger.engine.begin() as conn:
-                for table, key in (
-                    ("trajectories", "run_id"),
-                    ("trainer_steps", "run_id"),
-                    ("policy_versions", "run_id"),
-                    ("dead_letters", "run_id"),
-                    ("admin_actions", "run_id"),
-                    ("runs", "id"),
-                ):
-                    await conn.execute(
-                        text(f"DELETE FROM {table} WHERE {key} = :r"), {"r": self.run_cfg.run.id}
-                    )
+            await ledger.forget_run(self.run_cfg.run.id)
         finally:
             await ledger.close()
 

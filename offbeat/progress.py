@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import text
-
 from offbeat.config import RunConfig
 from offbeat.ledger import Ledger
 
@@ -33,26 +31,10 @@ class Snapshot:
 
 async def snapshot(ledger: Ledger, run_id: str, bus: Any | None = None) -> Snapshot:
     snap = Snapshot()
-    async with ledger.engine.connect() as conn:
-        row = (
-            await conn.execute(
-                text(
-                    "SELECT step, version, metrics FROM trainer_steps WHERE run_id = :r AND NOT rolled_back "
-                    "ORDER BY step DESC LIMIT 1"
-                ),
-                {"r": run_id},
-            )
-        ).first()
-        if row is not None:
-            snap.step, snap.version, snap.metrics = int(row[0]), int(row[1]), dict(row[2] or {})
-        evals = await conn.execute(
-            text(
-                "SELECT version, step, eval_reward FROM policy_versions WHERE run_id = :r "
-                "AND eval_reward IS NOT NULL AND status = 'active' ORDER BY step, version"
-            ),
-            {"r": run_id},
-        )
-        snap.evals = [(int(v), int(s), float(e)) for v, s, e in evals]
+    steps = await ledger.step_metrics(run_id)
+    if steps:
+        snap.step, snap.version, snap.metrics = steps[-1]
+    snap.evals = await ledger.eval_rewards(run_id)
     snap.fates = await ledger.trajectory_fates(run_id)
     if bus is not None:
         for consumer in ("inference", "scorer", "trainer", "ledger"):

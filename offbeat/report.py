@@ -51,27 +51,11 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def _fetch(ledger: Ledger, run_id: str) -> dict[str, Any]:
-    q: dict[str, Any] = {}
+    q: dict[str, Any] = {
+        "steps": [(step, metrics) for step, _, metrics in await ledger.step_metrics(run_id)],
+        "evals": await ledger.eval_rewards(run_id),
+    }
     async with ledger.engine.connect() as conn:
-        q["steps"] = [
-            (int(s), dict(m or {}))
-            for s, m in await conn.execute(
-                text(
-                    "SELECT step, metrics FROM trainer_steps WHERE run_id=:r AND NOT rolled_back ORDER BY step"
-                ),
-                {"r": run_id},
-            )
-        ]
-        q["evals"] = [
-            (int(v), int(s), float(e))
-            for v, s, e in await conn.execute(
-                text(
-                    "SELECT version, step, eval_reward FROM policy_versions WHERE run_id=:r "
-                    "AND eval_reward IS NOT NULL AND status='active' ORDER BY step, version"
-                ),
-                {"r": run_id},
-            )
-        ]
         q["scored_at"] = [
             row[0].timestamp()
             for row in await conn.execute(

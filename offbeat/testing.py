@@ -11,6 +11,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,3 +126,27 @@ def service_config_file(tmp_path: Path) -> Path:
         f'[run]\nstate_dir = "{tmp_path / "state"}"\n[bus]\nstream_max_bytes = {TEST_STREAM_BYTES}\n'
     )
     return path
+
+
+def check_env_overrides(env: dict[str, str], where: str) -> None:
+    """Every OFFBEAT__SECTION__FIELD variable names a real field and its value validates, as the
+    services would read it (the run file's own values are not involved: an empty file)."""
+    import importlib
+
+    from offbeat.config import ConfigError, load_run_config
+
+    models: dict[str, Any] = {
+        name: getattr(importlib.import_module(f"offbeat_{name}.config"), f"{name.capitalize()}Config")
+        for name in ("orchestrator", "inference", "scorer", "sandbox", "trainer")
+    }
+    models["launcher"] = importlib.import_module("offbeat.launcher").LauncherConfig
+    overrides = {k: v for k, v in env.items() if k.startswith("OFFBEAT__")}
+    try:
+        run = load_run_config(None, environ=overrides)
+        for section in (k.split("__")[1].lower() for k in overrides):
+            if section in models:
+                run.section(section, models[section])
+            else:
+                assert section in {"run", "bus", "ledger", "model"}, f"{where}: unknown section {section}"
+    except ConfigError as exc:
+        raise AssertionError(f"{where}: {exc}") from None

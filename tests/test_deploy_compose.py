@@ -28,6 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
+from offbeat.testing import check_env_overrides as check_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "deploy" / "compose" / "docker-compose.yml"
 SERVICES = ["orchestrator", "inference", "scorer", "sandbox", "trainer"]
@@ -232,30 +234,6 @@ def test_config_overrides_name_real_fields():
         check_overrides({k: str(v) for k, v in svc.get("environment", {}).items()}, name)
     with pytest.raises(AssertionError, match="weights_dri"):
         check_overrides({"OFFBEAT__INFERENCE__WEIGHTS_DRI": "/tmp"}, "typo")
-
-
-def check_overrides(env: dict[str, str], where: str) -> None:
-    """Every OFFBEAT__SECTION__FIELD variable names a real field and its value validates, as the
-    services would read it (the run file's own values are not involved: an empty file)."""
-    import importlib
-
-    from offbeat.config import ConfigError, load_run_config
-
-    models = {
-        name: getattr(importlib.import_module(f"offbeat_{name}.config"), f"{name.capitalize()}Config")
-        for name in ("orchestrator", "inference", "scorer", "sandbox", "trainer")
-    }
-    models["launcher"] = importlib.import_module("offbeat.launcher").LauncherConfig
-    overrides = {k: v for k, v in env.items() if k.startswith("OFFBEAT__")}
-    try:
-        run = load_run_config(None, environ=overrides)
-        for section in (k.split("__")[1].lower() for k in overrides):
-            if section in models:
-                run.section(section, models[section])
-            else:
-                assert section in {"run", "bus", "ledger", "model"}, f"{where}: unknown section {section}"
-    except ConfigError as exc:
-        raise AssertionError(f"{where}: {exc}") from None
 
 
 # --- the proof --------------------------------------------------------------------------------

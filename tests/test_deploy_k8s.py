@@ -23,6 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
+from offbeat.testing import check_env_overrides as check_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 OVERLAYS = ["base", "overlays/h200"]
@@ -241,30 +243,6 @@ def test_config_overrides_name_real_fields(rendered):
         check_overrides({"OFFBEAT__ORCHESTRATOR__ADMIN_PROT": "1"}, "typo")
     with pytest.raises(AssertionError, match="max_steps"):
         check_overrides({"OFFBEAT__RUN__MAX_STEPS": "many"}, "type")
-
-
-def check_overrides(env: dict[str, str], where: str) -> None:
-    """Every OFFBEAT__SECTION__FIELD variable names a real field and its value validates, as the
-    services would read it (the run file's own values are not involved: an empty file)."""
-    import importlib
-
-    from offbeat.config import ConfigError, load_run_config
-
-    models = {
-        name: getattr(importlib.import_module(f"offbeat_{name}.config"), f"{name.capitalize()}Config")
-        for name in ("orchestrator", "inference", "scorer", "sandbox", "trainer")
-    }
-    models["launcher"] = importlib.import_module("offbeat.launcher").LauncherConfig
-    overrides = {k: v for k, v in env.items() if k.startswith("OFFBEAT__")}
-    try:
-        run = load_run_config(None, environ=overrides)
-        for section in (k.split("__")[1].lower() for k in overrides):
-            if section in models:
-                run.section(section, models[section])
-            else:
-                assert section in {"run", "bus", "ledger", "model"}, f"{where}: unknown section {section}"
-    except ConfigError as exc:
-        raise AssertionError(f"{where}: {exc}") from None
 
 
 # --- custom resources and Helm values -------------------------------------------------------

@@ -166,4 +166,7 @@ def load_rows(shipped: str, path: str | Path | None = None) -> list[dict[str, An
         if path is not None
         else resources.files("offbeat.envs").joinpath(f"data/{shipped}").read_text()
     )
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for row in rows:
+        validate_split(row["split"])
+    return rows

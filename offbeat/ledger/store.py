@@ -424,6 +424,36 @@ class Ledger:
             ).scalar_one()
             return int(value or 0)
 
+    async def step_metrics(self, run_id: str) -> list[tuple[int, int, dict[str, Any]]]:
+        """(step, version, metrics) of every trainer step that is not rolled back, in order."""
+        c = TrainerStep.__table__.c  # type: ignore[attr-defined]
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(c.step, c.version, c.metrics)
+                .where(c.run_id == run_id, c.rolled_back.is_(False))
+                .order_by(c.step)
+            )
+            return [(int(s), int(v), dict(m or {})) for s, v, m in rows]
+
+    async def eval_rewards(self, run_id: str) -> list[tuple[int, int, float]]:
+        """(version, step, eval reward) of the active versions that have one, in step order."""
+        pv = PolicyVersion.__table__.c  # type: ignore[attr-defined]
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(pv.version, pv.step, pv.eval_reward)
+                .where(pv.run_id == run_id, pv.eval_reward.is_not(None), pv.status == "active")
+                .order_by(pv.step, pv.version)
+            )
+            return [(int(v), int(s), float(e)) for v, s, e in rows]
+
+    async def forget_run(self, run_id: str) -> None:
+        """Delete everything the ledger holds about a run (`offbeat run --fresh`)."""
+        async with self.engine.begin() as conn:
+            for model in (Trajectory, TrainerStep, PolicyVersion, DeadLetterRow, AdminAction):
+                table = model.__table__
+                await conn.execute(table.delete().where(table.c.run_id == run_id))  # type: ignore[attr-defined]
+            await conn.execute(Run.__table__.delete().where(Run.__table__.c.id == run_id))  # type: ignore[attr-defined]
+
     async def set_run_status(self, run_id: str, status: str) -> None:
         async with self.engine.begin() as conn:
             await conn.execute(
