@@ -9,6 +9,10 @@ service at start), so no message is published before the consumers that must see
 - `Bus.consume` is the pull loop every service uses: batched fetch, handler, ack; a handler that
   raises is nak'ed with a delay and, at its last delivery, dead-lettered with the error; a payload
   that does not parse (or names another run) is dead-lettered and terminated at once.
+- `Bus.consume_batches` is the same loop for handlers that take a whole pull at once (the scorer,
+  the ledger writer): per-message costs are paid once per batch, and the handler says per message
+  whether it succeeded, so one bad message is dead-lettered or nak'ed alone and the rest acked.
+- `Bus.publish_many` pipelines a batch of publishes and waits for their acks together.
 - Fan-out subjects (policy.weights, control) are also read by plain subscriptions in every replica,
   and the policy head and paused flag live in the run's KV bucket for services that start late.
 
@@ -21,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeVar
 
@@ -35,6 +39,8 @@ from nats.js import JetStreamContext, api
 from prometheus_client import Counter, Histogram
 
 from offbeat.config import BusConfig
+from offbeat.jetstream import PubAcks, Puller, ack_info
+from offbeat.jetstream import PublishError as PublishError
 from offbeat.v1 import policy_pb2
 
 log = logging.getLogger("offbeat.bus")
@@ -50,7 +56,7 @@ PUBLISHED = Counter("offbeat_bus_published_total", "Messages published through J
 HANDLED = Counter("offbeat_bus_handled_total", "Messages handled by a consumer", ["consumer", "outcome"])
 HANDLE_SECONDS = Histogram(
     "offbeat_bus_handle_seconds",
-    "Handler time per message",
+    "Handler time per message (batch consumers: one observation per batch, its time per message)",
     ["consumer"],
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
 )
@@ -161,6 +167,12 @@ class Delivery:
         self.deferred = False
         self.acked = False
 
+    @classmethod
+    def of(cls, msg: Msg) -> Delivery:
+        """The delivery of a message pulled from a JetStream consumer (its ack subject says which)."""
+        num_delivered, stream_seq = ack_info(msg.reply)
+        return cls(msg, num_delivered, stream_seq)
+
     @property
     def data(self) -> bytes:
         """The raw payload (for consumers that decode by subject, like the ledger writer)."""
@@ -195,6 +207,23 @@ class Delivery:
 Handler = Callable[[T, Delivery], Awaitable[None]]
 
 
+@dataclass(slots=True)
+class Received(Generic[T]):
+    """One message of a batch handed to a batch handler."""
+
+    message: T
+    """The parsed payload (the raw bytes for a consumer without a message type)."""
+    delivery: Delivery
+
+
+Outcome = BaseException | None
+"""What became of one message of a batch: None handled (acked unless deferred), `Reject` dead-letter
+it now, any other exception nak it (dead-lettered at its last delivery)."""
+BatchHandler = Callable[[list[Received[T]]], Awaitable[Sequence[Outcome] | None]]
+"""Takes a batch; returns one outcome per message, in order, or None when all were handled. Raising
+fails every message of the batch with that exception."""
+
+
 @dataclass
 class Publication(Generic[T]):
     subject: str
@@ -215,6 +244,8 @@ class Bus:
         self.consumers = consumer_specs(cfg, subjects)
         self._kv: Any = None
         self._metrics: dict[str, tuple[Any, Any, Any]] = {}
+        self._pub_acks: PubAcks | None = None
+        self._pub_acks_lock = asyncio.Lock()
 
     def _consumer_metrics(self, consumer: str) -> tuple[Any, Any, Any]:
         """(ok counter, nak counter, handle-time histogram) children, looked up once per consumer."""
@@ -330,22 +361,28 @@ class Bus:
         PUBLISHED.labels(self.subjects.kind(subject)).inc()
         return ack
 
-    async def publish_many(self, items: Iterable[Publication[Any]]) -> list[api.PubAck]:
-        """Pipelined JetStream publishes (async acks), all awaited before returning."""
-        futures = []
+    async def publish_many(self, items: Iterable[Publication[Any]]) -> int:
+        """Pipelined JetStream publishes with dedup ids, their acks awaited together; returns the
+        number the server found duplicate. Raises `PublishError` (naming the refused ones by index)
+        if any was refused, TimeoutError if the acks took over `publish_timeout_s`."""
+        triples = []
         counts: dict[str, int] = {}
         for item in items:
-            futures.append(
-                await self.js.publish_async(
-                    item.subject, item.message.SerializeToString(), headers={"Nats-Msg-Id": item.msg_id}
-                )
-            )
-            kind = self.subjects.kind(item.subject)
-            counts[kind] = counts.get(kind, 0) + 1
-        acks = await asyncio.wait_for(asyncio.gather(*futures), timeout=self.cfg.publish_timeout_s)
-        for kind, n in counts.items():
-            PUBLISHED.labels(kind).inc(n)
-        return list(acks)
+            triples.append((item.subject, item.message.SerializeToString(), item.msg_id))
+            counts[item.subject] = counts.get(item.subject, 0) + 1
+        if not triples:
+            return 0
+        duplicates = await (await self._acks()).publish(triples, timeout_s=self.cfg.publish_timeout_s)
+        for subject, n in counts.items():
+            PUBLISHED.labels(self.subjects.kind(subject)).inc(n)
+        return duplicates
+
+    async def _acks(self) -> PubAcks:
+        if self._pub_acks is None:
+            async with self._pub_acks_lock:
+                if self._pub_acks is None:
+                    self._pub_acks = await PubAcks(self.nc).start()
+        return self._pub_acks
 
     async def control(
         self, kind: policy_pb2.ControlKind.ValueType, *, command_id: str, version: int = 0, reason: str = ""
@@ -388,75 +425,118 @@ class Bus:
         each message is handled in its own task and no more than `max_in_flight` are held at once
         (the engine's capacity, for inference). On stop, handlers in flight are awaited.
         """
-        batch = batch or self.cfg.fetch_batch
-        sub = await self._pull(consumer)
+        size = batch or self.cfg.fetch_batch
         tasks: set[asyncio.Task[None]] = set()
+
+        def room() -> int:
+            return size if max_in_flight == 1 else min(size, max_in_flight - len(tasks))
+
+        async def take(msgs: list[Msg]) -> None:
+            for msg in msgs:
+                if max_in_flight == 1:
+                    await self._handle(consumer, message_type, handler, msg)
+                else:
+                    task = asyncio.create_task(self._handle(consumer, message_type, handler, msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+
+        await self._pull_loop(consumer, stop=stop, room=room, busy=tasks, take=take)
+
+    async def consume_batches(
+        self,
+        consumer: str,
+        message_type: type[T] | None,
+        handler: BatchHandler[Any],
+        *,
+        stop: asyncio.Event,
+        max_in_flight: int | None = None,
+        batch: int | None = None,
+    ) -> None:
+        """Pull from a declared consumer until `stop` is set, handing `handler` every pull at once.
+
+        Each message is parsed as `message_type` (None: handed over as raw bytes, for consumers
+        that parse by subject) and checked to name this run; one that fails is dead-lettered with
+        the reason on its own, exactly as `consume` does, and the rest of the batch goes on. After
+        the handler returns, each message is acked, nak'ed or dead-lettered by its outcome (see
+        `BatchHandler`); a deferred one is left to the handler. Without `max_in_flight` batches
+        are handled one after another; with it, each batch runs in its own task and no more than
+        `max_in_flight` messages are held at once. On stop, batches in flight are awaited.
+        """
+        size = batch or self.cfg.fetch_batch
+        tasks: set[asyncio.Task[None]] = set()
+        held = 0
+
+        def room() -> int:
+            return size if max_in_flight is None else min(size, max_in_flight - held)
+
+        async def run(msgs: list[Msg]) -> None:
+            nonlocal held
+            try:
+                await self._handle_batch(consumer, message_type, handler, msgs)
+            finally:
+                held -= len(msgs)
+
+        async def take(msgs: list[Msg]) -> None:
+            nonlocal held
+            if max_in_flight is None:
+                await self._handle_batch(consumer, message_type, handler, msgs)
+                return
+            held += len(msgs)
+            task = asyncio.create_task(run(msgs))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        await self._pull_loop(consumer, stop=stop, room=room, busy=tasks, take=take)
+
+    async def _pull_loop(
+        self,
+        consumer: str,
+        *,
+        stop: asyncio.Event,
+        room: Callable[[], int],
+        busy: set[asyncio.Task[None]],
+        take: Callable[[list[Msg]], Awaitable[None]],
+    ) -> None:
+        """Fetch up to `room()` messages at a time and `take` them, until `stop`; then await `busy`."""
+        puller = await Puller(self.nc, self.subjects.stream, self.consumers[consumer].durable).start()
         try:
             while not stop.is_set():
-                want = batch if max_in_flight == 1 else min(batch, max_in_flight - len(tasks))
+                want = room()
                 if want <= 0:
-                    await asyncio.wait(
-                        tasks, return_when=asyncio.FIRST_COMPLETED, timeout=self.cfg.fetch_timeout_s
-                    )
+                    if busy:
+                        await asyncio.wait(
+                            busy, return_when=asyncio.FIRST_COMPLETED, timeout=self.cfg.fetch_timeout_s
+                        )
                     continue
                 try:
-                    msgs = await sub.fetch(want, timeout=self.cfg.fetch_timeout_s)
-                except (TimeoutError, nats.errors.TimeoutError):
-                    continue
+                    msgs = await puller.fetch(want, self.cfg.fetch_timeout_s)
                 except nats.errors.ConnectionClosedError:
                     if stop.is_set() or self.nc.is_closed:
                         break
                     raise
                 except (nats.errors.Error, nats.js.errors.Error) as exc:
-                    log.warning("fetch on %s failed (%s); re-binding", consumer, exc)
+                    log.warning("fetch on %s failed (%s); retrying", consumer, exc)
                     await asyncio.sleep(self.cfg.reconnect_wait_s)
-                    with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
-                        sub = await self._pull(consumer)
                     continue
-                for msg in msgs:
-                    if max_in_flight == 1:
-                        await self._handle(consumer, message_type, handler, msg)
-                    else:
-                        task = asyncio.create_task(self._handle(consumer, message_type, handler, msg))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
+                if msgs:
+                    await take(msgs)
         finally:
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError):
-                await sub.unsubscribe()
+            if busy:
+                await asyncio.gather(*busy, return_exceptions=True)
+            await puller.close()
 
     async def _handle(self, consumer: str, message_type: type[T], handler: Handler[T], msg: Msg) -> None:
-        meta = msg.metadata
-        delivery = Delivery(msg, meta.num_delivered, meta.sequence.stream)
+        delivery = Delivery.of(msg)
         ok_count, nak_count, handle_time = self._consumer_metrics(consumer)
         started = time.perf_counter()
         try:
-            try:
-                message = message_type.FromString(msg.data)
-            except DecodeError as exc:
-                raise Reject(f"malformed {message_type.__name__}: {exc}") from None
-            run_id = getattr(message, "run_id", None)
-            if run_id is not None and run_id != self.run_id:
-                raise Reject(f"{message_type.__name__}.run_id is {run_id!r}, expected {self.run_id!r}")
+            message = self._parse(message_type, msg.data)
             await handler(message, delivery)
         except Reject as exc:
             await self._dead_letter(consumer, msg, delivery, str(exc))
             return
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            if delivery.num_delivered >= self.consumers[consumer].max_deliver:
-                await self._dead_letter(
-                    consumer, msg, delivery, f"failed {delivery.num_delivered} times; last: {reason}"
-                )
-            else:
-                log.warning(
-                    "handler on %s failed (delivery %d): %s", consumer, delivery.num_delivered, reason
-                )
-                backoff = self.cfg.nak_backoff_s
-                await delivery.nak(
-                    backoff[min(delivery.num_delivered, len(backoff)) - 1] if backoff else None
-                )
+            if await self._failed(consumer, delivery, exc):
                 nak_count.inc()
             return
         finally:
@@ -464,6 +544,75 @@ class Bus:
         if not delivery.deferred:
             await delivery.ack()
         ok_count.inc()
+
+    def _parse(self, message_type: type[T], data: bytes) -> T:
+        """The payload as `message_type`; `Reject` if it does not parse or names another run."""
+        try:
+            message = message_type.FromString(data)
+        except DecodeError as exc:
+            raise Reject(f"malformed {message_type.__name__}: {exc}") from None
+        run_id = getattr(message, "run_id", None)
+        if run_id is not None and run_id != self.run_id:
+            raise Reject(f"{message_type.__name__}.run_id is {run_id!r}, expected {self.run_id!r}")
+        return message
+
+    async def _handle_batch(
+        self, consumer: str, message_type: type[T] | None, handler: BatchHandler[Any], msgs: list[Msg]
+    ) -> None:
+        ok_count, nak_count, handle_time = self._consumer_metrics(consumer)
+        started = time.perf_counter()
+        batch: list[Received[Any]] = []
+        for msg in msgs:
+            delivery = Delivery.of(msg)
+            if message_type is None:
+                batch.append(Received(msg.data, delivery))
+                continue
+            try:
+                batch.append(Received(self._parse(message_type, msg.data), delivery))
+            except Reject as exc:
+                await self._dead_letter(consumer, msg, delivery, str(exc))
+        if not batch:
+            return
+        outcomes: Sequence[Outcome] | None
+        try:
+            outcomes = await handler(batch)
+        except Exception as exc:
+            outcomes = [exc] * len(batch)
+        if outcomes is None:
+            outcomes = [None] * len(batch)
+        elif len(outcomes) != len(batch):
+            bug = RuntimeError(f"batch handler gave {len(outcomes)} outcomes for {len(batch)} messages")
+            outcomes = [bug] * len(batch)
+        handle_time.observe((time.perf_counter() - started) / len(msgs))
+        handled = naked = 0
+        for item, outcome in zip(batch, outcomes, strict=True):
+            delivery = item.delivery
+            if outcome is None:
+                if not delivery.deferred:
+                    await delivery.ack()
+                handled += 1
+            elif isinstance(outcome, Reject):
+                await self._dead_letter(consumer, delivery._msg, delivery, str(outcome))
+            elif await self._failed(consumer, delivery, outcome):
+                naked += 1
+        if handled:
+            ok_count.inc(handled)
+        if naked:
+            nak_count.inc(naked)
+
+    async def _failed(self, consumer: str, delivery: Delivery, exc: BaseException) -> bool:
+        """A handler failed on this message: nak it with backoff (True), or dead-letter it at its
+        last delivery (False)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if delivery.num_delivered >= self.consumers[consumer].max_deliver:
+            await self._dead_letter(
+                consumer, delivery._msg, delivery, f"failed {delivery.num_delivered} times; last: {reason}"
+            )
+            return False
+        log.warning("handler on %s failed (delivery %d): %s", consumer, delivery.num_delivered, reason)
+        backoff = self.cfg.nak_backoff_s
+        await delivery.nak(backoff[min(delivery.num_delivered, len(backoff)) - 1] if backoff else None)
+        return True
 
     async def _dead_letter(self, consumer: str, msg: Msg, delivery: Delivery, reason: str) -> None:
         letter = policy_pb2.DeadLetter(

@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from offbeat.bus import Bus, Delivery, Publication
+from offbeat.bus import Bus, Delivery, Outcome, Publication, Received, Reject
 from offbeat.config import BusConfig
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2, rollout_pb2
@@ -122,6 +122,76 @@ async def test_malformed_and_failing_messages_are_dead_lettered_and_consumption_
     assert letters[0].payload.startswith(b"\xff\xff\xff")
     assert handled == ["req-3"]
     assert await bus.consumer_pending("inference") == (0, 0)
+
+
+async def test_a_batch_dead_letters_its_bad_messages_alone_and_acks_the_rest(bus: Bus, run_id):
+    """One pull holds good messages, garbage, another run's message, one the handler rejects and
+    one it fails on: the bad ones are dead-lettered each with its own reason, the good ones acked
+    once, and the failed one is not acked but redelivered (and handled the second time)."""
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 1), msg_id="good-1")
+    await bus.js.publish(bus.subjects.rollout_request, b"\xff\xff\xff junk", headers={"Nats-Msg-Id": "bad"})
+    await bus.publish(bus.subjects.rollout_request, _request("another-run", 2), msg_id="foreign")
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 3), msg_id="rejected")
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 4), msg_id="flaky")
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 5), msg_id="good-5")
+    batches: list[list[tuple[str, int]]] = []
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handle(batch: list[Received[rollout_pb2.RolloutRequest]]) -> list[Outcome]:
+        batches.append([(r.message.request_id, r.delivery.num_delivered) for r in batch])
+        outcomes: list[Outcome] = []
+        for r in batch:
+            if r.message.request_id == "req-3":
+                outcomes.append(Reject("no such environment"))
+            elif r.message.request_id == "req-4" and r.delivery.num_delivered == 1:
+                outcomes.append(RuntimeError("sandbox flaked"))
+            else:
+                handled.append(r.message.request_id)
+                outcomes.append(None)
+        return outcomes
+
+    task = asyncio.create_task(
+        bus.consume_batches("inference", rollout_pb2.RolloutRequest, handle, stop=stop)
+    )
+    letters = await _dead_letters(bus, 3)
+    await wait_for(lambda: "req-4" in handled)
+    await wait_for(_drained(bus), timeout_s=15)
+    stop.set()
+    await task
+    assert batches[0] == [("req-1", 1), ("req-3", 1), ("req-4", 1), ("req-5", 1)], (
+        "the bad messages were not taken out of the batch, or the batch was split"
+    )
+    assert ("req-4", 2) in [m for b in batches[1:] for m in b], "the failed message was not redelivered"
+    assert sorted(handled) == ["req-1", "req-4", "req-5"], "a message was handled twice or not at all"
+    reasons = {letter.msg_id: letter.reason for letter in letters}
+    assert set(reasons) == {"bad", "foreign", "rejected"}
+    assert reasons["bad"].startswith("malformed RolloutRequest")
+    assert "another-run" in reasons["foreign"]
+    assert reasons["rejected"] == "no such environment"
+    assert all(letter.consumer == "inference" and letter.deliveries == 1 for letter in letters)
+
+
+async def test_a_batch_handler_that_raises_acks_nothing(bus: Bus, run_id):
+    """A handler that raises fails its whole batch: every message comes back, none was acked."""
+    for i in range(3):
+        await bus.publish(bus.subjects.rollout_request, _request(run_id, i), msg_id=f"m-{i}")
+    seen: list[tuple[str, int]] = []
+    stop = asyncio.Event()
+
+    async def handle(batch: list[Received[rollout_pb2.RolloutRequest]]) -> None:
+        seen.extend((r.message.request_id, r.delivery.num_delivered) for r in batch)
+        if batch[0].delivery.num_delivered == 1:
+            raise ConnectionError("database away")
+
+    task = asyncio.create_task(
+        bus.consume_batches("inference", rollout_pb2.RolloutRequest, handle, stop=stop, max_in_flight=8)
+    )
+    await wait_for(lambda: len(seen) >= 6, timeout_s=15)
+    await wait_for(_drained(bus), timeout_s=15)
+    stop.set()
+    await task
+    assert sorted(seen) == sorted((f"req-{i}", n) for i in range(3) for n in (1, 2)), seen
 
 
 async def test_longest_rollout_crosses_the_bus(bus: Bus, run_id):
