@@ -28,6 +28,9 @@ GOALS: list[tuple[str, str, str, float]] = [
     ("ledger", "ratio", ">=", 0.8),
     ("ledger", "writer_events_per_s", ">=", 5000.0),
     ("weights", "tiny_file_ratio", "<=", 2.0),
+    ("weights", "tiny_nats_ratio", "<=", 2.0),
+    ("weights", "qwen05b_file_ratio", "<=", 2.0),
+    ("weights", "qwen05b_nats_ratio", "<=", 2.0),
     ("async_speedup", "speedup_vs_ideal", ">=", 0.85),
 ]
 OPS = {">=": operator.ge, "<=": operator.le}

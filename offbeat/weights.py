@@ -7,7 +7,8 @@ local path and verifies the checksum (a mismatch raises `ChecksumError` and leav
 - `FileWeightStore` (`file:///root/...`): a shared filesystem path, what a cluster mounts
   (ReadWriteMany). Files are written under a temporary name and renamed into place.
 - `NatsObjectWeightStore` (`nats://bucket/name`): the NATS object store, zero extra
-  infrastructure for small models; reads stream into a file (`writeinto`), never into memory.
+  infrastructure for small models; reads stream into a file (hashed as they are written), never
+  into memory.
 
 Not covered: NCCL broadcast from trainer to inference ranks (a cluster addition; the announcement
 still goes over the bus) and weight formats other than safetensors.
@@ -16,16 +17,25 @@ still goes over the bus) and weight formats other than safetensors.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import os
 import shutil
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlparse
 
-CHUNK = 8 * 1024 * 1024
+CHUNK: Final = 8 * 1024 * 1024
+CHUNK_BYTES: Final = 1024 * 1024
+"""Object-store chunk size for puts (at most the server's max_payload)."""
+FETCH_BATCH_BYTES: Final = 32 * 1024 * 1024
+"""About this much is requested per pull while the previous batch is written and hashed."""
+FETCH_TIMEOUT_S: Final = 30.0
+"""Longest wait for one batch of chunks before a fetch fails."""
 
 
 class ChecksumError(ValueError):
@@ -41,9 +51,11 @@ class StoredWeights:
 
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
+    buffer = bytearray(CHUNK)  # one buffer for the whole file, not a new bytes object per read
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
@@ -111,52 +123,156 @@ def _copy_verified(source: Path, dest: Path, sha256: str) -> None:
 
 
 class NatsObjectWeightStore(WeightStore):
-    """Weights in a JetStream object store bucket of the run's NATS server."""
+    """Weights in a JetStream object store bucket of the run's NATS server.
 
-    def __init__(self, js: Any, bucket: str, *, max_bytes: int = 64 * 1024**3) -> None:
+    Objects are plain object-store objects (any NATS client reads them), in chunks of
+    `chunk_bytes` (at most the server's max_payload): fewer, larger messages than the client's
+    128 KiB default. `fetch` reads the chunks with a pull consumer of its own, in batches, and
+    writes and hashes each batch in a thread while the next one is on the wire: one pass, the
+    sha256 of the bytes written compared with the announced one. (The client's `get` is not used:
+    its ordered consumer answers flow control only every 250 ms, which stalls a large object for
+    minutes, and it hashes on the event loop.)
+    """
+
+    def __init__(
+        self,
+        js: Any,
+        bucket: str,
+        *,
+        max_bytes: int = -1,
+        chunk_bytes: int = CHUNK_BYTES,
+        batch_bytes: int = FETCH_BATCH_BYTES,
+        fetch_timeout_s: float = FETCH_TIMEOUT_S,
+    ) -> None:
+        """`max_bytes` bounds the bucket; -1 (no bound) reserves nothing, where a bound reserves that
+        much of the server's JetStream storage up front (and fails on a server with less).
+        `fetch_timeout_s` bounds the wait for each batch of chunks."""
         self.js = js
         self.bucket = bucket
         self.max_bytes = max_bytes
+        self.chunk_bytes = chunk_bytes
+        self.batch_bytes = batch_bytes
+        self.fetch_timeout_s = fetch_timeout_s
         self._store: Any = None
 
     async def _obs(self) -> Any:
+        """The bucket, created if missing; one that exists is used as it is (whoever made it)."""
         if self._store is None:
             from nats.js.api import ObjectStoreConfig, StorageType
+            from nats.js.errors import BadRequestError
 
-            self._store = await self.js.create_object_store(
-                self.bucket,
-                config=ObjectStoreConfig(
-                    description="offbeat policy weights", storage=StorageType.FILE, max_bytes=self.max_bytes
-                ),
-            )
+            try:
+                self._store = await self.js.create_object_store(
+                    self.bucket,
+                    config=ObjectStoreConfig(
+                        description="offbeat policy weights",
+                        storage=StorageType.FILE,
+                        max_bytes=self.max_bytes,
+                    ),
+                )
+            except BadRequestError:  # exists with another configuration
+                self._store = await self.js.object_store(self.bucket)
         return self._store
 
     async def put(self, local: Path, *, run_id: str, version: int) -> StoredWeights:
-        digest = await asyncio.to_thread(sha256_file, local)
+        from nats.js.api import ObjectMeta, ObjectMetaOptions
+
         name = f"{run_id}/v{version:06d}/model.safetensors"
         obs = await self._obs()
-        with open(local, "rb") as f:
-            await obs.put(name, f)
+        chunk = self.chunk_bytes  # offbeat's servers allow >= 1 MiB (`[bus] max_payload_bytes`)
+        with open(local, "rb") as f:  # the client hashes what it sends: its digest is the file's
+            info = await obs.put(
+                name, f, meta=ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
+            )
         return StoredWeights(
-            uri=f"nats://{self.bucket}/{name}", sha256=digest, size_bytes=local.stat().st_size
+            uri=f"nats://{self.bucket}/{name}", sha256=_digest_hex(info.digest), size_bytes=info.size
         )
 
     async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
         parsed = urlparse(uri)
         if parsed.scheme != "nats" or parsed.netloc != self.bucket:
             raise ValueError(f"{uri} is not in bucket {self.bucket}")
+        info = await (await self._obs()).get_info(parsed.path.lstrip("/"))
+        if info.is_link():
+            raise ValueError(f"{uri} is an object-store link, not weights")
+        if _digest_hex(info.digest) != sha256:
+            raise ChecksumError(
+                f"{uri}: stored sha256 {_digest_hex(info.digest)[:12]}… is not the announced {sha256[:12]}…"
+            )
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".partial")
-        obs = await self._obs()
-        with open(tmp, "wb") as f:
-            await obs.get(parsed.path.lstrip("/"), writeinto=f)
         try:
-            await asyncio.to_thread(verify, tmp, sha256)
-        except ChecksumError:
+            digest, size = await self._receive(info, tmp)
+            if size != info.size or digest != sha256:
+                raise ChecksumError(
+                    f"{uri}: received {size} bytes with sha256 {digest[:12]}…, announced {info.size} bytes {sha256[:12]}…"
+                )
+        except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, dest)
         return dest
+
+    async def _receive(self, info: Any, path: Path) -> tuple[str, int]:
+        """Every chunk of `info` into `path`, in order: (sha256 of what was written, bytes)."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        stream = f"OBJ_{self.bucket}"
+        consumer = f"offbeat-fetch-{uuid.uuid4().hex}"
+        chunk = (info.options.max_chunk_size if info.options else 0) or self.chunk_bytes
+        batch = max(1, self.batch_bytes // chunk)
+        await self.js.add_consumer(
+            stream,
+            config=ConsumerConfig(
+                name=consumer,
+                filter_subject=f"$O.{self.bucket}.C.{info.nuid}",
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.NONE,
+                inactive_threshold=max(60.0, 4 * self.fetch_timeout_s),  # the server's cleanup if we die
+                mem_storage=True,
+                num_replicas=1,
+            ),
+        )
+        digest = hashlib.sha256()
+        size = 0
+        received = 0
+        try:
+            sub = await self.js.pull_subscribe_bind(
+                consumer=consumer, stream=stream, pending_bytes_limit=4 * batch * chunk + self.batch_bytes
+            )
+            with open(path, "wb") as f:
+
+                def sink(chunks: list[bytes]) -> None:
+                    for data in chunks:
+                        f.write(data)
+                        digest.update(data)
+
+                writing: asyncio.Future[None] | None = None
+                try:
+                    while received < info.chunks:
+                        msgs = await sub.fetch(
+                            batch=min(batch, info.chunks - received), timeout=self.fetch_timeout_s
+                        )
+                        chunks = [m.data for m in msgs]
+                        received += len(chunks)
+                        size += sum(len(c) for c in chunks)
+                        if writing is not None:
+                            await writing
+                        writing = asyncio.ensure_future(asyncio.to_thread(sink, chunks))
+                finally:  # the file stays open until the last write is done, even on failure
+                    if writing is not None:
+                        await writing
+            await sub.unsubscribe()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(stream, consumer)
+        return digest.hexdigest(), size
+
+
+def _digest_hex(digest: str) -> str:
+    """The hex sha256 of an object-store digest (`SHA-256=<urlsafe base64>`)."""
+    _, _, b64 = digest.partition("=")
+    return base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4)).hex()
 
 
 def open_store(uri: str, *, js: Any = None) -> WeightStore:

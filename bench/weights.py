@@ -1,0 +1,272 @@
+"""Weight publication: from the trainer announcing a version to inference serving it.
+
+For each model (the tiny test model, and `qwen05b`: a Qwen2 model shaped like Qwen/Qwen2.5-0.5B,
+494M parameters in bfloat16, random weights built once into the temp dir since no hub is
+reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObjectWeightStore`):
+
+1. trainer side, not timed in the ratio: the trainer's own `save_weights` writes the state dict,
+   the store from `offbeat_trainer.publish.resolve_store` puts it (`<m>_<store>_put_s`), and
+   `weight_version` builds the announcement;
+2. timed (`<m>_<store>_live_s`): publish the announcement on `policy.weights` (and the KV head)
+   through a real nats-server; inference's `WeightFollower` (its own connection) fetches it,
+   verifies the sha256, and the transformers engine maps and copies it into the model; the time
+   ends when the replica's `PolicyLive` for that version arrives back on the bus;
+3. baseline (`<m>_<store>_safetensors_s`): a plain `safetensors.torch.load_file` of the same
+   file, plus one pass that reads every tensor (`load_file` maps lazily), alternated with 2;
+4. for scale (`<m>_<store>_sha256_s`): one `hashlib.sha256` pass over the same file, the
+   verification the contract asks of inference before a version goes live.
+
+`<m>_<store>_ratio` = median live / median baseline; goal <= 2. The engine is idle during the
+update (an update while 64 sequences decode is `bench/inference.py`'s `apply_ratio`). Medians of
+7 versions per store (tiny) and 5 (qwen05b); the machine is shared, so only same-run ratios mean
+much.
+
+    .venv/bin/python bench/weights.py [--quick]    # --quick: the tiny model only
+
+The last stdout line is one JSON object with those figures. Not covered: vLLM's update path,
+GPUs, NCCL broadcast, stores on a network filesystem (the `file` store reads a local disk here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from offbeat_inference.hf_engine import HFEngine
+from offbeat_inference.updates import WeightFollower
+from offbeat_trainer.checkpoint import VersionRecord, save_weights
+from offbeat_trainer.publish import resolve_store, weight_version
+from safetensors.torch import load_file
+
+from offbeat.bus import Bus
+from offbeat.config import BusConfig
+from offbeat.infra import NatsServer
+from offbeat.tinymodel import build_tiny_model, build_tokenizer
+from offbeat.v1 import policy_pb2
+from offbeat.weights import sha256_file
+
+RUN = "bench-weights"
+# Qwen/Qwen2.5-0.5B's config.json, less what a random model does not need
+QWEN05B: dict[str, Any] = {
+    "vocab_size": 151_936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32_768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+}
+
+
+def build_qwen05b(path: Path) -> Path:
+    """The 0.5B model with random weights in bfloat16 (cached: built once per temp dir)."""
+    done = path / "built.json"
+    if done.exists() and json.loads(done.read_text()) == QWEN05B:
+        return path
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    shutil.rmtree(path, ignore_errors=True)
+    build_tokenizer(path)
+    config = Qwen2Config(**QWEN05B, pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.save_pretrained(str(path), safe_serialization=True)
+    del model
+    done.write_text(json.dumps(QWEN05B))
+    return path
+
+
+def plain_sha256(path: Path) -> float:
+    started = time.perf_counter()
+    sha256_file(path)
+    return time.perf_counter() - started
+
+
+def plain_load(path: Path) -> float:
+    """`load_file` and one read of every tensor: what loading the file costs without offbeat."""
+    started = time.perf_counter()
+    state = load_file(str(path))
+    resident = {name: t.clone() for name, t in state.items()}
+    elapsed = time.perf_counter() - started
+    del state, resident
+    return elapsed
+
+
+def trainer_weights(model_dir: Path, version: int, out: Path) -> Path:
+    """What the trainer writes for `version`: its state dict through its own `save_weights`.
+
+    The state is the base model (mapped, not read) with a different final norm per version, so
+    every version's file and sha256 are new; nothing of it stays in memory afterwards.
+    """
+    state = load_file(str(model_dir / "model.safetensors"))
+    norm = "model.norm.weight"
+    state[norm] = torch.full_like(state[norm], 1.0 + version / 100)
+    path = save_weights(state, out)
+    del state
+    gc.collect()
+    return path
+
+
+class Replica:
+    """Inference's update path in this process: its own bus connection, follower and engine."""
+
+    def __init__(self, bus: Bus, engine: HFEngine, weights_dir: Path) -> None:
+        self.follower = WeightFollower(bus, engine, replica="bench", weights_dir=weights_dir)
+        self.stop = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.follower.start()
+        self.task = asyncio.create_task(self.follower.run(self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        if self.task is not None:
+            await self.task
+        await self.follower.close()
+
+
+async def bench_model(
+    name: str,
+    model_dir: Path,
+    *,
+    dtype: str,
+    stores: list[str],
+    repeats: int,
+    cfg: BusConfig,
+    tmp: Path,
+) -> dict[str, float]:
+    run = f"{RUN}-{name}"  # a run per model: its own subjects and KV head
+    trainer_bus = await Bus.connect(cfg, run, name=f"bench-trainer-{name}")
+    await trainer_bus.ensure()
+    inference_bus = await Bus.connect(cfg, run, name=f"bench-inference-{name}")
+    engine = HFEngine(str(model_dir), dtype=dtype, capacity=4, max_model_len=1024)
+    await engine.start()
+    replica = Replica(inference_bus, engine, tmp / f"{name}-fetched")
+    await replica.start()
+    lives: dict[int, asyncio.Future[policy_pb2.PolicyLive]] = {}
+
+    async def on_live(live: policy_pb2.PolicyLive) -> None:
+        future = lives.get(live.version)
+        if future is not None and not future.done():
+            future.set_result(live)
+
+    await trainer_bus.subscribe(trainer_bus.subjects.policy_live, policy_pb2.PolicyLive, on_live)
+    results: dict[str, float] = {}
+    version = engine.version
+    try:
+        for store_name in stores:
+            uri = (tmp / f"{name}-store").as_uri() if store_name == "file" else f"nats://w_{name}"
+            store = resolve_store(uri, str(tmp), js=trainer_bus.js)
+            puts, live_s, applies, loads, hashes = [], [], [], [], []
+            for i in range(repeats):
+                version += 1
+                local = await asyncio.to_thread(
+                    trainer_weights, model_dir, version, tmp / f".{name}-weights.safetensors"
+                )
+                started = time.perf_counter()
+                stored = await store.put(local, run_id=run, version=version)
+                puts.append(time.perf_counter() - started)
+                record = VersionRecord(
+                    step=version,
+                    parent=version - 1,
+                    uri=stored.uri,
+                    sha256=stored.sha256,
+                    size_bytes=stored.size_bytes,
+                    published_at=time.time(),
+                )
+                wv = weight_version(run, version, record)
+                future = lives[version] = asyncio.get_running_loop().create_future()
+                if i % 2:
+                    loads.append(await asyncio.to_thread(plain_load, local))
+                started = time.perf_counter()
+                await trainer_bus.publish(
+                    trainer_bus.subjects.policy_weights, wv, msg_id=f"weights:{version}"
+                )
+                await trainer_bus.put_head(wv)
+                live = await asyncio.wait_for(future, timeout=600)
+                live_s.append(time.perf_counter() - started)
+                if not live.ok:
+                    raise RuntimeError(f"{name} via {store_name}: version {version} refused: {live.error}")
+                applies.append(live.apply_s)
+                if not i % 2:
+                    loads.append(await asyncio.to_thread(plain_load, local))
+                hashes.append(await asyncio.to_thread(plain_sha256, local))
+                print(
+                    f"{name} {store_name} v{version}: put {puts[-1]:.3f}s, announce->live "
+                    f"{live_s[-1]:.3f}s (engine apply {live.apply_s:.3f}s), safetensors {loads[-1]:.3f}s",
+                    flush=True,
+                )
+                if store_name == "file":
+                    Path(stored.uri.removeprefix("file://")).unlink()
+                else:
+                    bucket, _, obj = stored.uri.removeprefix("nats://").partition("/")
+                    await (await trainer_bus.js.object_store(bucket)).delete(obj)
+            local.unlink()
+            key = f"{name}_{store_name}"
+            results[f"{key}_put_s"] = statistics.median(puts)
+            results[f"{key}_live_s"] = statistics.median(live_s)
+            results[f"{key}_engine_apply_s"] = statistics.median(applies)
+            results[f"{key}_safetensors_s"] = statistics.median(loads)
+            results[f"{key}_sha256_s"] = statistics.median(hashes)
+            results[f"{key}_ratio"] = results[f"{key}_live_s"] / results[f"{key}_safetensors_s"]
+        results[f"{name}_bytes"] = float(stored.size_bytes)
+    finally:
+        await replica.close()
+        await engine.close()
+        await trainer_bus.close()
+        await inference_bus.close()
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the tiny model only")
+    parser.add_argument("--stores", default="file,nats", help="comma-separated: file, nats")
+    parser.add_argument("--models", default="tiny,qwen05b", help="comma-separated: tiny, qwen05b")
+    args = parser.parse_args()
+    stores = args.stores.split(",")
+    models = ["tiny"] if args.quick else args.models.split(",")
+    tmp = Path(tempfile.mkdtemp(prefix="offbeat-bench-weights-"))
+    nats = NatsServer.start(tmp / "infra")
+    cfg = BusConfig(nats_url=nats.url, stream_max_bytes=256 * 1024**2)
+    results: dict[str, float] = {}
+    try:
+        if "tiny" in models:
+            tiny = build_tiny_model(tmp / "tiny")
+            results.update(
+                await bench_model("tiny", tiny, dtype="float32", stores=stores, repeats=7, cfg=cfg, tmp=tmp)
+            )
+        if "qwen05b" in models:
+            large = build_qwen05b(Path(tempfile.gettempdir()) / "offbeat-bench-qwen05b")
+            results.update(
+                await bench_model(
+                    "qwen05b", large, dtype="bfloat16", stores=stores, repeats=5, cfg=cfg, tmp=tmp
+                )
+            )
+    finally:
+        nats.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["torch_threads"] = float(torch.get_num_threads())
+    print(json.dumps({k: round(v, 4) for k, v in results.items()}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,112 @@
+"""Weight stores against a real nats-server: whole files or nothing, and no leftovers."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+from offbeat.infra import NatsServer
+from offbeat.weights import ChecksumError, FileWeightStore, NatsObjectWeightStore
+
+pytestmark = pytest.mark.integration
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+async def js(nats_url: str):  # type: ignore[no-untyped-def]
+    nc = await nats.connect(nats_url)
+    yield nc.jetstream()
+    await nc.close()
+
+
+def random_file(path: Path, size: int) -> Path:
+    path.write_bytes(os.urandom(size))
+    return path
+
+
+async def test_nats_store_round_trips_a_file_of_many_chunks(js, run_id: str, tmp_path: Path) -> None:
+    source = random_file(tmp_path / "w.safetensors", 5 * MIB + 12345)
+    store = NatsObjectWeightStore(js, f"w_{run_id}", chunk_bytes=MIB, batch_bytes=2 * MIB)
+    stored = await store.put(source, run_id=run_id, version=3)
+    assert stored.sha256 == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert stored.size_bytes == source.stat().st_size
+    info = await (await js.object_store(f"w_{run_id}")).get_info(f"{run_id}/v000003/model.safetensors")
+    assert info.chunks == 6, f"{info.chunks} chunks of a 5 MiB file at 1 MiB each"
+
+    fetched = await NatsObjectWeightStore(js, f"w_{run_id}").fetch(
+        stored.uri, tmp_path / "out" / "v3.safetensors", sha256=stored.sha256
+    )
+    assert fetched.read_bytes() == source.read_bytes(), "the fetched file differs from the one put"
+    assert not list(fetched.parent.glob("*.partial"))
+    consumers = await js.consumers_info(f"OBJ_w_{run_id}")
+    assert consumers == [], f"fetch left consumers behind: {[c.name for c in consumers]}"
+
+
+async def test_nats_store_reads_objects_another_client_wrote(js, run_id: str, tmp_path: Path) -> None:
+    # the nats client's own put: its default 128 KiB chunks
+    source = random_file(tmp_path / "w.safetensors", MIB + 7)
+    obs = await js.create_object_store(f"w_{run_id}")
+    info = await obs.put("r/v000001/model.safetensors", source.read_bytes())
+    assert info.chunks > 1
+    fetched = await NatsObjectWeightStore(js, f"w_{run_id}").fetch(
+        f"nats://w_{run_id}/r/v000001/model.safetensors",
+        tmp_path / "v1.safetensors",
+        sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+    )
+    assert fetched.read_bytes() == source.read_bytes()
+
+
+async def test_nats_store_refuses_weights_that_are_not_the_announced_ones(
+    js, run_id: str, tmp_path: Path
+) -> None:
+    store = NatsObjectWeightStore(js, f"w_{run_id}")
+    stored = await store.put(random_file(tmp_path / "w", 2 * MIB), run_id=run_id, version=1)
+    dest = tmp_path / "out" / "v1.safetensors"
+    with pytest.raises(ChecksumError):
+        await store.fetch(stored.uri, dest, sha256="0" * 64)
+    assert not dest.parent.exists() or not any(dest.parent.iterdir()), "a refused fetch left files"
+
+
+async def test_nats_store_with_chunks_gone_fails_within_its_timeout(js, run_id: str, tmp_path: Path) -> None:
+    bucket = f"w_{run_id}"
+    store = NatsObjectWeightStore(js, bucket, chunk_bytes=MIB, fetch_timeout_s=0.5)
+    stored = await store.put(random_file(tmp_path / "w", 3 * MIB), run_id=run_id, version=1)
+    info = await (await js.object_store(bucket)).get_info(f"{run_id}/v000001/model.safetensors")
+    await js.purge_stream(f"OBJ_{bucket}", subject=f"$O.{bucket}.C.{info.nuid}")  # the data, not the meta
+    dest = tmp_path / "v1.safetensors"
+    started = time.monotonic()
+    with pytest.raises(Exception) as failure:
+        await store.fetch(stored.uri, dest, sha256=stored.sha256)
+    assert time.monotonic() - started < 10, f"a fetch of missing chunks hung ({failure.value!r})"
+    assert not dest.exists() and not dest.with_suffix(".partial").exists()
+
+
+async def test_nats_store_needs_no_storage_reservation(tmp_path: Path, run_id: str) -> None:
+    # a server with less JetStream storage than any fixed bucket bound we might pick
+    server = NatsServer.start(tmp_path / "small", max_file_store_bytes=256 * MIB)
+    try:
+        nc = await nats.connect(server.url)
+        store = NatsObjectWeightStore(nc.jetstream(), "weights")
+        stored = await store.put(random_file(tmp_path / "w", MIB), run_id=run_id, version=1)
+        assert stored.uri.startswith("nats://weights/")
+        await nc.close()
+    finally:
+        server.stop()
+
+
+async def test_file_store_puts_atomically_and_refuses_a_changed_file(tmp_path: Path, run_id: str) -> None:
+    source = random_file(tmp_path / "w.safetensors", MIB + 3)
+    store = FileWeightStore(tmp_path / "store")
+    stored = await store.put(source, run_id=run_id, version=2)
+    path = store.local_path(stored.uri)
+    assert path is not None and path.read_bytes() == source.read_bytes()
+    assert not list(path.parent.glob("*.partial"))
+    path.write_bytes(b"tampered")  # the store's copy changed after it was announced
+    with pytest.raises(ChecksumError):
+        await store.fetch(stored.uri, tmp_path / "copy.safetensors", sha256=stored.sha256)
+    assert not (tmp_path / "copy.safetensors").exists()
