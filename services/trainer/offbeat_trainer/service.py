@@ -10,6 +10,10 @@ advantages), train, then make the step durable in this order:
 3. announce the version on `policy.weights` and put it as the KV head; publish the report;
 4. ack every message of the ids the checkpoint accounts for.
 
+A NATS outage during 3 or 4 is waited out: announcements and reports are retried until published
+(their msg ids make repeats no-ops), an ack that fails is left to redelivery (the id is accounted,
+so the redelivered message is acked and skipped), and the heartbeat keeps going.
+
 A crash before 2 loses the step: nothing was acked, the messages are redelivered and the step is
 redone from the previous checkpoint. A crash after 2 keeps it: `--resume` loads the checkpoint,
 re-publishes its announcement and report (same msg ids, deduplicated), and redelivered messages
@@ -32,9 +36,12 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import torch
 
 from offbeat.bus import Delivery, Reject
@@ -49,6 +56,9 @@ from offbeat_trainer.train import CoreSettings, TrainCore, load_model
 
 log = logging.getLogger("offbeat.trainer")
 FAULT_ENV = "OFFBEAT_TRAINER_FAULT"
+BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
+"""What a NATS outage raises from a publish or an ack (reconnecting, JetStream not ready yet)."""
+RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
 
 
 def _fault_point(phase: str, step: int) -> None:
@@ -151,14 +161,37 @@ class Trainer:
         """(Re-)announce the last version and report; their msg ids make repeats no-ops."""
         if self.state.last_announcement:
             wv = policy_pb2.WeightVersion.FromString(bytes.fromhex(self.state.last_announcement))
-            await self.bus.publish(
-                self.bus.subjects.policy_weights, wv, msg_id=self.state.last_announcement_id
+            msg_id = self.state.last_announcement_id
+            await self._until_sent(
+                "announcement", lambda: self.bus.publish(self.bus.subjects.policy_weights, wv, msg_id=msg_id)
             )
-        head = self.state.versions[self.state.head]
-        await self.bus.put_head(weight_version(self.run.id, self.state.head, head))
+        head = weight_version(self.run.id, self.state.head, self.state.versions[self.state.head])
+        await self._until_sent("head", lambda: self.bus.put_head(head))
         if self.state.last_report:
             report = policy_pb2.TrainerStep.FromString(bytes.fromhex(self.state.last_report))
-            await self.bus.publish(self.bus.subjects.trainer_step, report, msg_id=report_msg_id(report))
+            await self._until_sent(
+                "step report",
+                lambda: self.bus.publish(
+                    self.bus.subjects.trainer_step, report, msg_id=report_msg_id(report)
+                ),
+            )
+
+    async def _until_sent(self, what: str, send: Callable[[], Awaitable[Any]]) -> None:
+        """Publish what a durable checkpoint already holds, retrying through a NATS outage. On stop
+        it gives up: `--resume` publishes it again from the checkpoint."""
+        attempt = 0
+        while True:
+            try:
+                await send()
+                return
+            except BUS_ERRORS as exc:
+                if self.ctx.stop.is_set():
+                    log.error("stopping before the %s was published (%s); --resume publishes it", what, exc)
+                    raise
+                delay = RETRY_BACKOFF_S[min(attempt, len(RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("publishing the %s failed (%r); retrying in %.1fs", what, exc, delay)
+                await asyncio.sleep(delay)
 
     async def _store_version(
         self, local: Path, version: int, *, step: int, parent: int, checkpoint: str
@@ -220,10 +253,13 @@ class Trainer:
         interval = min(self.cfg.heartbeat_s, self.ctx.run.bus.ack_wait_s / 3)
         while not self.ctx.stop.is_set():
             await asyncio.sleep(interval)
-            for deliveries in list(self.held.values()):
-                for d in deliveries:
-                    if not d.acked:
-                        await d.in_progress()
+            try:
+                for deliveries in list(self.held.values()):
+                    for d in deliveries:
+                        if not d.acked:
+                            await d.in_progress()
+            except BUS_ERRORS as exc:  # NATS away: the next beat tries again
+                log.warning("heartbeat failed (%r)", exc)
 
     async def on_control(self, cmd: policy_pb2.ControlCommand) -> None:
         if cmd.kind == policy_pb2.CONTROL_KIND_ROLLBACK:
@@ -308,9 +344,15 @@ class Trainer:
         self.accounted.update(done)
         if version:
             wv = weight_version(self.run.id, version, st.versions[version])
-            await self.bus.publish(self.bus.subjects.policy_weights, wv, msg_id=f"weights:{version}")
-            await self.bus.put_head(wv)
-        await self.bus.publish(self.bus.subjects.trainer_step, report, msg_id=report_msg_id(report))
+            await self._until_sent(
+                "announcement",
+                lambda: self.bus.publish(self.bus.subjects.policy_weights, wv, msg_id=f"weights:{version}"),
+            )
+            await self._until_sent("head", lambda: self.bus.put_head(wv))
+        await self._until_sent(
+            "step report",
+            lambda: self.bus.publish(self.bus.subjects.trainer_step, report, msg_id=report_msg_id(report)),
+        )
         await self._ack(done, step=step)
         log.info(
             "step",
@@ -328,7 +370,10 @@ class Trainer:
             if n == 1:
                 _fault_point("mid_ack", step)
             for d in self.held.pop(tid, []):
-                await d.ack(sync=True, timeout_s=self.cfg.ack_timeout_s)
+                try:
+                    await d.ack(sync=True, timeout_s=self.cfg.ack_timeout_s)
+                except BUS_ERRORS as exc:  # accounted: its redelivery is acked and skipped
+                    log.warning("ack of %s failed (%r); it will be redelivered and skipped", tid, exc)
 
     async def rollback(self, cmd: policy_pb2.ControlCommand) -> None:
         assert self.core is not None
