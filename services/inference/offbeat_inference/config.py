@@ -47,7 +47,11 @@ class InferenceConfig(ServiceConfig):
     """Where weights fetched from a `nats://` store are written; empty means
     `<run.state_dir>/inference/<replica>/weights`."""
     heartbeat_s: float = Field(10.0, gt=0)
-    """How often a request still generating tells the bus it is in progress (extends `ack_wait`)."""
+    """How often a request still generating tells the bus it is in progress (extends `ack_wait`);
+    capped at a third of `[bus] ack_wait_s`."""
+    head_poll_s: float = Field(5.0, gt=0)
+    """How often the policy head is read from KV again, to apply a version whose announcement
+    was missed (published while this replica was disconnected from NATS)."""
     paused_nak_delay_s: float = Field(1.0, gt=0)
     """A request delivered just as a pause began goes back to the queue with this delay."""
     vllm_gpu_memory_utilization: float = Field(0.85, gt=0, le=1)

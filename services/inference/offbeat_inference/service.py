@@ -118,7 +118,11 @@ class InferenceService:
             or Path(ctx.run.run.state_dir) / "inference" / self.config.replica / "weights"
         )
         self.follower = WeightFollower(
-            self.bus, self.engine, replica=self.config.replica, weights_dir=weights_dir
+            self.bus,
+            self.engine,
+            replica=self.config.replica,
+            weights_dir=weights_dir,
+            head_poll_s=self.config.head_poll_s,
         )
         self.paused = asyncio.Event()
         self.resumed = asyncio.Event()
@@ -275,8 +279,9 @@ class InferenceService:
         TOKENS.inc(len(gen.token_ids))
 
     async def _heartbeat(self, delivery: Delivery) -> None:
+        interval = min(self.config.heartbeat_s, self.ctx.run.bus.ack_wait_s / 3)
         while True:
-            await asyncio.sleep(self.config.heartbeat_s)
+            await asyncio.sleep(interval)
             with contextlib.suppress(Exception):
                 await delivery.in_progress()
 

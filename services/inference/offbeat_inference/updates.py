@@ -10,7 +10,13 @@ Fetching: `file://` uris are verified (sha256) and read in place; `nats://bucket
 streamed into a file under `weights_dir` with `writeinto`, verified, applied and then deleted.
 Every outcome is published as a `PolicyLive` (msg id `live:{replica}:{version}:{apply count}`):
 `ok` with the apply latency, or not ok with the reason; a refused version leaves the old weights
-serving.
+serving. A PolicyLive that cannot be published (NATS away) is retried until it is; no failure
+stops the follower.
+
+Announcements are plain (core NATS) messages, so one published while this replica was
+disconnected never arrives: every `head_poll_s` the follower reads the head from KV again and
+applies it when the head changed to a version it does not serve. Announcements of another run
+(or of none) are ignored.
 
 Not covered: NCCL broadcast of weights, and deciding which version should be live (the trainer and
 the orchestrator own that).
@@ -19,11 +25,15 @@ the orchestrator own that).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Final
 from urllib.parse import urlparse
 
+import nats.errors
+import nats.js.errors
 from prometheus_client import Counter, Histogram
 
 from offbeat.bus import Bus
@@ -39,15 +49,23 @@ APPLY_SECONDS = Histogram(
     "Fetch + verify + apply of one weight version",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
 )
+BUS_ERRORS: Final = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
+PUBLISH_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0)
 
 
 class WeightFollower:
-    def __init__(self, bus: Bus, engine: Engine, *, replica: str, weights_dir: Path) -> None:
+    def __init__(
+        self, bus: Bus, engine: Engine, *, replica: str, weights_dir: Path, head_poll_s: float = 5.0
+    ) -> None:
         self.bus = bus
         self.engine = engine
         self.replica = replica
         self.weights_dir = weights_dir
+        self.head_poll_s = head_poll_s
         self.applies = 0
+        self._head_seen: int | None = None
+        """Version of the KV head last read: the poll acts only when the head moves."""
+        self._stop = asyncio.Event()
         self.last: policy_pb2.PolicyLive | None = None
         self._pending: policy_pb2.WeightVersion | None = None
         self._wake = asyncio.Event()
@@ -62,35 +80,60 @@ class WeightFollower:
             self.bus.subjects.policy_weights, policy_pb2.WeightVersion, self._on
         )
         head = await self.bus.get_head()
+        self._head_seen = head.version if head is not None else None
         if head is not None and head.version != self.engine.version:
             await self.apply(head)
         elif self.last is None:
             await self._publish(self.engine.version, ok=True, error="", apply_s=0.0)
 
     async def _on(self, announcement: policy_pb2.WeightVersion) -> None:
-        if announcement.run_id and announcement.run_id != self.bus.run_id:
-            log.error("ignoring weights of run %r", announcement.run_id)
+        if announcement.run_id != self.bus.run_id:
+            log.error("ignoring weights announced for run %r", announcement.run_id)
             return
         self._pending = announcement
         self._idle.clear()
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Apply announcements until `stop` is set."""
+        """Apply announcements (and a moved head) until `stop` is set."""
+        self._stop = stop
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 waking = asyncio.create_task(self._wake.wait())
-                await asyncio.wait({waking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {waking, stopping}, timeout=self.head_poll_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                woken = waking.done()
                 waking.cancel()
                 self._wake.clear()
+                if not woken and not stop.is_set():
+                    await self._poll_head()
                 while self._pending is not None and not stop.is_set():
                     announcement, self._pending = self._pending, None
                     if announcement.version != self.engine.version:
-                        await self.apply(announcement)
+                        try:
+                            await self.apply(announcement)
+                        except Exception:  # the follower must outlive any one version
+                            log.exception("applying version %d failed", announcement.version)
                 self._idle.set()
         finally:
             stopping.cancel()
+
+    async def _poll_head(self) -> None:
+        """Apply the KV head if it moved to a version this replica does not serve (an announcement
+        missed while disconnected)."""
+        try:
+            head = await self.bus.get_head()
+        except BUS_ERRORS as exc:
+            log.warning("could not read the policy head (%r)", exc)
+            return
+        if head is None or head.version == self._head_seen:
+            return
+        self._head_seen = head.version
+        if head.version != self.engine.version and self._pending is None:
+            log.warning("head moved to version %d without an announcement here; applying it", head.version)
+            self._pending = head
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
@@ -139,6 +182,7 @@ class WeightFollower:
         raise ValueError(f"unsupported weight uri {wv.uri!r} (file:// or nats://)")
 
     async def _publish(self, version: int, *, ok: bool, error: str, apply_s: float) -> policy_pb2.PolicyLive:
+        """Publish the outcome, retrying through a NATS outage (the orchestrator waits for it)."""
         live = policy_pb2.PolicyLive(
             run_id=self.bus.run_id,
             version=version,
@@ -150,10 +194,21 @@ class WeightFollower:
         )
         self.applies += 1
         self.last = live
-        await self.bus.publish(
-            self.bus.subjects.policy_live, live, msg_id=f"live:{self.replica}:{version}:{self.applies}"
-        )
-        return live
+        msg_id = f"live:{self.replica}:{version}:{self.applies}"
+        attempt = 0
+        while True:
+            try:
+                await self.bus.publish(self.bus.subjects.policy_live, live, msg_id=msg_id)
+                return live
+            except BUS_ERRORS as exc:
+                if self._stop.is_set():
+                    log.error("stopping before PolicyLive of version %d was published (%r)", version, exc)
+                    return live
+                delay = PUBLISH_BACKOFF_S[min(attempt, len(PUBLISH_BACKOFF_S) - 1)]
+                attempt += 1
+                log.warning("publishing PolicyLive of version %d failed (%r); retrying", version, exc)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
 
     async def close(self) -> None:
         if self._sub is not None:

@@ -294,6 +294,53 @@ async def test_weights_from_the_nats_object_store_the_head_at_start_up_and_a_rol
     assert [(s.version, s.start, s.end) for s in completions[1].version_spans] == [(0, 0, 12)]
 
 
+async def test_a_version_whose_announcement_was_missed_is_applied_from_the_kv_head(
+    bus, run_id, start_service, tiny_model_v1, tmp_path
+):
+    # an announcement published while a replica is disconnected from NATS never reaches it (plain
+    # subscription); the head in KV does, at the next poll
+    service = await start_service(head_poll_s=0.2)
+    lives = await collect(bus, bus.subjects.policy_live, policy_pb2.PolicyLive)
+    stored = await FileWeightStore(tmp_path / "weights").put(
+        tiny_model_v1 / "model.safetensors", run_id=run_id, version=1
+    )
+    await bus.put_head(
+        policy_pb2.WeightVersion(
+            run_id=run_id,
+            version=1,
+            step=1,
+            parent=0,
+            uri=stored.uri,
+            sha256=stored.sha256,
+            format="safetensors",
+        )
+    )
+    await wait_for(lambda: service.engine.version == 1, timeout_s=30)
+    await wait_for(lambda: any(x.version == 1 and x.ok for x in lives), timeout_s=10)
+
+
+async def test_announcements_of_another_run_or_of_none_are_ignored(
+    bus, run_id, start_service, tiny_model_v1, tmp_path
+):
+    service = await start_service(head_poll_s=30.0)
+    stored = await FileWeightStore(tmp_path / "weights").put(
+        tiny_model_v1 / "model.safetensors", run_id=run_id, version=1
+    )
+    for i, other in enumerate(("", "another-run")):
+        wv = policy_pb2.WeightVersion(
+            run_id=other,
+            version=1,
+            step=1,
+            parent=0,
+            uri=stored.uri,
+            sha256=stored.sha256,
+            format="safetensors",
+        )
+        await bus.publish(bus.subjects.policy_weights, wv, msg_id=f"weights:1:{i}")
+    await asyncio.sleep(2.0)
+    assert service.engine.version == 0, "applied weights announced for another run"
+
+
 async def test_pause_holds_new_requests_and_resume_serves_them(bus, run_id, start_service):
     service = await start_service()
     completions = await collect(bus, bus.subjects.rollout_completion, rollout_pb2.RolloutCompletion)
