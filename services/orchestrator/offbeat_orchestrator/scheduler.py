@@ -11,7 +11,10 @@
   dispatches exactly one step's worth, waits for the step report and for the new version to be
   live: synchronous RL.
 - A group the trainer will certainly drop (`groups.never_trained`) stops counting against the
-  budget, so it cannot starve the trainer of the batch whose step report would release it.
+  budget, so it cannot starve the trainer of the batch whose step report would release it; but
+  only up to one budget's worth (G * (max_staleness + 1)) of such groups at once: if every new
+  group is doomed too (inference stuck serving an old version), dispatch stops there instead of
+  generating groups nobody will train as fast as inference can.
 - Stall guard: when nothing moved for `stall_timeout_s` (or 3x the longest step interval seen),
   every training group in flight is fully generated and no step came, the trainer is holding
   or has silently dropped them (e.g. groups with nothing trainable, reported only with the next
@@ -118,10 +121,13 @@ class Scheduler:
         return self.step >= self.shape.max_steps
 
     def train_groups_in_flight(self) -> int:
-        """Training groups that still count against the budget: all but those every sample of
-        which is already too stale to be trained (the trainer will drop them; counting them could
-        leave it without a batch, and so without the step report that would release them)."""
-        return sum(1 for g in self.groups.values() if not g.eval and not self._doomed(g))
+        """Training groups that still count against the budget: all but those the trainer will
+        drop whole (counting them could leave it without a batch, and so without the step report
+        that would release them), of which at most one budget's worth is left out."""
+        train = [g for g in self.groups.values() if not g.eval]
+        doomed = sum(1 for g in train if self._doomed(g))
+        allowance = self.shape.groups_per_step * (self.shape.max_staleness + 1)
+        return len(train) - doomed + max(0, doomed - allowance)
 
     def _doomed(self, group: Group) -> bool:
         return never_trained(

@@ -325,6 +325,31 @@ async def test_a_group_generated_too_stale_to_train_does_not_hold_the_budget(bus
         assert stale.group_id in sched.groups, "the stale group is still tracked until the trainer reports it"
 
 
+async def test_groups_the_trainer_will_drop_are_left_out_of_the_budget_only_up_to_one_budget(
+    bus, writer, run_id
+):
+    """k = 0, G = 1; v1 never goes live, so every group comes back stale. The first stale group
+    is released (the trainer may need a fresh one), the second is not: a replica stuck on an old
+    version must not make the scheduler dispatch as fast as it generates."""
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
+    cfg = _cfg(live_wait_timeout_s=0.5)
+    async with running(bus, writer, run, cfg) as (sched, reqs):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+        await report_step(bus, run_id, 1, reqs.groups(), version=1)
+        await bus.publish(bus.subjects.policy_weights, weights(run_id, 1, 1, 0), msg_id="weights:1")
+        for n in (2, 3):
+            await wait_for(lambda n=n: len(reqs.groups()) >= n, timeout_s=60)
+            stale = reqs.groups()[n - 1]
+            for i in range(2):
+                c = completion(stale, i, versions=(0,))
+                await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
+        await wait_for(lambda: not any(g.pending for g in sched.groups.values()), timeout_s=60)
+        await settle(sched, ticks=10)
+        assert len(reqs.groups()) == 3, "kept dispatching groups that can only come back stale"
+        assert sched.budget() == 0
+
+
 async def test_a_group_with_a_dead_lettered_sample_stops_holding_the_budget(bus, ledger, writer, run_id):
     """The trainer trains complete groups only: a group missing a dead-lettered sample never
     trains, so it must not hold the budget (with k = 0 that would stall the run)."""
