@@ -3,7 +3,8 @@
 Starts the embedded nats-server and PostgreSQL (or uses `--nats-url`/`--database-url`), builds and
 warm-starts the tiny model when the config asks for one (cached under the state directory), then
 runs the five services as child processes through the same console scripts the containers run
-(`offbeat-<service>`), restarts any that die, shows live progress from the ledger and the bus,
+(`offbeat-<service>`), restarts any that die, shows live progress from the ledger and the bus
+(logged to Weights & Biases too when `[wandb]` sets a project: `offbeat.wandb_sink`),
 and stops everything cleanly when the trainer reaches `[run] max_steps` or on Ctrl-C. A second
 `offbeat run --resume` continues the same run from the trainer's checkpoint and the ledger.
 
@@ -24,11 +25,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from offbeat.config import ConfigError, RunConfig, Strict, load_run_config
+
+if TYPE_CHECKING:
+    from offbeat.wandb_sink import WandbConfig, WandbSink
 
 SERVICES = ("sandbox", "inference", "scorer", "trainer", "orchestrator")
 
@@ -94,14 +98,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from offbeat.wandb_sink import WandbConfig, WandbMissingError, require_wandb
+
     sets = list(args.set)
     try:
         run = load_run_config(args.config, sets=sets)
         launcher = run.section("launcher", LauncherConfig)
-    except ConfigError as exc:
+        wandb = run.section("wandb", WandbConfig)
+        if wandb.enabled:
+            require_wandb()  # before any server or service starts
+    except (ConfigError, WandbMissingError) as exc:
         print(f"offbeat run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(Launcher(run, launcher, args).run())
+    return asyncio.run(Launcher(run, launcher, args, wandb=wandb).run())
 
 
 def _bin(name: str) -> str:
@@ -126,9 +135,17 @@ class Child:
 
 
 class Launcher:
-    def __init__(self, run: RunConfig, launcher: LauncherConfig, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        run: RunConfig,
+        launcher: LauncherConfig,
+        args: argparse.Namespace,
+        *,
+        wandb: WandbConfig | None = None,
+    ) -> None:
         self.run_cfg = run
         self.cfg = launcher
+        self.wandb = wandb
         self.args = args
         self.state = Path(run.run.state_dir).resolve()
         self.run_dir = self.state / "runs" / run.run.id
@@ -328,6 +345,22 @@ class Launcher:
 
     # --- the run -----------------------------------------------------------------------------
 
+    async def _open_wandb(self) -> WandbSink | None:
+        if self.wandb is None or not self.wandb.enabled:
+            return None
+        from offbeat.config import resolved_dump
+        from offbeat.wandb_sink import WandbSink
+
+        sink = await asyncio.to_thread(
+            WandbSink.open,
+            self.wandb,
+            run_id=self.run_cfg.run.id,
+            config=resolved_dump(self.run_cfg),
+            default_dir=self.state,
+        )
+        self._say(f"W&B ({self.wandb.mode}): {sink.where}")
+        return sink
+
     def _interrupt(self) -> None:
         self.interrupted = True
         self.stopping.set()
@@ -341,7 +374,9 @@ class Launcher:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._interrupt)
+        sink = None
         try:
+            sink = await self._open_wandb()  # a W&B misconfiguration fails before any service starts
             model = self._model_path()
             from offbeat.ledger import upgrade
 
@@ -367,7 +402,7 @@ class Launcher:
             from offbeat.progress import Progress
 
             progress = await Progress.open(
-                self.run_cfg, nats_url, database_url, live=not self.args.no_progress
+                self.run_cfg, nats_url, database_url, live=not self.args.no_progress, wandb=sink
             )
             supervisors = [asyncio.create_task(self._supervise(c)) for c in self.children]
             await progress.follow(self.stopping, interval_s=self.cfg.progress_interval_s)
@@ -387,6 +422,8 @@ class Launcher:
         finally:
             if any(c.proc and c.proc.returncode is None for c in self.children):
                 await self._stop_children()
+            if sink is not None:  # finished already unless the run failed half-way
+                await asyncio.to_thread(sink.close)
             if self.infra is not None:
                 self.infra.down()
         if self.failed:

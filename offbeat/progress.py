@@ -1,8 +1,9 @@
 """Live progress of a run, read from the ledger and the bus: what `offbeat run` shows.
 
 Step, reward, eval reward, staleness, tokens/s, trajectory fates and queue depths, refreshed
-every few seconds as a rich table (or one log line per refresh when not on a terminal).
-Not covered: writing anything; the orchestrator is the ledger's only writer.
+every few seconds as a rich table (or one log line per refresh when not on a terminal); with a
+W&B sink (`offbeat.wandb_sink`), every refresh also logs the steps it has not logged yet.
+Not covered: writing to the ledger; the orchestrator is its only writer.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from offbeat.config import RunConfig
 from offbeat.ledger import Ledger
+
+if TYPE_CHECKING:
+    from offbeat.wandb_sink import WandbSink
 
 
 @dataclass
@@ -23,6 +27,7 @@ class Snapshot:
     step: int = 0
     version: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    history: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)  # every step's
     evals: list[tuple[int, int, float]] = field(default_factory=list)  # (version, step, eval reward)
     fates: dict[str, int] = field(default_factory=dict)
     queues: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -32,6 +37,7 @@ class Snapshot:
 async def snapshot(ledger: Ledger, run_id: str, bus: Any | None = None) -> Snapshot:
     snap = Snapshot()
     steps = await ledger.step_metrics(run_id)
+    snap.history = steps
     if steps:
         snap.step, snap.version, snap.metrics = steps[-1]
     snap.evals = await ledger.eval_rewards(run_id)
@@ -68,25 +74,37 @@ def describe(snap: Snapshot, max_steps: int) -> list[tuple[str, str]]:
 
 
 class Progress:
-    def __init__(self, run: RunConfig, ledger: Ledger, bus: Any, *, live: bool) -> None:
+    def __init__(
+        self, run: RunConfig, ledger: Ledger, bus: Any, *, live: bool, wandb: WandbSink | None = None
+    ) -> None:
         self.run = run
         self.ledger = ledger
         self.bus = bus
         self.live = live and sys.stdout.isatty()
+        self.wandb = wandb
         self.last = Snapshot()
+        self._wandb_error = ""
 
     @classmethod
-    async def open(cls, run: RunConfig, nats_url: str, database_url: str, *, live: bool) -> Progress:
+    async def open(
+        cls, run: RunConfig, nats_url: str, database_url: str, *, live: bool, wandb: WandbSink | None = None
+    ) -> Progress:
         from offbeat.bus import Bus
 
         bus = await Bus.connect(
             run.bus.model_copy(update={"nats_url": nats_url}), run.run.id, name="offbeat-run"
         )
-        return cls(run, Ledger.connect(database_url, pool_size=1), bus, live=live)
+        return cls(run, Ledger.connect(database_url, pool_size=1), bus, live=live, wandb=wandb)
 
     async def close(self) -> None:
-        await self.bus.close()
-        await self.ledger.close()
+        try:
+            if self.wandb is not None:
+                snap = await snapshot(self.ledger, self.run.run.id)
+                await asyncio.to_thread(self.wandb.close, snap.history, snap.evals, snap.fates)
+        finally:
+            if self.bus is not None:
+                await self.bus.close()
+            await self.ledger.close()
 
     async def follow(self, stop: asyncio.Event, *, interval_s: float) -> None:
         """Refresh until `stop` is set or the trainer reaches max_steps."""
@@ -116,6 +134,16 @@ class Progress:
     async def _refresh(self, stop: asyncio.Event, max_steps: int) -> None:
         with contextlib.suppress(Exception):
             self.last = await snapshot(self.ledger, self.run.run.id, self.bus)
+        if self.wandb is not None:
+            snap = self.last
+            try:  # W&B trouble never stops a run: the ledger has every figure
+                await asyncio.to_thread(self.wandb.log, snap.history, snap.evals, snap.fates)
+            except Exception as exc:
+                if str(exc) != self._wandb_error:
+                    self._wandb_error = str(exc)
+                    print(
+                        f"[offbeat] W&B logging failed (the run goes on): {exc}", file=sys.stderr, flush=True
+                    )
         if self.last.step >= max_steps:
             stop.set()
 

@@ -2,6 +2,8 @@
 
 Plots: reward per trainer step with eval reward per policy version, the staleness histogram of
 trained trajectories, throughput (trajectories scored per minute), and trajectory fates.
+`--wandb` also logs the run's steps and eval rewards to Weights & Biases (`offbeat.wandb_sink`),
+with the `[wandb]` section of the run's stored config (`--wandb-project` for a run without one).
 Not covered: live metrics (that is `offbeat run`'s progress and each service's /metrics).
 """
 
@@ -24,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--database-url", help="ledger URL (default: the embedded one under --state-dir)")
     p.add_argument("--state-dir", default=".offbeat", help="state directory of local runs")
     p.add_argument("--out", help="output directory (default: <state-dir>/runs/<run>/report)")
+    p.add_argument("--wandb", action="store_true", help="also log the run to W&B ([wandb] of its config)")
+    p.add_argument("--wandb-project", help="W&B project (instead of the one in the run's config)")
+    p.add_argument("--wandb-mode", choices=["offline", "online"], help="W&B mode (instead of the config's)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,9 +45,25 @@ def main(args: argparse.Namespace) -> int:
             infra.postgres.restart()
             started = infra.postgres
         url = infra.postgres.url
+    from offbeat.wandb_sink import WandbMissingError
+
     out = Path(args.out) if args.out else Path(args.state_dir) / "runs" / args.run / "report"
     try:
         page = asyncio.run(write_report(url, args.run, out))
+        if args.wandb or args.wandb_project:
+            overrides = {"project": args.wandb_project, "mode": args.wandb_mode}
+            where = asyncio.run(
+                log_to_wandb(
+                    url,
+                    args.run,
+                    default_dir=args.state_dir,
+                    overrides={k: v for k, v in overrides.items() if v},
+                )
+            )
+            print(f"W&B: {where}")
+    except (ValueError, WandbMissingError) as exc:
+        print(f"offbeat report: {exc}")
+        return 1
     finally:
         if started is not None:
             started.stop()
@@ -50,9 +71,45 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+async def log_to_wandb(
+    database_url: str, run_id: str, *, default_dir: str | Path, overrides: dict[str, Any] | None = None
+) -> str:
+    """Log a run's steps, eval rewards and fates from the ledger to W&B; return where they went.
+
+    The W&B settings are the `[wandb]` section of the run's config as stored in the ledger, with
+    `overrides` (e.g. `project`, `mode`) on top.
+    """
+    from pydantic import ValidationError
+
+    from offbeat.wandb_sink import WandbConfig, WandbSink
+
+    ledger = Ledger.connect(database_url, pool_size=1)
+    try:
+        q = await _fetch(ledger, run_id)
+    finally:
+        await ledger.close()
+    config = q["config"] or {}
+    try:
+        cfg = WandbConfig.model_validate({**(config.get("wandb") or {}), **(overrides or {})})
+    except ValidationError as exc:
+        raise ValueError(f"[wandb]: {exc}") from None
+    if not cfg.enabled:
+        raise ValueError(f"run {run_id!r} has no [wandb] project in its config: pass --wandb-project")
+    steps = [(s, v, m) for s, v, m in q["history"]]
+
+    def log() -> str:
+        sink = WandbSink.open(cfg, run_id=run_id, config=config, default_dir=default_dir)
+        sink.close(steps, q["evals"], q["fates"])
+        return sink.where
+
+    return await asyncio.to_thread(log)
+
+
 async def _fetch(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    history = await ledger.step_metrics(run_id)
     q: dict[str, Any] = {
-        "steps": [(step, metrics) for step, _, metrics in await ledger.step_metrics(run_id)],
+        "history": history,
+        "steps": [(step, metrics) for step, _, metrics in history],
         "evals": await ledger.eval_rewards(run_id),
     }
     async with ledger.engine.connect() as conn:
