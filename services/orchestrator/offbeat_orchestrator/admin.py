@@ -9,6 +9,9 @@ FAILED_PRECONDITION for a rolled-back one), then publishes `control.rollback`.
 Read calls answer from the ledger, the KV bucket and the scheduler. WatchEvents streams the
 events the ledger writer commits, as it commits them.
 
+A request body that does not parse is answered INVALID_ARGUMENT with the parser's message
+(`MalformedRequests`; grpc's own answer is UNKNOWN), after authentication.
+
 Not covered: authentication (`auth`), the CLI (`offbeat.admin_cli`).
 """
 
@@ -20,12 +23,13 @@ import binascii
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -281,6 +285,54 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             self.ctx.writer.observers.remove(observe)
 
 
+class _Malformed:
+    """What a request body that does not parse deserializes to."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Answers a request whose body does not parse with INVALID_ARGUMENT and the reason."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(body: bytes) -> Any:
+            try:
+                return parse(body)
+            except DecodeError as exc:
+                return _Malformed(f"malformed request body: {exc}")
+
+        if handler.response_streaming:
+            stream = handler.unary_stream
+
+            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                async for item in stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, deserialize, handler.response_serializer
+            )
+        unary = handler.unary_unary
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Malformed):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, deserialize, handler.response_serializer)
+
+
 class AdminServer:
     """The grpc.aio server: AdminService behind bearer auth, plus health and reflection."""
 
@@ -288,7 +340,8 @@ class AdminServer:
         self.servicer = AdminServicer(ctx)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
-            interceptors=[BearerAuth(token, on_denied=self.servicer.refused)],
+            # auth first: an unauthenticated caller learns nothing about its request body
+            interceptors=[BearerAuth(token, on_denied=self.servicer.refused), MalformedRequests()],
             options=[("grpc.so_reuseport", 0)],  # a second orchestrator on the port fails, never shares it
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(self.servicer, self.server)

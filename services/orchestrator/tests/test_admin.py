@@ -223,6 +223,24 @@ async def test_a_reflection_only_client_lists_and_calls_the_service(admin, run_i
     assert answered_run == run_id and methods == 8
 
 
+async def test_a_body_that_does_not_parse_is_invalid_argument_after_authentication(admin):
+    _, server = admin
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method, streaming in (("ListPolicies", False), ("Rollback", False), ("WatchEvents", True)):
+            path = f"/offbeat.v1.AdminService/{method}"
+            call = channel.unary_stream(path) if streaming else channel.unary_unary(path)
+            for metadata, expected in (
+                (AUTH, grpc.StatusCode.INVALID_ARGUMENT),
+                ((), grpc.StatusCode.UNAUTHENTICATED),
+            ):
+                reply = call(b"\xff\xff", metadata=metadata, timeout=10)
+                code, details = await _code(reply.read() if streaming else reply)
+                assert code == expected, f"{method}: {code} {details}"
+                assert details, f"{method}: {code} without a message"
+                if expected == grpc.StatusCode.INVALID_ARGUMENT:
+                    assert "malformed request body" in details
+
+
 async def test_health_answers_serving_without_a_token(admin):
     _, server = admin
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
