@@ -365,6 +365,16 @@ async def test_pause_holds_new_requests_and_resume_serves_them(bus, run_id, star
     assert completions[1].trajectory_id == held.trajectory_ids[0]
 
 
+async def test_a_control_command_of_another_run_or_of_none_is_ignored(bus, run_id, start_service):
+    service = await start_service()
+    for i, other in enumerate(("", "another-run")):
+        for kind in (policy_pb2.CONTROL_KIND_PAUSE, policy_pb2.CONTROL_KIND_STOP):
+            cmd = policy_pb2.ControlCommand(run_id=other, command_id=f"x{i}{kind}", kind=kind)
+            await bus.publish(bus.subjects.control("pause"), cmd, msg_id=f"control:x{i}{kind}")
+    await asyncio.sleep(1.0)
+    assert not service.paused.is_set() and not service.ctx.stop.is_set(), "obeyed another run's command"
+
+
 async def test_a_replica_started_while_paused_waits_for_resume(bus, run_id, start_service):
     await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="p0")
     service = await start_service()

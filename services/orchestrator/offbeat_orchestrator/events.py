@@ -5,6 +5,10 @@ ledger's tables; nothing touches the database or the bus, so the same mapping se
 writer, its tests and `bench/ledger.py`. Rows are merged by `Ledger.upsert_trajectories`, so each
 function only fills the columns its event knows.
 
+An event must name the run whose ledger it goes to: one that names another run, or none (an
+empty `run_id`), has no rows; `to_rows` raises `Reject` (the bus dead-letters it with the reason).
+Dead letters name no run (their subject does).
+
 Not covered: batching, acks and commit order (that is `ledger_writer`).
 """
 
@@ -16,6 +20,7 @@ from typing import Any, Final
 
 from google.protobuf.message import DecodeError, Message
 
+from offbeat.bus import Reject
 from offbeat.ledger.store import ts
 from offbeat.v1 import policy_pb2, rollout_pb2
 
@@ -249,10 +254,22 @@ def dead_letter_rows(run_id: str, letter: policy_pb2.DeadLetter, *, key: str, le
     )
 
 
+def named_run(message: Message) -> str | None:
+    """The run an event names (`''` when it names none); None for a dead letter, which has no run id."""
+    m: Any = message
+    if isinstance(m, rollout_pb2.ScoredTrajectory):
+        return str(m.completion.run_id)
+    return str(m.run_id) if hasattr(m, "run_id") else None
+
+
 def to_rows(run_id: str, kind: str, message: Message, *, key: str = "", root: str = "") -> Rows:
     """The ledger rows of one event. `key` names a dead letter; `root` is the run's subject root
-    (`<prefix>.<run>`), used to find the kind of a dead-lettered message's subject."""
+    (`<prefix>.<run>`), used to find the kind of a dead-lettered message's subject. Raises
+    `Reject` for an event that names another run or none."""
     kind = event_kind(kind)
+    named = named_run(message)
+    if named is not None and named != run_id:
+        raise Reject(f"{kind} event names run {named!r}, expected {run_id!r}")
     if kind == "rollout.request":
         return request_rows(run_id, message)  # type: ignore[arg-type]
     if kind == "rollout.completion":

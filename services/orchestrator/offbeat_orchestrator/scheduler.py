@@ -338,6 +338,9 @@ class Scheduler:
         self.wake()
 
     async def _on_control(self, cmd: policy_pb2.ControlCommand) -> None:
+        if cmd.run_id != self.bus.run_id:  # a command of another run, or of none, is not ours
+            log.error("ignoring a control command for run %r", cmd.run_id)
+            return
         if cmd.kind == policy_pb2.CONTROL_KIND_PAUSE:
             self.pause()
         elif cmd.kind == policy_pb2.CONTROL_KIND_RESUME:

@@ -144,6 +144,17 @@ async def test_pause_stops_new_requests_and_resume_continues(bus, writer, run_id
         assert not sched.paused and not await bus.is_paused()
 
 
+async def test_a_control_command_of_another_run_or_of_none_is_ignored(bus, writer, run_id):
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=10)
+    async with running(bus, writer, run, _cfg()) as (sched, _reqs):
+        for i, other in enumerate(("", "another-run")):
+            for kind in (policy_pb2.CONTROL_KIND_PAUSE, policy_pb2.CONTROL_KIND_STOP):
+                cmd = policy_pb2.ControlCommand(run_id=other, command_id=f"x{i}{kind}", kind=kind)
+                await bus.publish(bus.subjects.control("pause"), cmd, msg_id=f"control:x{i}{kind}")
+        await settle(sched, ticks=10)
+        assert not sched.paused and not sched.stopped, "obeyed a command that names another run"
+
+
 async def test_paused_flag_in_kv_holds_a_scheduler_that_starts_late(bus, writer, run_id):
     await bus.control(policy_pb2.CONTROL_KIND_PAUSE, command_id="p0", reason="before start")
     run = RunSection(id=run_id, group_size=1, groups_per_step=1, max_staleness=0, max_steps=3)

@@ -262,6 +262,9 @@ class Trainer:
                 log.warning("heartbeat failed (%r)", exc)
 
     async def on_control(self, cmd: policy_pb2.ControlCommand) -> None:
+        if cmd.run_id != self.run.id:  # a command of another run, or of none, is not ours
+            log.error("ignoring a control command for run %r", cmd.run_id)
+            return
         if cmd.kind == policy_pb2.CONTROL_KIND_ROLLBACK:
             await self.rollbacks.put(cmd)
             self.wake.set()
