@@ -157,21 +157,29 @@ class Reject(Exception):
 class Delivery:
     """One delivered message; a handler may `defer()` the ack and ack it later itself."""
 
-    __slots__ = ("_msg", "acked", "deferred", "num_delivered", "stream_seq", "subject")
+    __slots__ = ("_info", "_msg", "acked", "deferred", "subject")
 
-    def __init__(self, msg: Msg, num_delivered: int, stream_seq: int) -> None:
+    def __init__(self, msg: Msg, num_delivered: int | None = None, stream_seq: int | None = None) -> None:
+        """Without `num_delivered` and `stream_seq` they are read from the message's ack subject
+        when first asked for (most messages never are)."""
         self._msg = msg
-        self.subject = msg.subject
-        self.num_delivered = num_delivered
-        self.stream_seq = stream_seq
+        self.subject: str = msg.subject
+        self._info = None if num_delivered is None or stream_seq is None else (num_delivered, stream_seq)
         self.deferred = False
         self.acked = False
 
-    @classmethod
-    def of(cls, msg: Msg) -> Delivery:
-        """The delivery of a message pulled from a JetStream consumer (its ack subject says which)."""
-        num_delivered, stream_seq = ack_info(msg.reply)
-        return cls(msg, num_delivered, stream_seq)
+    @property
+    def num_delivered(self) -> int:
+        """How many times the server has delivered this message (1 the first time)."""
+        if self._info is None:
+            self._info = ack_info(self._msg.reply)
+        return self._info[0]
+
+    @property
+    def stream_seq(self) -> int:
+        if self._info is None:
+            self._info = ack_info(self._msg.reply)
+        return self._info[1]
 
     @property
     def data(self) -> bytes:
@@ -227,8 +235,16 @@ fails every message of the batch with that exception."""
 @dataclass
 class Publication(Generic[T]):
     subject: str
-    message: T
+    message: T | None
     msg_id: str
+    data: bytes | None = None
+    """The message already serialized, if the publisher has it so (then `message` may be None)."""
+
+    def payload(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.message is not None, "a publication needs a message or its bytes"
+        return self.message.SerializeToString()
 
 
 class Bus:
@@ -368,7 +384,7 @@ class Bus:
         triples = []
         counts: dict[str, int] = {}
         for item in items:
-            triples.append((item.subject, item.message.SerializeToString(), item.msg_id))
+            triples.append((item.subject, item.payload(), item.msg_id))
             counts[item.subject] = counts.get(item.subject, 0) + 1
         if not triples:
             return 0
@@ -429,7 +445,7 @@ class Bus:
         tasks: set[asyncio.Task[None]] = set()
 
         def room() -> int:
-            return size if max_in_flight == 1 else min(size, max_in_flight - len(tasks))
+            return size if max_in_flight == 1 else max_in_flight - len(tasks)
 
         async def take(msgs: list[Msg]) -> None:
             for msg in msgs:
@@ -440,7 +456,7 @@ class Bus:
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
 
-        await self._pull_loop(consumer, stop=stop, room=room, busy=tasks, take=take)
+        await self._pull_loop(consumer, stop=stop, room=room, size=size, depth=1, busy=tasks, take=take)
 
     async def consume_batches(
         self,
@@ -460,14 +476,15 @@ class Bus:
         the handler returns, each message is acked, nak'ed or dead-lettered by its outcome (see
         `BatchHandler`); a deferred one is left to the handler. Without `max_in_flight` batches
         are handled one after another; with it, each batch runs in its own task and no more than
-        `max_in_flight` messages are held at once. On stop, batches in flight are awaited.
+        `max_in_flight` messages are held at once. Either way the next pull is asked for while a
+        batch is handled. On stop, batches in flight are awaited.
         """
         size = batch or self.cfg.fetch_batch
         tasks: set[asyncio.Task[None]] = set()
         held = 0
 
-        def room() -> int:
-            return size if max_in_flight is None else min(size, max_in_flight - held)
+        def room() -> int:  # sequential: this batch and the next one on its way
+            return 2 * size if max_in_flight is None else max_in_flight - held
 
         async def run(msgs: list[Msg]) -> None:
             nonlocal held
@@ -486,7 +503,7 @@ class Bus:
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-        await self._pull_loop(consumer, stop=stop, room=room, busy=tasks, take=take)
+        await self._pull_loop(consumer, stop=stop, room=room, size=size, depth=2, busy=tasks, take=take)
 
     async def _pull_loop(
         self,
@@ -494,11 +511,15 @@ class Bus:
         *,
         stop: asyncio.Event,
         room: Callable[[], int],
+        size: int,
+        depth: int,
         busy: set[asyncio.Task[None]],
         take: Callable[[list[Msg]], Awaitable[None]],
     ) -> None:
-        """Fetch up to `room()` messages at a time and `take` them, until `stop`; then await `busy`."""
-        puller = await Puller(self.nc, self.subjects.stream, self.consumers[consumer].durable).start()
+        """Fetch up to `size` messages at a time (no more outstanding than `room()` allows, in up
+        to `depth` pull requests) and `take` them, until `stop`; then await `busy`."""
+        durable = self.consumers[consumer].durable
+        puller = await Puller(self.nc, self.subjects.stream, durable, depth=depth).start()
         try:
             while not stop.is_set():
                 want = room()
@@ -509,7 +530,7 @@ class Bus:
                         )
                     continue
                 try:
-                    msgs = await puller.fetch(want, self.cfg.fetch_timeout_s)
+                    msgs = await puller.fetch(want, self.cfg.fetch_timeout_s, size=size)
                 except nats.errors.ConnectionClosedError:
                     if stop.is_set() or self.nc.is_closed:
                         break
@@ -526,7 +547,7 @@ class Bus:
             await puller.close()
 
     async def _handle(self, consumer: str, message_type: type[T], handler: Handler[T], msg: Msg) -> None:
-        delivery = Delivery.of(msg)
+        delivery = Delivery(msg)
         ok_count, nak_count, handle_time = self._consumer_metrics(consumer)
         started = time.perf_counter()
         try:
@@ -563,7 +584,7 @@ class Bus:
         started = time.perf_counter()
         batch: list[Received[Any]] = []
         for msg in msgs:
-            delivery = Delivery.of(msg)
+            delivery = Delivery(msg)
             if message_type is None:
                 batch.append(Received(msg.data, delivery))
                 continue

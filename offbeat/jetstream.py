@@ -3,9 +3,9 @@ per round instead of a message's: pulling from a durable consumer and publishing
 
 - `Puller` asks a durable pull consumer for up to N messages with one request on a private inbox
   and buffers what arrives; the caller takes whatever is there (one wake-up per batch, not an
-  awaited future and a timeout per message as `PullSubscription.fetch` has). One request is
-  outstanding at a time, so the messages delivered but not yet handled never exceed what was
-  asked for.
+  awaited future and a timeout per message as `PullSubscription.fetch` has). What is asked for
+  counts against the caller's room, so messages delivered but not yet handled never exceed it;
+  with two requests outstanding the next batch travels while the last one is handled.
 - `PubAcks` publishes a batch of JetStream messages, each with its own reply subject on one
   wildcard inbox, and waits for the batch's acks on ONE future: an ack costs a dictionary lookup,
   where `publish_async` costs a future, a task wake-up and a JSON parse each.
@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -62,21 +63,41 @@ def ack_info(reply: str) -> tuple[int, int]:
     return int(tokens[6]), int(tokens[7])
 
 
-class Puller:
-    """Pull requests to one durable consumer, answered on this puller's own inbox."""
+class _Request:
+    __slots__ = ("deadline", "owed", "rid")
 
-    def __init__(self, nc: NATS, stream: str, durable: str) -> None:
+    def __init__(self, rid: str, owed: int, deadline: float) -> None:
+        self.rid = rid
+        self.owed = owed
+        self.deadline = deadline
+
+
+class Puller:
+    """Pull requests to one durable consumer, answered on this puller's own inbox.
+
+    Up to `depth` requests are outstanding at once (the server serves them in order), so with 2
+    the next batch is on its way while the last is handled. Every message asked for counts
+    against the caller's room until it is taken, so what is delivered never exceeds what the
+    caller said it can hold.
+    """
+
+    def __init__(self, nc: NATS, stream: str, durable: str, *, depth: int = 1) -> None:
         self.nc = nc
         self.next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self.inbox = nc.new_inbox()
+        self.depth = depth
         self.sub: Any = None
         self.buffer: list[Msg] = []
-        self.owed = 0
-        """Messages the outstanding request may still deliver (0: none outstanding)."""
-        self.request = 0
-        self.deadline = 0.0
+        self.requests: deque[_Request] = deque()
+        """Outstanding requests, oldest first, with what each may still deliver."""
         self.failure = ""
+        self._next_rid = 0
         self._wake: asyncio.Future[None] | None = None
+
+    @property
+    def owed(self) -> int:
+        """Messages the outstanding requests may still deliver."""
+        return sum(r.owed for r in self.requests)
 
     async def start(self) -> Puller:
         self.sub = await self.nc.subscribe(
@@ -96,48 +117,64 @@ class Puller:
     async def _on_msg(self, msg: Msg) -> None:
         if msg.reply:  # a stream message (status messages have no reply subject)
             self.buffer.append(msg)
-            if self.owed > 0:
-                self.owed -= 1
+            if self.requests:
+                head = self.requests[0]
+                head.owed -= 1
+                if head.owed <= 0:
+                    self.requests.popleft()
         else:
-            if msg.subject != f"{self.inbox}.{self.request}":
-                return  # the end of a request given up earlier
             status = (msg.headers or {}).get("Status", "")
             if status == "100":  # idle heartbeat
                 return
-            self.owed = 0  # 404 no messages, 408 expired, 409 and the rest: the request is over
+            rid = msg.subject[len(self.inbox) + 1 :]
+            ended = next((r for r in self.requests if r.rid == rid), None)
+            if ended is None:
+                return  # the end of a request given up earlier
+            self.requests.remove(ended)  # 404 no messages, 408 expired, 409 and the rest: it is over
             if status not in ("404", "408"):
                 description = (msg.headers or {}).get("Description", "")
                 self.failure = f"pull request ended with {status} {description}".strip()
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
-    async def fetch(self, want: int, timeout_s: float) -> list[Msg]:
-        """Up to `want` messages, or [] when none came within about `timeout_s`. Whatever has
-        arrived is returned at once; more is asked for only once the last request is over."""
-        if self.owed == 0 and want > len(self.buffer):
-            await self._ask(want - len(self.buffer), timeout_s)
-        if not self.buffer and self.owed > 0:
+    async def fetch(self, room: int, timeout_s: float, *, size: int) -> list[Msg]:
+        """Up to `size` messages, or [] when none came within about `timeout_s`. `room` is how
+        many the caller can take on now, counting those already asked for; requests ask for at
+        most `size` each. Whatever has arrived is returned at once."""
+        self._forget_expired()
+        free = room - len(self.buffer) - self.owed
+        while free > 0 and len(self.requests) < self.depth and (not self.requests or free >= size):
+            n = min(size, free)
+            await self._ask(n, timeout_s)
+            free -= n
+        if not self.buffer and self.requests:
             self._wake = asyncio.get_running_loop().create_future()
+            wait_s = max(0.0, min(r.deadline for r in self.requests) - time.monotonic())
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake, max(0.0, self.deadline - time.monotonic()))
+                await asyncio.wait_for(self._wake, wait_s)
             self._wake = None
-            if not self.buffer and self.owed > 0 and time.monotonic() >= self.deadline:
-                self.owed = 0  # lost with a connection, most likely: ask again
+            self._forget_expired()
         if self.failure and not self.buffer:
             failure, self.failure = self.failure, ""
             raise PullError(failure)
-        got, self.buffer = self.buffer, []
+        got, self.buffer = self.buffer[:size], self.buffer[size:]
         return got
 
+    def _forget_expired(self) -> None:
+        """Requests well past their expiry were lost (with a connection, most likely)."""
+        now = time.monotonic()
+        while self.requests and any(r.deadline <= now for r in self.requests):
+            self.requests.remove(next(r for r in self.requests if r.deadline <= now))
+
     async def _ask(self, n: int, timeout_s: float) -> None:
-        self.request += 1
-        self.owed = n
-        self.deadline = time.monotonic() + timeout_s + EXPIRY_GRACE_S
+        self._next_rid += 1
+        request = _Request(str(self._next_rid), n, time.monotonic() + timeout_s + EXPIRY_GRACE_S)
+        self.requests.append(request)
         body = json.dumps({"batch": n, "expires": int(timeout_s * 1e9)}).encode()
         try:
-            await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{self.request}")
+            await self.nc.publish(self.next_subject, body, reply=f"{self.inbox}.{request.rid}")
         except BaseException:
-            self.owed = 0
+            self.requests.remove(request)
             raise
 
 
