@@ -1,11 +1,17 @@
-"""Turning one RolloutCompletion into one ScoredTrajectory: detokenize, find the example, score.
+"""Turning RolloutCompletions into ScoredTrajectories: detokenize, find the example, score.
 
-`Scorer.score_completion` is the whole per-message path without the bus: it decodes the completion
-tokens with the run's tokenizer (`skip_special_tokens=True`), looks the prompt up by `prompt_key`
-in the environment named by `completion.env`, runs the rubric under `score_timeout_s`, and builds
-the ScoredTrajectory. A rubric that raises or runs out of time gives a reward whose status says so
-(`error`, `timeout`), never a silent zero. Environments with a group reward are held until their
-group is complete (or `group_timeout_s` passes) and scored together with `score_group`.
+`Scorer.score_batch` is the whole path without the bus, for a batch of completions: it looks each
+prompt up by `prompt_key` in the environment named by `completion.env`, decodes the batch's tokens
+with the run's tokenizer in one call (`skip_special_tokens=True`), runs the rubrics under
+`score_timeout_s` with at most `max_scoring` at once, and hands each ScoredTrajectory on as soon as
+it exists. A rubric that raises or runs out of time gives a reward whose status says so (`error`,
+`timeout`), never a silent zero. Environments with a group reward are held until their group is
+complete (or `group_timeout_s` passes) and scored together with `score_group`.
+
+Rubrics run in "lanes": the batch's own task scores one completion after another, and only when a
+score has to wait (a sandbox call, a group) does another lane (task) start on the next one. A cheap
+CPU-bound rubric thus costs no task, future or timer per completion (those cost more than the
+rubric), while slow ones overlap up to `max_scoring` as before. `score_completion` scores one.
 
 Not covered: consuming, acking and publishing (`offbeat_scorer.service`).
 """
@@ -44,7 +50,22 @@ QUEUE_SECONDS = Histogram(
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
 )
 SCORED_PER_S = Gauge("offbeat_scorer_scored_per_s", "Completions scored per second (recent window)")
-IN_FLIGHT = Gauge("offbeat_scorer_in_flight", "Completions being scored now")
+IN_FLIGHT = Gauge("offbeat_scorer_in_flight", "Completions being scored now (sampled every second)")
+
+
+@dataclass(slots=True)
+class _Job:
+    """One completion of a batch, ready to be scored."""
+
+    index: int
+    completion: rollout_pb2.RolloutCompletion
+    env: Environment
+    example: Example
+    text: str
+
+
+Emit = Callable[[int, bytes], None]
+"""Called with (index in the batch, the serialized ScoredTrajectory) as soon as a completion is scored."""
 
 
 @dataclass
@@ -67,15 +88,15 @@ class RateMeter:
         self.buckets: deque[list[int]] = deque()  # [second, count]
         self.total = 0
 
-    def add(self) -> None:
+    def add(self, n: int = 1) -> None:
         second = int(time.monotonic())
         if self.buckets and self.buckets[-1][0] == second:
-            self.buckets[-1][1] += 1
+            self.buckets[-1][1] += n
         else:
-            self.buckets.append([second, 1])
+            self.buckets.append([second, n])
             while self.buckets[0][0] < second - self.window_s:
                 self.buckets.popleft()
-        self.total += 1
+        self.total += n
 
     def rate(self) -> float:
         cut = time.monotonic() - self.window_s
@@ -89,12 +110,26 @@ class Slots:
     waiters), entering with a free slot costs nothing and thousands of waiters cost O(1) each."""
 
     def __init__(self, n: int) -> None:
+        self.size = n
         self.free = n
         self.waiters: deque[asyncio.Future[None]] = deque()
 
-    async def __aenter__(self) -> None:
+    @property
+    def busy(self) -> int:
+        return self.size - self.free
+
+    def try_take(self) -> bool:
+        """Take a free slot without waiting, if there is one and nobody is queued for it."""
         if self.free > 0 and not self.waiters:
             self.free -= 1
+            return True
+        return False
+
+    def release(self) -> None:
+        self._release()
+
+    async def __aenter__(self) -> None:
+        if self.try_take():
             return
         slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.waiters.append(slot)
@@ -121,16 +156,23 @@ class Scorer:
     """The environments of a run, the tokenizer, and the scoring of single completions."""
 
     def __init__(
-        self, config: ScorerConfig, specs: Sequence[EnvSpec], decode: Callable[[Sequence[int]], str]
+        self,
+        config: ScorerConfig,
+        specs: Sequence[EnvSpec],
+        decode: Callable[[Sequence[int]], str],
+        decode_batch: Callable[[list[Sequence[int]]], list[str]] | None = None,
     ):
         self.config = config
         self.decode = decode
+        self.decode_batch = decode_batch or (lambda batch: [decode(ids) for ids in batch])
         self.envs: dict[str, Environment] = {}
         self.specs = {spec.name: spec for spec in specs}
         self.ctx = EnvContext()
         self.groups: dict[str, _Group] = {}
         self.meter = RateMeter(config.rate_window_s)
         self.status_counts: dict[str, int] = {}
+        self._unreported: dict[tuple[str, str], int] = {}
+        """Scored counts not yet added to the counters (done by `details()`, every second)."""
         self.slots = Slots(config.max_scoring)
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._loading = asyncio.Lock()
@@ -148,12 +190,21 @@ class Scorer:
             # the fast tokenizer's own decode: what `tokenizer.decode` returns here, at a fifth of the cost
             def decode(ids: Sequence[int]) -> str:
                 return str(backend.decode(list(ids), skip_special_tokens=True))
+
+            def decode_batch(batch: list[Sequence[int]]) -> list[str]:
+                return list(backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=True))
         else:
 
             def decode(ids: Sequence[int]) -> str:
                 return str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
-        return cls(config, specs, decode)
+            def decode_batch(batch: list[Sequence[int]]) -> list[str]:
+                return [
+                    str(t)
+                    for t in tokenizer.batch_decode([list(ids) for ids in batch], skip_special_tokens=True)
+                ]
+
+        return cls(config, specs, decode, decode_batch)
 
     async def setup(self, ctx: EnvContext) -> None:
         """Load every configured environment and hand it the service's resources."""
@@ -186,50 +237,192 @@ class Scorer:
     async def score_completion(
         self, completion: rollout_pb2.RolloutCompletion
     ) -> rollout_pb2.ScoredTrajectory:
-        """Decode, look up, score; the ScoredTrajectory to publish."""
+        """Decode, look up, score one completion; the ScoredTrajectory to publish."""
+        got: list[bytes] = []
+        [outcome] = await self.score_batch([completion], lambda _, data: got.append(data))
+        if outcome is not None:
+            raise outcome
+        return rollout_pb2.ScoredTrajectory.FromString(got[0])
+
+    async def score_batch(
+        self,
+        completions: Sequence[rollout_pb2.RolloutCompletion],
+        emit: Emit,
+        *,
+        payloads: Sequence[bytes] | None = None,
+    ) -> list[BaseException | None]:
+        """Score a batch, calling `emit(i, serialized ScoredTrajectory)` for each completion as
+        soon as it is scored. `payloads`, the completions as they came off the wire, spare copying
+        and re-serializing them into their ScoredTrajectory. Returns one outcome per completion:
+        None (emitted) or what stopped it (`Reject` for one that can never be scored: an
+        environment that does not load, a prompt key it lacks)."""
         started = time.perf_counter()
-        env = await self.env(completion.env)
-        try:
-            example = env.get(completion.prompt_key)
-        except KeyError as exc:
-            raise Reject(f"{completion.env}: no prompt with key {completion.prompt_key!r} ({exc})") from None
-        text = self.decode(completion.completion_token_ids)
-        if env.group_reward:  # waits for its group without a slot; scoring the group takes one
-            reward = await self._score_in_group(env, example, completion, text)
-        else:
-            async with self.slots:
-                IN_FLIGHT.inc()
+        outcomes: list[BaseException | None] = [None] * len(completions)
+        found: list[tuple[int, Environment, Example]] = []
+        for i, completion in enumerate(completions):
+            try:
+                env = self.envs.get(completion.env)
+                if env is None:
+                    env = await self.env(completion.env)
                 try:
-                    reward = await self._guarded(env.score(example, text))
-                finally:
-                    IN_FLIGHT.dec()
-        status = reward.status.value
-        scored, seconds = self._metrics(completion.env, status)
-        scored.inc()
-        seconds.observe(time.perf_counter() - started)
-        now = time.time()
-        if completion.finished_at:
-            QUEUE_SECONDS.observe(max(0.0, now - completion.finished_at))
-        self.meter.add()
-        self.status_counts[status] = self.status_counts.get(status, 0) + 1
-        return to_scored(completion, reward, text, scored_at=now)
+                    example = env.get(completion.prompt_key)
+                except KeyError as exc:
+                    raise Reject(
+                        f"{completion.env}: no prompt with key {completion.prompt_key!r} ({exc})"
+                    ) from None
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+            found.append((i, env, example))
+        texts = self._decode_all([completions[i].completion_token_ids for i, _, _ in found])
+        jobs = deque(
+            _Job(i, completions[i], env, example, text)
+            for (i, env, example), text in zip(found, texts, strict=True)
+        )
+        # each completion's share of the batch's look-ups and decode, then its own rubric time
+        share = (time.perf_counter() - started) / max(1, len(completions))
+        unreported = self._unreported
 
-    def _metrics(self, env: str, status: str) -> tuple[Any, Any]:
-        key = (env, status)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (SCORED.labels(env, status), SCORE_SECONDS.labels(env))
-        return children
+        def finish(job: _Job, reward: Reward, since: float) -> None:
+            completion = job.completion
+            status = reward.status.value
+            key = (completion.env, status)
+            unreported[key] = unreported.get(key, 0) + 1
+            self._metrics(key)[1].observe(share + time.perf_counter() - since)
+            now = time.time()
+            if completion.finished_at:
+                QUEUE_SECONDS.observe(max(0.0, now - completion.finished_at))
+            if payloads is None:
+                data = to_scored(completion, reward, job.text, scored_at=now).SerializeToString()
+            else:
+                data = scored_payload(payloads[job.index], reward, job.text, scored_at=now)
+            emit(job.index, data)
 
-    async def _guarded(self, work: Any) -> Reward:
+        await self._run_lanes(jobs, finish)
+        return outcomes
+
+    def _decode_all(self, batch: list[Sequence[int]]) -> list[str]:
+        if not batch:
+            return []
         try:
-            async with asyncio.timeout(self.config.score_timeout_s):
-                return await work  # type: ignore[no-any-return]
+            return self.decode_batch(batch)
+        except Exception:  # one bad sequence: find it, rather than fail the batch
+            return [self._decode_one(ids) for ids in batch]
+
+    def _decode_one(self, ids: Sequence[int]) -> str:
+        try:
+            return self.decode(ids)
+        except Exception as exc:
+            log.warning("completion tokens do not decode: %s", exc)
+            return ""
+
+    async def _run_lanes(self, jobs: deque[_Job], finish: Callable[[_Job, Reward, float], None]) -> None:
+        """Score `jobs` in this task; whenever a score waits, start another lane on the next job."""
+        loop = asyncio.get_running_loop()
+        lanes: set[asyncio.Task[None]] = set()
+        check_due = False
+
+        def check() -> None:  # runs only once the lane that scheduled it has had to wait
+            nonlocal check_due
+            check_due = False
+            if jobs:
+                lanes.add(loop.create_task(lane()))
+
+        def next_job() -> _Job:
+            nonlocal check_due
+            job = jobs.popleft()
+            if jobs and not check_due:
+                check_due = True
+                loop.call_soon(check)
+            return job
+
+        async def lane() -> None:
+            await self._lane(next_job, jobs, finish)
+
+        try:
+            await lane()
+            while lanes:
+                done, _ = await asyncio.wait(lanes)
+                lanes.difference_update(done)
+                for task in done:
+                    task.result()
+        except BaseException:  # a cancelled batch: nothing more is scored for it
+            jobs.clear()
+            for task in lanes:
+                task.cancel()
+            raise
+
+    async def _lane(
+        self,
+        next_job: Callable[[], _Job],
+        jobs: deque[_Job],
+        finish: Callable[[_Job, Reward, float], None],
+    ) -> None:
+        """Score jobs one after another under ONE timeout, pushed forward before each rubric call
+        (to within 1% of `score_timeout_s`) instead of a new timer per completion."""
+        loop = asyncio.get_running_loop()
+        slots = self.slots
+        limit = self.config.score_timeout_s
+        slack = limit / 100
+        while jobs:
+            job: _Job | None = None
+            since = 0.0
+            try:
+                async with asyncio.timeout(None) as window:
+                    while jobs:
+                        job = next_job()
+                        since = time.perf_counter()
+                        env = job.env
+                        if (
+                            env.group_reward
+                        ):  # waits for its group without a slot; scoring the group takes one
+                            window.reschedule(None)
+                            reward = await self._score_in_group(env, job.example, job.completion, job.text)
+                        else:
+                            if not slots.try_take():  # waiting for a slot is not scoring
+                                window.reschedule(None)
+                                await slots.__aenter__()
+                            try:
+                                deadline = loop.time() + limit
+                                when = window.when()
+                                if when is None or deadline - when > slack:
+                                    window.reschedule(deadline)
+                                reward = await self._rubric(env, job.example, job.text)
+                            finally:
+                                slots.release()
+                        finish(job, reward, since)
+                        job = None
+            except TimeoutError:
+                if job is None:
+                    raise
+                finish(job, self._timed_out(), since)
+
+    async def _rubric(self, env: Environment, example: Example, text: str) -> Reward:
+        try:
+            return await env.score(example, text)
         except TimeoutError:
-            return Reward.failed(RewardStatus.TIMEOUT, f"scoring took over {self.config.score_timeout_s}s")
+            return self._timed_out()
         except Exception as exc:  # a rubric bug must not crash the scorer; its reward says what broke
             log.exception("rubric failed")
             return Reward.failed(RewardStatus.ERROR, f"{type(exc).__name__}: {exc}")
+
+    def _timed_out(self) -> Reward:
+        return Reward.failed(RewardStatus.TIMEOUT, f"scoring took over {self.config.score_timeout_s}s")
+
+    def _metrics(self, key: tuple[str, str]) -> tuple[Any, Any]:
+        children = self._children.get(key)
+        if children is None:
+            env, status = key
+            children = self._children[key] = (SCORED.labels(env, status), SCORE_SECONDS.labels(env))
+        return children
+
+    def _report_counts(self) -> None:
+        """Add what was scored since the last call to the counters, the rate meter and /healthz."""
+        for key, n in self._unreported.items():
+            self._metrics(key)[0].inc(n)
+            self.meter.add(n)
+            self.status_counts[key[1]] = self.status_counts.get(key[1], 0) + n
+        self._unreported.clear()  # in place: batches being scored hold this very dict
 
     async def _score_in_group(
         self, env: Environment, example: Example, completion: rollout_pb2.RolloutCompletion, text: str
@@ -267,9 +460,12 @@ class Scorer:
         group.done.set_result(dict(zip(ids, rewards, strict=True)))
 
     def details(self) -> dict[str, Any]:
-        """Numbers for /healthz: scored/s, totals by status, environments loaded."""
+        """Numbers for /healthz: scored/s, totals by status, environments loaded (and the counters
+        brought up to date: call it every second or so)."""
+        self._report_counts()
         rate = self.meter.rate()
         SCORED_PER_S.set(rate)
+        IN_FLIGHT.set(self.slots.busy)
         return {
             "scored_per_s": round(rate, 2),
             "scored_total": self.meter.total,
@@ -277,6 +473,33 @@ class Scorer:
             "envs": sorted(self.envs),
             "groups_waiting": len(self.groups),
         }
+
+
+def scored_payload(completion: bytes, reward: Reward, text: str, *, scored_at: float) -> bytes:
+    """The serialized ScoredTrajectory of a completion given serialized: field 1 (`completion`)
+    written around the bytes as they are, then the other fields. The same message `to_scored`
+    gives, without copying the completion into it and serializing it again."""
+    rest = rollout_pb2.ScoredTrajectory(
+        reward=reward.total,
+        components=reward.components,
+        status=reward.status.to_proto(),
+        status_reason=reward.reason,
+        scored_at=scored_at,
+        completion_text=text,
+    ).SerializeToString()
+    return _COMPLETION_TAG + _varint(len(completion)) + completion + rest
+
+
+_COMPLETION_TAG = bytes([1 << 3 | 2])  # field 1, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def to_scored(
