@@ -237,6 +237,10 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             )
         except (binascii.Error, UnicodeDecodeError):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_token is not one this server gave")
+        if request.page_size < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"page_size must be >= 0 (0: 100), got {request.page_size}"
+            )
         size = min(request.page_size or 100, MAX_PAGE)
         rows = await self.ctx.ledger.list_trajectories(
             self.ctx.run_id, status=request.status or None, after=after, limit=size + 1

@@ -241,6 +241,14 @@ async def test_a_body_that_does_not_parse_is_invalid_argument_after_authenticati
                     assert "malformed request body" in details
 
 
+async def test_a_negative_page_size_is_invalid_argument(admin):
+    stub, _ = admin
+    code, details = await _code(
+        stub.ListTrajectories(admin_pb2.ListTrajectoriesRequest(page_size=-1), metadata=AUTH)
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in details, (code, details)
+
+
 async def test_health_answers_serving_without_a_token(admin):
     _, server = admin
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
