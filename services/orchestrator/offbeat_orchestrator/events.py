@@ -21,7 +21,7 @@ from typing import Any, Final
 from google.protobuf.message import DecodeError, Message
 
 from offbeat.bus import Reject
-from offbeat.ledger.store import ts
+from offbeat.ledger.store import ts as _ts
 from offbeat.v1 import policy_pb2, rollout_pb2
 
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
@@ -38,6 +38,15 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
 MAX_ID: Final = 64
 """Longest trajectory id the ledger holds."""
 DROP_STATUS: Final = {"stale": "discarded_stale", "rolled_back": "discarded_rolled_back"}
+
+
+def ts(unix: float | None) -> datetime | None:
+    """A timestamp read off the bus as a datetime; None when it is not one (NaN, out of range), so
+    a corrupt time field costs that field, never the event (`fromtimestamp` raises on those)."""
+    try:
+        return _ts(unix)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def event_kind(kind: str) -> str:
