@@ -21,7 +21,6 @@ from typing import Any, Final
 from google.protobuf.message import DecodeError, Message
 
 from offbeat.bus import Reject
-from offbeat.ledger.store import ts as _ts
 from offbeat.v1 import policy_pb2, rollout_pb2
 
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
@@ -43,8 +42,10 @@ DROP_STATUS: Final = {"stale": "discarded_stale", "rolled_back": "discarded_roll
 def ts(unix: float | None) -> datetime | None:
     """A timestamp read off the bus as a datetime; None when it is not one (NaN, out of range), so
     a corrupt time field costs that field, never the event (`fromtimestamp` raises on those)."""
+    if not unix:
+        return None
     try:
-        return _ts(unix)
+        return datetime.fromtimestamp(unix, tz=UTC)
     except (ValueError, OverflowError, OSError):
         return None
 
@@ -63,7 +64,13 @@ def decode(kind: str, data: bytes) -> Message:
 
 
 def reward_status_name(value: int) -> str:
-    return rollout_pb2.RewardStatus.Name(value).removeprefix("REWARD_STATUS_").lower()  # type: ignore[arg-type]
+    """`ok`, `parse_error`, ...; `unknown:<n>` for a value the enum does not define (proto3 enums
+    are open: a message may carry any number)."""
+    try:
+        name = rollout_pb2.RewardStatus.Name(value)  # type: ignore[arg-type]
+    except ValueError:
+        return f"unknown:{value}"
+    return name.removeprefix("REWARD_STATUS_").lower()
 
 
 @dataclass
@@ -120,7 +127,16 @@ def request_rows(run_id: str, r: rollout_pb2.RolloutRequest) -> Rows:
 
 
 def completion_row(run_id: str, c: rollout_pb2.RolloutCompletion, *, status: str) -> dict[str, Any]:
-    versions = [s.version for s in c.version_spans]
+    spans = c.version_spans
+    first: int | None
+    last: int | None
+    if len(spans) == 1:  # the common case, without iterating the repeated field
+        first = last = spans[0].version
+    elif spans:
+        versions = [s.version for s in spans]
+        first, last = min(versions), max(versions)
+    else:
+        first = last = None
     return {
         "run_id": run_id,
         "trajectory_id": c.trajectory_id,
@@ -133,8 +149,8 @@ def completion_row(run_id: str, c: rollout_pb2.RolloutCompletion, *, status: str
         "status": status,
         "prompt_tokens": len(c.prompt_token_ids),
         "completion_tokens": len(c.completion_token_ids),
-        "first_version": min(versions) if versions else None,
-        "last_version": max(versions) if versions else None,
+        "first_version": first,
+        "last_version": last,
         "generated_at": ts(c.finished_at),
     }
 
@@ -143,20 +159,23 @@ def completion_rows(run_id: str, c: rollout_pb2.RolloutCompletion) -> Rows:
     return Rows(trajectories=[completion_row(run_id, c, status="generated")])
 
 
-def scored_rows(run_id: str, s: rollout_pb2.ScoredTrajectory) -> Rows:
+def scored_row(run_id: str, s: rollout_pb2.ScoredTrajectory) -> dict[str, Any]:
     c = s.completion
     row = completion_row(run_id, c, status="evaluated" if c.eval else "scored")
-    row.update(
-        reward=s.reward,
-        reward_status=reward_status_name(s.status),
-        scored_at=ts(s.scored_at),
-        reason=s.status_reason or None,
-    )
-    rows = Rows(trajectories=[row])
+    row["reward"] = s.reward
+    row["reward_status"] = reward_status_name(s.status)
+    row["scored_at"] = ts(s.scored_at)
+    row["reason"] = s.status_reason or None
     if c.eval:
         row["finished_at"] = row["scored_at"]
-        if row["first_version"] is not None:
-            rows.eval_versions.add(row["first_version"])
+    return row
+
+
+def scored_rows(run_id: str, s: rollout_pb2.ScoredTrajectory) -> Rows:
+    row = scored_row(run_id, s)
+    rows = Rows(trajectories=[row])
+    if row["eval"] and row["first_version"] is not None:
+        rows.eval_versions.add(row["first_version"])
     return rows
 
 
@@ -271,14 +290,35 @@ def named_run(message: Message) -> str | None:
     return str(m.run_id) if hasattr(m, "run_id") else None
 
 
-def to_rows(run_id: str, kind: str, message: Message, *, key: str = "", root: str = "") -> Rows:
+def to_rows(
+    run_id: str, kind: str, message: Message, *, key: str = "", root: str = "", into: Rows | None = None
+) -> Rows:
     """The ledger rows of one event. `key` names a dead letter; `root` is the run's subject root
-    (`<prefix>.<run>`), used to find the kind of a dead-lettered message's subject. Raises
-    `Reject` for an event that names another run or none."""
+    (`<prefix>.<run>`), used to find the kind of a dead-lettered message's subject. With `into`,
+    the rows are added to it and it is returned (the ledger writer's batch: completions and scores
+    then cost one row dict each, no `Rows` of their own). Raises `Reject` for an event that names
+    another run or none."""
     kind = event_kind(kind)
     named = named_run(message)
     if named is not None and named != run_id:
         raise Reject(f"{kind} event names run {named!r}, expected {run_id!r}")
+    if into is not None and kind == "rollout.completion":
+        into.trajectories.append(completion_row(run_id, message, status="generated"))  # type: ignore[arg-type]
+        return into
+    if into is not None and kind == "rollout.scored":
+        row = scored_row(run_id, message)  # type: ignore[arg-type]
+        into.trajectories.append(row)
+        if row["eval"] and row["first_version"] is not None:
+            into.eval_versions.add(row["first_version"])
+        return into
+    rows = _rows(run_id, kind, message, key=key, root=root)
+    if into is None:
+        return rows
+    into.extend(rows)
+    return into
+
+
+def _rows(run_id: str, kind: str, message: Message, *, key: str, root: str) -> Rows:
     if kind == "rollout.request":
         return request_rows(run_id, message)  # type: ignore[arg-type]
     if kind == "rollout.completion":

@@ -243,35 +243,41 @@ class Scheduler:
 
     def observe(self, events: list[Observed]) -> None:
         for e in events:
-            m: Any = e.message
-            if e.kind in ("rollout.completion", "rollout.scored", "trainer.step"):
-                now = time.time()
-                if e.kind == "trainer.step":
-                    if self._last_step_at is not None:
-                        self._longest_step_s = max(self._longest_step_s, now - self._last_step_at)
-                    self._last_step_at = now
-                self._last_progress = now
-            if e.kind == "rollout.completion":
-                self._completed(m.trajectory_id, m.version_spans)
-            elif e.kind == "rollout.scored":
-                tid = m.completion.trajectory_id
-                self._completed(tid, m.completion.version_spans)
-                self._scored(tid, m.reward, reward_status_name(m.status))
-            elif e.kind == "trainer.step":
-                self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
-                self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
-                if m.version:  # weights published after this step (the announcement may come later)
-                    self._known(int(m.version), int(m.step))
-            elif e.kind == "policy.weights":
-                self.version_steps[int(m.version)] = int(m.step)
-                self._known(int(m.version), int(m.step))
-            elif e.kind == "policy.live" and m.ok:
-                self._live(int(m.version))
-            elif e.kind == "dlq":
-                kind = m.subject.removeprefix(self.bus.subjects.root + ".")
-                if m.consumer != "ledger":  # the ledger's own refusals do not stop the pipeline
-                    self._finish(dead_letter_trajectories(m, kind), failed=True)
+            try:
+                self._observe(e)
+            except Exception:  # one odd event must not hide the rest of the batch
+                log.exception("could not take in a %s event", e.kind)
         self.wake()
+
+    def _observe(self, e: Observed) -> None:
+        m: Any = e.message
+        if e.kind in ("rollout.completion", "rollout.scored", "trainer.step"):
+            now = time.time()
+            if e.kind == "trainer.step":
+                if self._last_step_at is not None:
+                    self._longest_step_s = max(self._longest_step_s, now - self._last_step_at)
+                self._last_step_at = now
+            self._last_progress = now
+        if e.kind == "rollout.completion":
+            self._completed(m.trajectory_id, m.version_spans)
+        elif e.kind == "rollout.scored":
+            tid = m.completion.trajectory_id
+            self._completed(tid, m.completion.version_spans)
+            self._scored(tid, m.reward, reward_status_name(m.status))
+        elif e.kind == "trainer.step":
+            self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
+            self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
+            if m.version:  # weights published after this step (the announcement may come later)
+                self._known(int(m.version), int(m.step))
+        elif e.kind == "policy.weights":
+            self.version_steps[int(m.version)] = int(m.step)
+            self._known(int(m.version), int(m.step))
+        elif e.kind == "policy.live" and m.ok:
+            self._live(int(m.version))
+        elif e.kind == "dlq":
+            kind = m.subject.removeprefix(self.bus.subjects.root + ".")
+            if m.consumer != "ledger":  # the ledger's own refusals do not stop the pipeline
+                self._finish(dead_letter_trajectories(m, kind), failed=True)
 
     def _completed(self, tid: str, spans: Sequence[Any] = ()) -> None:
         group = self.groups.get(self.by_trajectory.get(tid, ""))

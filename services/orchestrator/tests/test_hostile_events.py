@@ -5,14 +5,22 @@
   run id and step 99999 had become the run's latest step, and `offbeat run` stopped as finished.
 - A time field that is not a time (NaN, out of range) costs that field, not the event:
   `datetime.fromtimestamp` raised inside the ledger writer's handler.
+- A reward status the enum does not define (proto3 enums are open) is `unknown:<n>`: naming it
+  raised in the writer's handler and in the scheduler's observer, which then skipped the rest of
+  the committed batch and held the budget until the requests timed out.
 """
 
 import math
 
 import pytest
-from offbeat_orchestrator.events import to_rows
+from offbeat_orchestrator.config import OrchestratorConfig
+from offbeat_orchestrator.events import reward_status_name, to_rows
+from offbeat_orchestrator.ledger_writer import Observed
+from offbeat_orchestrator.scheduler import Scheduler
+from orch_helpers import step
 from sqlalchemy import text
 
+from offbeat.config import RunSection
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2, rollout_pb2
 
@@ -61,3 +69,18 @@ def test_a_time_that_is_not_a_time_costs_the_field_not_the_event(bad):
     assert to_rows(run, "rollout.scored", scored).trajectories[0]["scored_at"] is None
     live = policy_pb2.PolicyLive(run_id=run, version=1, ok=True, live_at=bad)
     assert to_rows(run, "policy.live", live).live[1] is not None
+
+
+def test_a_reward_status_the_enum_does_not_define_is_named_not_raised():
+    assert reward_status_name(rollout_pb2.REWARD_STATUS_PARSE_ERROR) == "parse_error"
+    assert reward_status_name(7) == "unknown:7"
+    completion = rollout_pb2.RolloutCompletion(run_id="r1", trajectory_id="a-0")
+    rows = to_rows("r1", "rollout.scored", rollout_pb2.ScoredTrajectory(completion=completion, status=7))
+    assert rows.trajectories[0]["reward_status"] == "unknown:7"
+
+
+async def test_one_event_the_scheduler_cannot_take_in_does_not_hide_the_rest(bus, run_id):
+    sched = Scheduler(bus, RunSection(id=run_id), OrchestratorConfig(), [])
+    odd = Observed("trainer.step", "x", rollout_pb2.RolloutRequest(), 0.0)  # no step field: raises
+    sched.observe([odd, Observed("trainer.step", "x", step(run_id, 3, consumed=[]), 0.0)])
+    assert sched.step == 3
