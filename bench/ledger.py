@@ -3,7 +3,7 @@
 Events: for N trajectories, a completion and a scored event each (2N trajectory events), published
 on the run's bus before timing starts. offbeat: `LedgerWriter` consumes them from the `ledger`
 durable consumer, maps them to rows, writes batches in one transaction each and acks after
-commit. Baseline: the same rows (mapped in advance, untimed) written with asyncpg
+commit; its database connection is made before the clock starts, as the baseline's is. Baseline: the same rows (mapped in advance, untimed) written with asyncpg
 `executemany` of a plain `INSERT ... ON CONFLICT DO UPDATE` in batches of the same size, on the
 same server. Alternated rounds; medians.
 
@@ -112,6 +112,7 @@ async def writer_round(nats_url: str, db_url: str) -> float:
     for i in range(0, len(pubs), 5000):
         await bus.publish_many(pubs[i : i + 5000])
     ledger = Ledger.connect(db_url)
+    await ledger.count_trajectories(run_id)  # connected before the clock starts, as the baseline is
     writer = LedgerWriter(
         bus, ledger, LedgerConfig(database_url=db_url, batch_size=BATCH, flush_interval_s=0.2)
     )

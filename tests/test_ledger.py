@@ -95,3 +95,96 @@ async def test_staleness_histogram_and_audit(ledger: Ledger, run_id):
     await ledger.upsert_trajectories(rows)
     assert await ledger.staleness_histogram(run_id) == {0: 2, 1: 1, 2: 3}
     await ledger.audit(run_id, "pause", args={"reason": "x"}, actor="test", ok=True, result="paused")
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_one_statement_batch_upsert_merges_every_column_type_on_either_driver(
+    database_url, run_id, driver
+):
+    """A batch is ONE `INSERT ... SELECT FROM unnest(<column arrays>)`: every column type must
+    travel as an array through both drivers, a batch may repeat a trajectory (merged first), and
+    a terminal row keeps its status and values it already has."""
+    from datetime import UTC, datetime
+
+    led = Ledger.connect(database_url.replace("+asyncpg", f"+{driver}"))
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    try:
+        await led.write_batch(
+            run_id,
+            trajectories=[
+                {
+                    "run_id": run_id,
+                    "trajectory_id": "a",
+                    "status": "requested",
+                    "group_id": "g",
+                    "eval": False,
+                    "sample_index": 2,
+                    "requested_at": at,
+                },
+                {
+                    "run_id": run_id,
+                    "trajectory_id": "a",
+                    "status": "scored",
+                    "reward": 0.5,
+                    "reward_status": "ok",
+                    "first_version": 3,
+                    "last_version": 4,
+                    "prompt_tokens": 7,
+                    "scored_at": at,
+                },
+                {"run_id": run_id, "trajectory_id": "b", "status": "generated"},
+            ],
+        )
+        await led.upsert_trajectories(
+            [
+                {
+                    "run_id": run_id,
+                    "trajectory_id": "a",
+                    "status": "trained",
+                    "advantage": -0.25,
+                    "consumed_step": 9,
+                    "staleness": 1,
+                    "finished_at": at,
+                },
+                {"run_id": run_id, "trajectory_id": "b", "status": "failed", "reason": "dead letter"},
+            ]
+        )
+        await led.upsert_trajectories(  # a replay of older events changes nothing
+            [
+                {
+                    "run_id": run_id,
+                    "trajectory_id": "a",
+                    "status": "generated",
+                    "reward": None,
+                    "group_id": None,
+                }
+            ]
+        )
+        async with led.engine.connect() as conn:
+            rows = {
+                r[0]: tuple(r[1:])
+                for r in await conn.execute(
+                    text(
+                        "SELECT trajectory_id, status, group_id, eval, sample_index, reward, reward_status,"
+                        " first_version, last_version, prompt_tokens, advantage, consumed_step, staleness,"
+                        " requested_at, scored_at, finished_at, reason FROM trajectories WHERE run_id=:r"
+                    ),
+                    {"r": run_id},
+                )
+            }
+    finally:
+        await led.close()
+    assert rows["a"] == ("trained", "g", False, 2, 0.5, "ok", 3, 4, 7, -0.25, 9, 1, at, at, at, None)
+    assert rows["b"][0] == "failed" and rows["b"][-1] == "dead letter"
+
+
+async def test_an_id_too_long_is_refused_not_cut_short(ledger: Ledger, run_id):
+    """Strings travel as text[]: the column's own length check must still refuse a long id (a cast
+    to varchar(64)[] would silently truncate it and record a trajectory that does not exist)."""
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError, match="too long"):
+        await ledger.upsert_trajectories(
+            [{"run_id": run_id, "trajectory_id": "x" * 80, "status": "requested"}]
+        )
+    assert await ledger.count_trajectories(run_id) == 0

@@ -4,6 +4,10 @@ Trajectory rows are merged, never overwritten: a column keeps its value unless t
 brings one, and the status only moves forward (requested < generated < scored < terminal). Once
 terminal, a status never changes: a batch skips such rows (so replays are harmless) and
 `transition()` raises `TerminalStatusError`; a database trigger refuses it for any other writer.
+
+A batch of trajectory rows is upserted by ONE statement over column arrays
+(`INSERT ... SELECT * FROM unnest(:run_id, ...) ON CONFLICT ...`): one round trip and one
+statement, where an executemany runs (and SQLAlchemy prepares parameters for) a statement per row.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, case, func, select, text, update
+from sqlalchemy import String, Table, TextClause, func, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -72,7 +77,7 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         key = (row["run_id"], row["trajectory_id"])
         have = merged.get(key)
         if have is None:
-            merged[key] = {c: row.get(c) for c in TRAJECTORY_COLUMNS}
+            merged[key] = dict(row)  # columns it lacks are NULL in the upsert (`_columns`)
             continue
         old_status = have["status"]
         for c, v in row.items():
@@ -89,7 +94,7 @@ class Ledger:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._upsert = self._trajectory_upsert()
+        self._upsert = _trajectory_upsert()
 
     @classmethod
     def connect(cls, url: str, *, pool_size: int = 5) -> Ledger:
@@ -98,28 +103,12 @@ class Ledger:
     async def close(self) -> None:
         await self.engine.dispose()
 
-    @staticmethod
-    def _trajectory_upsert() -> Any:
-        stmt = insert(TRAJECTORIES)
-        existing, new = TRAJECTORIES.c, stmt.excluded
-        rank = func.offbeat_status_rank
-        status = case(
-            (rank(existing.status) >= STATUS_RANK["trained"], existing.status),
-            (rank(new.status) > rank(existing.status), new.status),
-            else_=existing.status,
-        )
-        sets: dict[str, Any] = {"status": status}
-        for c in TRAJECTORY_COLUMNS:
-            if c not in KEY and c != "status":
-                sets[c] = func.coalesce(getattr(new, c), getattr(existing, c))
-        return stmt.on_conflict_do_update(index_elements=list(KEY), set_=sets)
-
     async def upsert_trajectories(self, rows: Sequence[dict[str, Any]], *, batch_size: int = 1000) -> int:
         """Merge trajectory events into rows; idempotent. Returns the number of distinct rows touched."""
         merged = merge_rows(rows)
         async with self.engine.begin() as conn:
             for i in range(0, len(merged), batch_size):
-                await conn.execute(self._upsert, merged[i : i + batch_size])
+                await conn.execute(self._upsert, _columns(merged[i : i + batch_size]))
         return len(merged)
 
     async def transition(
@@ -289,7 +278,7 @@ class Ledger:
                     [_fill(r, TrainerStep, defaults={"rolled_back": False}) for r in steps],
                 )
             for i in range(0, len(merged), batch_size):
-                await conn.execute(self._upsert, merged[i : i + batch_size])
+                await conn.execute(self._upsert, _columns(merged[i : i + batch_size]))
             if letters:
                 await conn.execute(
                     insert(DeadLetterRow).on_conflict_do_nothing(), [_fill(r, DeadLetterRow) for r in letters]
@@ -489,6 +478,41 @@ def _last_by(rows: Sequence[dict[str, Any]], key: tuple[str, ...]) -> list[dict[
         have = out.setdefault(k, {})
         have.update({c: v for c, v in row.items() if v is not None or c not in have})
     return list(out.values())
+
+
+def _trajectory_upsert() -> TextClause:
+    """Upsert trajectory rows given as one array per column (`_columns`). A row that exists keeps
+    a column unless the new row brings a value; its status moves only forward and never leaves a
+    terminal one. Strings travel as text[] so that the insert itself checks their length (a
+    cast to varchar(n)[] would cut them short silently)."""
+    columns = list(TRAJECTORIES.columns)
+
+    def array_type(c: Any) -> str:
+        base = "TEXT" if isinstance(c.type, String) else c.type.compile(dialect=postgresql.dialect())
+        return f"{base}[]"
+
+    names = ", ".join(c.name for c in columns)
+    arrays = ", ".join(f"CAST(:{c.name} AS {array_type(c)})" for c in columns)
+    rank = "offbeat_status_rank"
+    sets = [
+        f"status = CASE WHEN {rank}(trajectories.status) >= {STATUS_RANK['trained']} THEN trajectories.status"
+        f" WHEN {rank}(excluded.status) > {rank}(trajectories.status) THEN excluded.status"
+        " ELSE trajectories.status END"
+    ]
+    sets += [
+        f"{c.name} = COALESCE(excluded.{c.name}, trajectories.{c.name})"
+        for c in columns
+        if c.name not in KEY and c.name != "status"
+    ]
+    return text(
+        f"INSERT INTO trajectories ({names}) SELECT * FROM unnest({arrays})"
+        f" ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET {', '.join(sets)}"
+    )
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Merged trajectory rows as one list per column (None where a row has no value)."""
+    return {c: [row.get(c) for row in rows] for c in TRAJECTORY_COLUMNS}
 
 
 def _policy_version_upsert() -> Any:

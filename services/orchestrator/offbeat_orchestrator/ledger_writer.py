@@ -1,14 +1,20 @@
 """The ledger writer: the only writer of a run's ledger, fed by the `ledger` durable consumer.
 
-The `ledger` consumer sees every subject of the run. Each message is decoded by its subject kind
-(`events.decode`), mapped to rows (`events.to_rows`) and buffered with its ack deferred; the buffer
-is written in ONE transaction (`Ledger.write_batch`) every `[ledger] flush_interval_s` or when it
-holds `batch_size` rows, and only after the commit are its messages acked. A crash therefore loses
-nothing (unacked messages are redelivered) and a replay changes nothing (the upserts are
-idempotent and statuses only move forward). A lost database connection is retried; an event
-whose data the database refuses (say, an id too long for its column) is isolated by writing the
-batch item by item, dead-lettered with the database's reason and acked, so it never blocks the rest. A payload that does not parse, or that names another
-run, is dead-lettered by the bus; the dead letter then comes back here and is recorded.
+The `ledger` consumer sees every subject of the run; it hands the writer a pull at a time
+(`Bus.consume_batches`, the next pull already on its way). Each message is decoded by its subject
+kind (`events.decode`), mapped to rows (`events.to_rows`) and buffered with its ack deferred; the
+buffer is written in ONE transaction (`Ledger.write_batch`) as soon as it holds `batch_size` rows,
+or at least every `[ledger] flush_interval_s`, and only after the commit are its messages acked.
+Commits run in their own task, one at a time and in stream order, while the next events are read
+and mapped; what arrived during a commit is committed next, at once; with `BACKLOG_BATCHES`
+batches waiting, reading waits for the database.
+
+A crash therefore loses nothing (unacked messages are redelivered) and a replay changes nothing
+(the upserts are idempotent and statuses only move forward). A lost database connection is
+retried; an event whose data the database refuses (say, an id too long for its column) is
+isolated by writing the batch item by item, dead-lettered with the database's reason and acked,
+so it never blocks the rest. A payload that does not parse, or that names another run, is
+dead-lettered by the bus; the dead letter then comes back here and is recorded.
 
 After each commit the batch's events are handed to observers (the scheduler, WatchEvents
 streams), in stream order, so they see exactly what the ledger holds.
@@ -24,14 +30,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final, NamedTuple
 
 import sqlalchemy.exc
-from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 
-from offbeat.bus import Bus, Delivery, Reject
+from offbeat.bus import Bus, Delivery, Outcome, Received, Reject
 from offbeat.config import LedgerConfig
 from offbeat.ledger import Ledger
 from offbeat.v1 import policy_pb2
@@ -40,6 +44,8 @@ from offbeat_orchestrator.events import Rows, decode, event_kind, to_rows
 log = logging.getLogger("offbeat.orchestrator.ledger")
 
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+BACKLOG_BATCHES: Final = 4
+"""Batches of rows that may wait for the database before reading stops (backpressure)."""
 REFUSED_SQLSTATE_CLASSES: Final = ("22", "23", "42")
 """SQLSTATE classes about the data itself (data exception, integrity violation, syntax or access):
 retrying cannot help. Anything else (connection lost, shutdown, deadlock) is retried."""
@@ -58,9 +64,8 @@ class RefusedError(Exception):
     """The database rejected a batch's data."""
 
 
-@dataclass(frozen=True)
-class Observed:
-    """One event the ledger has committed."""
+class Observed(NamedTuple):
+    """One event the ledger has committed (a tuple: one is made per event, so it must be cheap)."""
 
     kind: str
     """Subject kind with `control.*` folded to `control` (`rollout.completion`, `trainer.step`, ...)."""
@@ -72,11 +77,13 @@ class Observed:
 Observer = Callable[[list[Observed]], None]
 
 
-@dataclass
-class _Pending:
+class _Pending(NamedTuple):
+    """A buffered event (or rows the orchestrator enqueued itself: no delivery, no event). The
+    rows of a bus event are in the batch's `Rows`, and made again only if the batch is refused."""
+
     delivery: Delivery | None
     event: Observed | None
-    rows: Rows
+    rows: Rows | None
 
 
 class LedgerWriter:
@@ -91,8 +98,13 @@ class LedgerWriter:
         self.run_id = bus.run_id
         self.observers: list[Observer] = []
         self._pending: list[_Pending] = []
+        self._batch = Rows()
+        """The rows of everything in `_pending`, gathered as events arrive."""
+        self._kinds: dict[str, str] = {}
+        """Subject -> event kind, for the subjects seen (a handful)."""
         self._rows = 0
         self._lock = asyncio.Lock()
+        self._full = asyncio.Event()
         self._window_s = throughput_window_s
         self._completions: deque[tuple[float, int]] = deque()
         self.committed_events = 0
@@ -105,7 +117,7 @@ class LedgerWriter:
         nothing more and acks nothing more: those messages are redelivered to the next writer."""
         flusher = asyncio.create_task(self._flush_loop(stop))
         try:
-            await self.bus.consume("ledger", empty_pb2.Empty, self._handle, stop=stop)
+            await self.bus.consume_batches("ledger", None, self._handle_batch, stop=stop)
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -114,36 +126,58 @@ class LedgerWriter:
             await self.flush()
 
     async def _flush_loop(self, stop: asyncio.Event) -> None:
+        """Commit whenever a batch is full or `flush_interval_s` has passed; and what arrived while
+        a commit ran goes next, at once (group commit): when the database is the bottleneck its
+        batches grow, and the last events of a burst do not wait out the interval."""
         while not stop.is_set():
-            await asyncio.sleep(self.cfg.flush_interval_s)
-            await self.flush()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.cfg.flush_interval_s)
+            self._full.clear()
+            while await self.flush() and self._pending and not stop.is_set():
+                pass
 
-    async def _handle(self, _: Message, delivery: Delivery) -> None:
-        kind = event_kind(self.bus.subjects.kind(delivery.subject))
+    async def _handle_batch(self, batch: list[Received[bytes]]) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        at = time.time()
+        for item in batch:
+            try:
+                self._take(item.message, item.delivery, at)
+            except Reject as exc:
+                outcomes.append(exc)
+            else:
+                outcomes.append(None)
+        if self._rows >= self.cfg.batch_size:
+            self._full.set()
+            if self._rows >= BACKLOG_BATCHES * self.cfg.batch_size:
+                await self.flush()  # the database is behind: wait for it instead of reading on
+        return outcomes
+
+    def _take(self, data: bytes, delivery: Delivery, at: float) -> None:
+        subject = delivery.subject
+        kind = self._kinds.get(subject)
+        if kind is None:
+            kind = self._kinds[subject] = event_kind(self.bus.subjects.kind(subject))
         try:
-            message = decode(kind, delivery.data)
+            message = decode(kind, data)
         except DecodeError as exc:
             raise Reject(f"malformed {kind} event: {exc}") from None
-        run_id = _run_id(message)
-        if run_id and run_id != self.run_id:
-            raise Reject(f"{kind} event names run {run_id!r}, expected {self.run_id!r}")
-        rows = to_rows(
-            self.run_id,
-            kind,
-            message,
-            key=delivery.msg_id or f"seq:{delivery.stream_seq}",
-            root=self.bus.subjects.root,
-        )
+        before = len(self._batch.trajectories)
+        key = self._key(kind, delivery)
+        to_rows(self.run_id, kind, message, key=key, root=self.bus.subjects.root, into=self._batch)
         delivery.defer()
-        self._pending.append(_Pending(delivery, Observed(kind, delivery.subject, message, time.time()), rows))
-        self._rows += max(1, len(rows))
-        if self._rows >= self.cfg.batch_size:
-            await self.flush()
+        self._pending.append(_Pending(delivery, Observed(kind, subject, message, at), None))
+        self._rows += max(1, len(self._batch.trajectories) - before)
+
+    @staticmethod
+    def _key(kind: str, delivery: Delivery) -> str:
+        """What names a dead letter in the ledger (only dead letters need one)."""
+        return delivery.msg_id or f"seq:{delivery.stream_seq}" if kind == "dlq" else ""
 
     def enqueue(self, rows: Rows) -> None:
         """Rows the orchestrator itself decides (e.g. samples failed after their last attempt);
         written with the next batch."""
         self._pending.append(_Pending(None, None, rows))
+        self._batch.extend(rows)
         self._rows += len(rows)
 
     # --- writing -----------------------------------------------------------------------------
@@ -153,8 +187,9 @@ class LedgerWriter:
         async with self._lock:
             if not self._pending:
                 return 0
-            batch, self._pending, self._rows = self._pending, [], 0
-            written = await self._commit(batch)
+            batch, rows = self._pending, self._batch
+            self._pending, self._batch, self._rows = [], Rows(), 0
+            written = await self._commit(batch, rows)
             for item in written:
                 if item.delivery is not None:
                     await item.delivery.ack()
@@ -169,12 +204,9 @@ class LedgerWriter:
                 log.exception("ledger observer failed")
         return len(events)
 
-    async def _commit(self, batch: list[_Pending]) -> list[_Pending]:
+    async def _commit(self, batch: list[_Pending], rows: Rows) -> list[_Pending]:
         """Commit the batch; if the database refuses its data (not a connection problem), commit
         item by item and dead-letter the items it refuses, so one bad event never wedges the ledger."""
-        rows = Rows()
-        for item in batch:
-            rows.extend(item.rows)
         try:
             await self._write(rows)
             return batch
@@ -183,11 +215,18 @@ class LedgerWriter:
         written = []
         for item in batch:
             try:
-                await self._write(item.rows)
+                await self._write(self._rows_of(item))
                 written.append(item)
             except RefusedError as exc:
                 await self._refuse(item, str(exc))
         return written
+
+    def _rows_of(self, item: _Pending) -> Rows:
+        if item.rows is not None:
+            return item.rows
+        assert item.event is not None and item.delivery is not None
+        key = self._key(item.event.kind, item.delivery)
+        return to_rows(self.run_id, item.event.kind, item.event.message, key=key, root=self.bus.subjects.root)
 
     async def _write(self, rows: Rows) -> None:
         """Retry until the transaction commits (the database may restart); never ack before.
@@ -248,11 +287,3 @@ class LedgerWriter:
         span = max(1.0, min(self._window_s, time.time() - self._completions[0][0]))
         tokens = sum(n for _, n in self._completions)
         return tokens / span, len(self._completions) / span
-
-
-def _run_id(message: Any) -> str:
-    if hasattr(message, "run_id"):
-        return str(message.run_id)
-    if hasattr(message, "completion"):
-        return str(message.completion.run_id)
-    return ""
