@@ -47,6 +47,7 @@ log = logging.getLogger("offbeat.bus")
 
 T = TypeVar("T", bound=Message)
 R = TypeVar("R", bound=Message)
+M = TypeVar("M")
 
 SANDBOX_EXEC: Final = "sandbox.exec"
 HEAD_KEY: Final = "policy.head"
@@ -216,10 +217,10 @@ Handler = Callable[[T, Delivery], Awaitable[None]]
 
 
 @dataclass(slots=True)
-class Received(Generic[T]):
+class Received(Generic[M]):
     """One message of a batch handed to a batch handler."""
 
-    message: T
+    message: M
     """The parsed payload (the raw bytes for a consumer without a message type)."""
     delivery: Delivery
 
@@ -227,7 +228,7 @@ class Received(Generic[T]):
 Outcome = BaseException | None
 """What became of one message of a batch: None handled (acked unless deferred), `Reject` dead-letter
 it now, any other exception nak it (dead-lettered at its last delivery)."""
-BatchHandler = Callable[[list[Received[T]]], Awaitable[Sequence[Outcome] | None]]
+BatchHandler = Callable[[list[Received[M]]], Awaitable[Sequence[Outcome] | None]]
 """Takes a batch; returns one outcome per message, in order, or None when all were handled. Raising
 fails every message of the batch with that exception."""
 
