@@ -15,7 +15,7 @@ weights; their later tokens are sampled by the new weights over that cache (as v
 PipelineRL do) and carry the new version in their spans.
 
 Not covered here: the bus, prompts as text or chat (the service renders and tokenizes them), and
-fetching/verifying weight files (`offbeat_inference.updates`).
+fetching weight files (`offbeat_inference.updates`).
 """
 
 from __future__ import annotations
@@ -104,13 +104,21 @@ class Engine(ABC):
         """Sample one completion of `prompt_ids`; waits in the queue when the engine is full."""
 
     @abstractmethod
-    async def update_weights(self, path: Path, version: int) -> WeightsApplied:
-        """Apply a verified safetensors file between decode steps; raises `WeightLoadError` (old
-        weights stay) when it does not fit the model."""
+    async def update_weights(self, path: Path, version: int, *, sha256: str | None = None) -> WeightsApplied:
+        """Apply a safetensors file between decode steps. With `sha256` (the announced digest) the
+        file is verified before the version goes live, `offbeat.weights.ChecksumError` if it is not
+        that file; None: the caller has verified it. Raises `WeightLoadError` when it does not fit
+        the model. Either way the old weights stay live."""
 
     @abstractmethod
     async def close(self) -> None:
         """Stop stepping; sequences still held finish with reason `abort`."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes: [0, vocab_size). A prompt id outside it is refused before it
+        reaches the engine (an embedding lookup out of range kills the engine thread)."""
+        return len(self.tokenizer)
 
     @property
     def in_flight(self) -> int:

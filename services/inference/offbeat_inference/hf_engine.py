@@ -8,11 +8,14 @@ position ids, so a row's log-probs equal a teacher-forced forward pass of the sa
 (log-prob convention: see `offbeat_inference.engine`). Leading cache columns that only padding
 uses are trimmed after retirements.
 
-Weight updates are mapped from the file (header checked, no copy) off the stepping thread,
-validated against the model's parameter names and shapes, and copied into the parameters between
-two steps (the one pass over the data); tokens sampled
-after the copy carry the new version. A file that does not fit raises `WeightLoadError` and
-changes nothing.
+Weight updates are read into memory off the stepping thread (`weightfile.read_safetensors`: one
+read, hashed as it is read when the announced sha256 is given), validated against the model's
+parameter names and shapes, and then become the parameters (`param.data = staged`, a pointer swap
+per tensor, no copy) between two steps, once the digest matched: on the stepping thread, or on the
+reading thread itself when the stepping thread is parked idle (it cannot start a step while the
+swap holds its lock). Tokens sampled after the swap carry the new version. A file that does not
+fit raises `WeightLoadError`, one that is not the announced one `ChecksumError`; either changes
+nothing. During an update the staged weights are a second copy in memory.
 
 Not covered: paged attention, prefix caching, sliding-window or recurrent cache layers (the
 engine refuses models that use them), tensor parallelism. For throughput on GPUs use vLLM.
@@ -33,6 +36,7 @@ from typing import Any
 
 import torch
 
+from offbeat.weights import ChecksumError
 from offbeat_inference.engine import (
     Engine,
     Generation,
@@ -42,7 +46,7 @@ from offbeat_inference.engine import (
     spans_from_versions,
 )
 from offbeat_inference.sampling import RowSampling, sample
-from offbeat_inference.weightfile import map_safetensors
+from offbeat_inference.weightfile import read_safetensors
 
 log = logging.getLogger("offbeat.inference.hf")
 
@@ -63,16 +67,30 @@ class _Seq:
     cancelled: bool = False
 
 
-@dataclass
+@dataclass(eq=False)
 class _Update:
-    state: dict[str, torch.Tensor]
     version: int
     started: float
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    tensors: int = 0
     read_s: float = 0.0
-    done: threading.Event = field(default_factory=threading.Event)
-    applied: bool = False
-    copy_s: float = 0.0
+    swap_s: float = 0.0
     live_s: float = 0.0
+
+    def resolve(self, error: BaseException | None = None) -> None:
+        """Wake the caller of `update_weights` (from any thread)."""
+
+        def done() -> None:
+            if not self.future.done():
+                if error is None:
+                    self.future.set_result(None)
+                else:
+                    self.future.set_exception(error)
+
+        if not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(done)
 
 
 class HFEngine(Engine):
@@ -107,9 +125,17 @@ class HFEngine(Engine):
         self._admitting: list[_Seq] = []  # taken from the queue, not yet rows (during a prefill)
         self._cache: Any = None
         self._mask: torch.Tensor | None = None
-        self._update: _Update | None = None
+        self._updates: list[_Update] = []
+        self._params: dict[str, torch.Tensor] = {}
+        """The model's state-dict entries (the Parameter objects themselves), what updates replace."""
+        self._aliases: dict[str, list[str]] = {}
+        """Names of each entry's storage (tied weights): a file may carry any one of them."""
         self._wake = threading.Condition()
+        self._parked = False
+        """The stepping thread waits on `_wake` with no work: another thread holding the lock may
+        swap weights in (no step can start before it lets go)."""
         self._closed = False
+        self._stopped = False
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
         self._cache_kw = "cache"
@@ -124,6 +150,10 @@ class HFEngine(Engine):
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_input_embeddings().num_embeddings)
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
@@ -163,6 +193,11 @@ class HFEngine(Engine):
             elif source:
                 eos.update(int(x) for x in source)
         self._eos = frozenset(eos)
+        self._params = self.model.state_dict(keep_vars=True)
+        storage: dict[int, list[str]] = collections.defaultdict(list)
+        for name, tensor in self._params.items():
+            storage[tensor.data_ptr()].append(name)
+        self._aliases = {name: storage[t.data_ptr()] for name, t in self._params.items()}
         with torch.no_grad():  # one prefill: refuse cache layouts the merge does not handle
             cache = self._new_cache()
             self.model(
@@ -207,27 +242,20 @@ class HFEngine(Engine):
             seq.cancelled = True
             raise
 
-    async def update_weights(self, path: Path, version: int) -> WeightsApplied:
+    async def update_weights(self, path: Path, version: int, *, sha256: str | None = None) -> WeightsApplied:
         started = time.perf_counter()
-        state = await asyncio.to_thread(self._read_checked, path)
-        update = _Update(state=state, version=version, started=started, read_s=time.perf_counter() - started)
-        with self._wake:
-            if self._closed:
-                raise RuntimeError("engine is closed")
-            self._update = update
-            self._wake.notify()
-        while not update.done.is_set():  # applied by the stepping thread between two steps
-            await asyncio.to_thread(update.done.wait, 0.5)
-        if not update.applied:
-            raise RuntimeError(f"engine stopped before version {version} was applied")
+        loop = asyncio.get_running_loop()
+        update = _Update(version=version, started=started, loop=loop, future=loop.create_future())
+        await asyncio.to_thread(self._stage, path, sha256, update)
+        await update.future  # resolved by whichever thread swapped it in, between two steps
         return WeightsApplied(
             version=version,
             apply_s=update.live_s,
             details={
-                "tensors": len(state),
+                "tensors": update.tensors,
                 "read_s": update.read_s,
-                "copy_s": update.copy_s,
-                "work_s": update.read_s + update.copy_s,
+                "swap_s": update.swap_s,
+                "work_s": update.read_s + update.swap_s,
             },
         )
 
@@ -240,20 +268,20 @@ class HFEngine(Engine):
 
     # --- weights ------------------------------------------------------------------------------
 
-    def _read_checked(self, path: Path) -> dict[str, torch.Tensor]:
+    def _stage(self, path: Path, sha256: str | None, update: _Update) -> None:
+        """Read, verify and check the file, then hand it to be swapped in (reading thread)."""
         try:
-            state = map_safetensors(path)
+            state = read_safetensors(path, sha256=sha256)
+        except ChecksumError:
+            raise
         except (OSError, ValueError) as exc:
             raise WeightLoadError(f"{path.name}: not a readable safetensors file: {exc}") from None
-        expected = self.model.state_dict()
-        storage: dict[int, list[str]] = collections.defaultdict(list)
-        for name, tensor in expected.items():
-            storage[tensor.data_ptr()].append(name)
+        expected = self._params
         unexpected = sorted(set(state) - set(expected))
         missing = sorted(
             name
-            for name, tensor in expected.items()
-            if name not in state and not any(alias in state for alias in storage[tensor.data_ptr()])
+            for name in expected
+            if name not in state and not any(a in state for a in self._aliases[name])
         )
         wrong = [
             f"{n} {tuple(state[n].shape)} != {tuple(expected[n].shape)}"
@@ -265,20 +293,35 @@ class HFEngine(Engine):
                 f"{path.name} does not fit the model: unexpected {unexpected[:5]}, missing {missing[:5]}, "
                 f"shape mismatch {wrong[:5]}"
             )
-        return state
+        update.tensors = len(state)
+        for name, target in expected.items():
+            tensor = state.get(name)
+            if tensor is None:  # a tied weight the file carries under another name
+                tensor = next(state[a] for a in self._aliases[name] if a in state)
+            if tensor.dtype != target.dtype or tensor.device != target.device:
+                tensor = tensor.to(device=target.device, dtype=target.dtype)
+            update.state[name] = tensor
+        update.read_s = time.perf_counter() - update.started
+        with self._wake:
+            if self._closed or self._stopped:
+                raise RuntimeError(f"engine stopped before version {update.version} was applied")
+            if self._parked:  # idle: swap here rather than wake the stepping thread for it
+                self._apply(update)
+            else:
+                self._updates.append(update)
+                self._wake.notify()
 
     def _apply(self, update: _Update) -> None:
+        """Make the staged tensors the parameters (holding `_wake`, or on the stepping thread)."""
         started = time.perf_counter()
-        params = self.model.state_dict()
-        with torch.no_grad():
-            for name, tensor in update.state.items():
-                params[name].copy_(tensor)
+        for name, tensor in update.state.items():
+            self._params[name].data = tensor
         self._version = update.version
-        update.applied = True
+        update.state = {}
         now = time.perf_counter()
-        update.copy_s = now - started
+        update.swap_s = now - started
         update.live_s = now - update.started
-        update.done.set()
+        update.resolve()
 
     # --- the stepping thread ------------------------------------------------------------------
 
@@ -287,14 +330,14 @@ class HFEngine(Engine):
             with torch.inference_mode():
                 while True:
                     with self._wake:
-                        while (
-                            not self._closed and not self._rows and not self._waiting and self._update is None
-                        ):
+                        self._parked = True
+                        while not self._closed and not self._rows and not self._waiting and not self._updates:
                             self._wake.wait()
+                        self._parked = False
                         if self._closed:
                             break
-                        update, self._update = self._update, None
-                    if update is not None:
+                        updates, self._updates = self._updates, []
+                    for update in updates:
                         self._apply(update)
                     if self._rows or self._waiting:
                         self._step()
@@ -309,8 +352,10 @@ class HFEngine(Engine):
             held = self._rows + self._admitting + list(self._waiting)
             self._rows, self._admitting, self._cache, self._mask = [], [], None, None
             self._waiting.clear()
-            if self._update is not None:
-                self._update.done.set()
+            self._parked, self._stopped = False, True
+            updates, self._updates = self._updates, []
+        for update in updates:
+            update.resolve(RuntimeError(f"engine stopped before version {update.version} was applied"))
         for seq in held:
             self._finish(seq, "abort")
 

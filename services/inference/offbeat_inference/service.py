@@ -8,8 +8,9 @@ request's n samples go to the engine together; each finished sample is published
 are published. A redelivered request is generated again; the server's dedup drops the repeats.
 
 Requests that can never succeed (n < 1, trajectory ids that do not match n, no prompt, a prompt
-that does not fit the context length) are dead-lettered with the reason. Pause stops pulling new
-requests while the ones held finish (a request that the pull open at the moment of the pause still
+that does not fit the context length, prompt token ids outside the vocabulary, a temperature that
+is not a number) are dead-lettered with the reason; none of them reaches the engine. Pause stops
+pulling new requests while the ones held finish (a request that the pull open at the moment of the pause still
 delivers is nak'ed back, unstarted; that costs it one of its `max_deliver` deliveries); resume pulls
 again; stop drains and exits.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -251,6 +253,16 @@ class InferenceService:
             raise Reject(
                 f"request {request.request_id}: prompt of {len(prompt)} tokens does not fit the context "
                 f"length {self.engine.max_model_len}"
+            )
+        vocab = self.engine.vocab_size
+        outside = next((t for t in prompt if not 0 <= t < vocab), None)
+        if outside is not None:  # it would kill the engine, and every replica it is redelivered to
+            raise Reject(
+                f"request {request.request_id}: prompt token id {outside} is outside the vocabulary [0, {vocab})"
+            )
+        if not math.isfinite(request.sampling.temperature):
+            raise Reject(
+                f"request {request.request_id}: temperature {request.sampling.temperature} is not finite"
             )
         self.requests_in_flight += 1
         heartbeat = asyncio.create_task(self._heartbeat(delivery))

@@ -167,6 +167,29 @@ async def test_requests_that_cannot_succeed_are_dead_lettered(bus, run_id, start
     assert "no prompt" in reasons or "0 tokens" in reasons
 
 
+async def test_a_prompt_the_engine_cannot_take_is_dead_lettered_and_the_engine_lives(
+    bus, run_id, start_service
+):
+    # token ids outside the vocabulary made the embedding lookup raise in the engine thread: the
+    # replica died, and so did every replica the request was redelivered to (fuzz suite)
+    service = await start_service()
+    letters = await collect(bus, bus.subjects.dlq, policy_pb2.DeadLetter)
+    completions = await collect(bus, bus.subjects.rollout_completion, rollout_pb2.RolloutCompletion)
+    vocab = service.engine.vocab_size
+    bad = [
+        request(run_id, tokens=[1, vocab]),
+        request(run_id, tokens=[-1, 2]),
+        request(run_id, tokens=[3, 4]),
+    ]
+    bad[2].sampling.temperature = float("nan")
+    good = request(run_id, tokens=[5, 6], max_tokens=3)
+    await publish(bus, *bad, good)
+    await wait_for(lambda: len(letters) == 3 and len(completions) == 1, timeout_s=30)
+    reasons = " | ".join(sorted(letter.reason for letter in letters))
+    assert reasons.count("outside the vocabulary") == 2 and "not finite" in reasons, reasons
+    assert service.engine.failure is None and service.failure is None
+
+
 @pytest.mark.slow
 async def test_weights_published_with_64_requests_in_flight(
     bus, run_id, start_service, tiny_model, tiny_model_v1, tmp_path
