@@ -43,7 +43,10 @@ class Trajectory:
     advantage: float = 0.0
 
     @classmethod
-    def from_scored(cls, msg: rollout_pb2.ScoredTrajectory) -> Trajectory:
+    def from_scored(cls, msg: rollout_pb2.ScoredTrajectory, *, vocab_size: int | None = None) -> Trajectory:
+        """The in-process trajectory; ValueError for one that cannot be trained on safely (lengths
+        that disagree, token ids outside [0, vocab_size), a reward or log-prob that is not a number):
+        one such sample in a batch would crash the step or turn the weights to NaN."""
         c = msg.completion
         status = rollout_pb2.RewardStatus.Name(msg.status).removeprefix("REWARD_STATUS_").lower()
         if len(c.logprobs) != len(c.completion_token_ids):
@@ -53,6 +56,18 @@ class Trajectory:
             )
         if c.completion_token_ids and not c.prompt_token_ids:
             raise ValueError(f"trajectory {c.trajectory_id}: completion without prompt tokens")
+        if vocab_size is not None:
+            for part, ids in (("prompt", c.prompt_token_ids), ("completion", c.completion_token_ids)):
+                outside = next((t for t in ids if not 0 <= t < vocab_size), None)
+                if outside is not None:
+                    raise ValueError(
+                        f"trajectory {c.trajectory_id}: {part} token id {outside} is outside the "
+                        f"vocabulary [0, {vocab_size})"
+                    )
+        if not math.isfinite(msg.reward):
+            raise ValueError(f"trajectory {c.trajectory_id}: reward {msg.reward} is not a number")
+        if not all(math.isfinite(x) for x in c.logprobs):
+            raise ValueError(f"trajectory {c.trajectory_id}: a log-prob is not a finite number")
         oldest = min((s.version for s in c.version_spans), default=0)
         return cls(
             trajectory_id=c.trajectory_id,

@@ -91,6 +91,8 @@ class Trainer:
         self.wake = asyncio.Event()
         self.rollbacks: asyncio.Queue[policy_pb2.ControlCommand] = asyncio.Queue()
         self.core: TrainCore | None = None
+        self.vocab_size: int | None = None
+        """Rows of the model's input embedding: token ids of a trajectory must be below it."""
         self.driver: Driver | None = None
         torch.manual_seed(self.run.seed)
 
@@ -104,6 +106,7 @@ class Trainer:
             dtype=self.ctx.run.model.dtype,
             attn_implementation=self.cfg.attn_implementation,
         )
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
         device = init_process_group(self.cfg.dist_timeout_s)
         self.core = TrainCore(model, CoreSettings.from_config(self.cfg), device=device)
         self.driver = Driver(self.core)
@@ -219,7 +222,7 @@ class Trainer:
 
     async def on_scored(self, msg: rollout_pb2.ScoredTrajectory, delivery: Delivery) -> None:
         try:
-            traj = Trajectory.from_scored(msg)
+            traj = Trajectory.from_scored(msg, vocab_size=self.vocab_size)
         except ValueError as exc:
             raise Reject(str(exc)) from None
         tid = traj.trajectory_id

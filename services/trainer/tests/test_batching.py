@@ -158,3 +158,22 @@ def test_sequence_normalisation_weights():
     mb = pack(samples, budget=100, normalize="sequence")[0]
     assert sorted(set(mb.weights.tolist())) == pytest.approx([1 / 8, 1 / 4])
     assert mb.weights.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (lambda m: m.completion.prompt_token_ids.append(300), "prompt token id 300 is outside"),
+        (lambda m: m.completion.completion_token_ids.__setitem__(0, -1), "completion token id -1 is outside"),
+        (lambda m: setattr(m, "reward", float("nan")), "reward nan is not a number"),
+        (lambda m: m.completion.logprobs.__setitem__(1, float("-inf")), "log-prob is not a finite"),
+    ],
+)
+def test_a_trajectory_that_would_crash_the_step_or_poison_the_weights_is_refused(change, why, make_scored):  # type: ignore[no-untyped-def]
+    # found by the fuzz suite: one such sample in a batch crashes the step (embedding lookup) or
+    # makes the loss and then every weight NaN; refused at intake, it is dead-lettered instead
+    msg = make_scored("r", "t-0", "g", group_size=1, reward=1.0)
+    assert Trajectory.from_scored(msg, vocab_size=256).trajectory_id == "t-0"
+    change(msg)
+    with pytest.raises(ValueError, match=why):
+        Trajectory.from_scored(msg, vocab_size=256)
