@@ -6,8 +6,10 @@ one at a time in arrival order; when several arrive during one apply, only the n
 next (the ones in between would be live for no step). A version equal to the one live is not
 re-applied. Re-announcements after a rollback carry an older id and are applied like any other.
 
-Fetching: `file://` uris are verified (sha256) and read in place; `nats://bucket/name` uris are
-streamed into a file under `weights_dir` with `writeinto`, verified, applied and then deleted.
+Fetching: `file://` uris are read in place by the engine, which hashes the bytes as it reads them
+and refuses them unless they are the announced sha256 (`Engine.update_weights(sha256=...)`);
+`nats://bucket/name` uris are streamed into a file under `weights_dir`, hashed as they are
+written (the store refuses a mismatch), applied and then deleted.
 Every outcome is published as a `PolicyLive` (msg id `live:{replica}:{version}:{apply count}`):
 `ok` with the apply latency, or not ok with the reason; a refused version leaves the old weights
 serving. A PolicyLive that cannot be published (NATS away) is retried until it is; no failure
@@ -38,7 +40,7 @@ from prometheus_client import Counter, Histogram
 
 from offbeat.bus import Bus
 from offbeat.v1 import policy_pb2
-from offbeat.weights import NatsObjectWeightStore, verify
+from offbeat.weights import NatsObjectWeightStore
 from offbeat_inference.engine import Engine
 
 log = logging.getLogger("offbeat.inference.weights")
@@ -146,7 +148,10 @@ class WeightFollower:
             if wv.format and wv.format != "safetensors":
                 raise ValueError(f"format {wv.format!r} is not supported (safetensors only)")
             path, fetched = await self._fetch(wv)
-            applied = await self.engine.update_weights(path, wv.version)
+            # a fetched copy was verified as it was received; a file read in place is verified by
+            # the engine as it reads it
+            sha256 = None if fetched is not None else wv.sha256
+            applied = await self.engine.update_weights(path, wv.version, sha256=sha256)
         except Exception as exc:  # any failure is reported as data; the old weights keep serving
             error = f"{type(exc).__name__}: {exc}"
             log.error("version %d refused: %s", wv.version, error)
@@ -166,12 +171,11 @@ class WeightFollower:
         return await self._publish(wv.version, ok=True, error="", apply_s=applied.apply_s)
 
     async def _fetch(self, wv: policy_pb2.WeightVersion) -> tuple[Path, Path | None]:
-        """The verified local file to load, and that same path again if it is ours to delete."""
+        """The local file to load, and that same path again if it is a verified copy of ours (to
+        delete after); a file read in place is not verified yet."""
         parsed = urlparse(wv.uri)
         if parsed.scheme == "file":
-            path = Path(parsed.path)
-            await asyncio.to_thread(verify, path, wv.sha256)
-            return path, None
+            return Path(parsed.path), None
         if parsed.scheme == "nats":
             store = self._stores.get(parsed.netloc)
             if store is None:

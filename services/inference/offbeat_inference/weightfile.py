@@ -1,22 +1,41 @@
-"""Reading a safetensors weight file for an in-place update: views of a memory map, no copy.
+"""Reading a safetensors weight file for an update: one read into memory, hashed as it is read.
 
-`map_safetensors` checks the whole header (dtypes, shapes against byte ranges, ranges inside the
-file) and returns each tensor as a view of a private memory map. Copying those views into the
-model's parameters is then the only pass over the data: an update costs about one read of the
-file and never holds a second copy of the weights in memory.
+`read_safetensors` reads the file once, each tensor straight into memory of its own, so the
+tensors can become the model's parameters without another copy. When given the announced sha256,
+a second thread hashes each piece as soon as it is read (hashlib and file reads release the GIL)
+while the reading thread goes on reading; the digest is of exactly the bytes that the tensors
+hold, so a file changed after it was hashed cannot slip in.
+A digest that differs raises `offbeat.weights.ChecksumError`, before (and instead of) any error
+about the file's contents: a file that is not the announced one is refused as such.
 
-Not covered: checksums (`offbeat.weights.verify` runs before this) and formats other than
-safetensors.
+Costs: about one hash pass over the file (the read overlaps it) and, for the duration of an update,
+a second copy of the weights in memory (the staging buffer next to the live parameters).
+
+Not covered: formats other than safetensors, and what the tensors must look like to fit a model
+(the engine checks names and shapes).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
-import mmap
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Final
 
 import torch
+
+from offbeat.weights import ChecksumError
+
+READ_CHUNK_BYTES: Final = 1024 * 1024
+"""Largest read: the hasher starts on a large tensor while the rest of it is read."""
+HASH_BATCH_BYTES: Final = 512 * 1024
+"""Bytes read before they are handed to the hasher (the hashing left after the last read)."""
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offbeat-sha256")
+"""One worker: the chunks of a file are hashed in the order they were submitted."""
 
 _DTYPES = {
     "F64": torch.float64,
@@ -32,25 +51,48 @@ _DTYPES = {
 }
 
 
-def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file as views of a private memory map of it (no copy yet).
+def read_safetensors(path: Path, *, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read once into memory, each into a tensor of its own.
 
-    Copying them into the parameters is then the only pass over the data, so an update costs about
-    one read of the file and needs no second copy of the weights in memory. The header is checked
-    completely (dtypes, shapes against byte ranges, ranges inside the file) before any view exists.
+    With `sha256`, every byte of the file is hashed (in file order, on a second thread) while the
+    rest is read; `ChecksumError` if they are not the announced ones. `ValueError` (or `OSError`)
+    for a file that is not safetensors: the header is checked completely (dtypes, shapes against
+    byte ranges, ranges inside the file) before any tensor is read.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("shorter than a safetensors header")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise ValueError(f"header of {n} bytes does not fit in {size}")
-        header = json.loads(f.read(n))
-        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    with open(path, "rb", buffering=0) as f:
+        hashing = _Hashing(sha256)
+        try:
+            try:
+                tensors = _read(f, os.fstat(f.fileno()).st_size, hashing)
+                problem: ValueError | None = None
+            except (ValueError, KeyError, TypeError) as exc:  # the header is whatever the file says
+                tensors = {}
+                problem = exc if isinstance(exc, ValueError) else ValueError(f"malformed header: {exc!r}")
+            if hashing.active:  # whatever was not read yet: trailing bytes, or all after a problem
+                while data := f.read(READ_CHUNK_BYTES):
+                    hashing.feed(data)
+        finally:
+            hashing.wait()  # the hasher is done with every buffer before this returns or raises
+    if sha256 is not None and (actual := hashing.hexdigest()) != sha256:
+        raise ChecksumError(f"{path}: sha256 {actual[:12]}… does not match the announced {sha256[:12]}…")
+    if problem is not None:
+        raise problem
+    return tensors
+
+
+def _read(f: io.FileIO, size: int, hashing: _Hashing) -> dict[str, torch.Tensor]:
+    head = _read_exact(f, 8, hashing)
+    if len(head) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise ValueError(f"header of {n} bytes does not fit in {size}")
+    raw_header = _read_exact(f, n, hashing)
+    header = json.loads(raw_header)  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
     base = 8 + n
-    tensors: dict[str, torch.Tensor] = {}
+    plan: list[tuple[int, int, str, torch.dtype, list[int]]] = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
@@ -58,15 +100,80 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
         if dtype is None:
             raise ValueError(f"{name}: dtype {info['dtype']} is not supported")
         begin, stop = info["data_offsets"]
-        numel = math.prod(info["shape"])
-        if not 0 <= begin <= stop <= size - base or stop - begin != numel * dtype.itemsize:
-            raise ValueError(
-                f"{name}: byte range {begin}..{stop} does not hold {info['shape']} {info['dtype']}"
-            )
-        flat = (
-            torch.frombuffer(mapped, dtype=dtype, count=numel, offset=base + begin)
-            if numel
-            else torch.empty(0, dtype=dtype)
-        )
-        tensors[name] = flat.view(info["shape"])
+        shape = [int(d) for d in info["shape"]]
+        if not 0 <= begin <= stop <= size - base or stop - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{name}: byte range {begin}..{stop} does not hold {shape} {info['dtype']}")
+        plan.append((base + begin, base + stop, name, dtype, shape))
+    plan.sort()
+    pos = base
+    tensors: dict[str, torch.Tensor] = {}
+    for begin, stop, name, dtype, shape in plan:
+        if begin < pos:
+            raise ValueError(f"{name}: byte range overlaps another tensor's")
+        if begin > pos:  # padding between tensors (the writer leaves none, the format allows it)
+            _read_exact(f, begin - pos, hashing)
+        # a tensor of its own (not views of one buffer): freed parameters' memory is reused for
+        # the next update's staging instead of every update faulting in fresh pages
+        data = torch.empty(stop - begin, dtype=torch.uint8)
+        _read_into(f, data.numpy().data, hashing)
+        tensors[name] = data.view(dtype).view(shape)
+        pos = stop
     return tensors
+
+
+def _read_exact(f: io.FileIO, n: int, hashing: _Hashing) -> bytes:
+    data = f.read(n) if n else b""
+    while len(data) < n and (more := f.read(n - len(data))):
+        data += more
+    hashing.feed(data)
+    return data
+
+
+def _read_into(f: io.FileIO, view: memoryview, hashing: _Hashing) -> None:
+    pos = 0
+    while pos < len(view):
+        n = f.readinto(view[pos : pos + READ_CHUNK_BYTES])
+        if not n:
+            raise ValueError("the file ended inside a tensor")
+        hashing.feed(view[pos : pos + n])
+        pos += n
+
+
+class _Hashing:
+    """sha256 of what is fed, in order, on the hasher thread (a no-op without a digest to check).
+
+    Pieces are handed over in batches of about `HASH_BATCH_BYTES`: fewer thread hand-offs for
+    files of many small tensors, and the hasher still starts long before the reading ends."""
+
+    def __init__(self, sha256: str | None) -> None:
+        self.active = sha256 is not None
+        self._digest = hashlib.sha256()
+        self._pending: list[bytes | memoryview] = []
+        self._pending_bytes = 0
+        self._last: Future[None] | None = None
+
+    def feed(self, data: bytes | memoryview) -> None:
+        if self.active and len(data):
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes >= HASH_BATCH_BYTES:
+                self._submit()
+
+    def _submit(self) -> None:
+        pieces, self._pending, self._pending_bytes = self._pending, [], 0
+        update = self._digest.update
+
+        def run() -> None:
+            for piece in pieces:
+                update(piece)
+
+        self._last = _HASHER.submit(run)
+
+    def wait(self) -> None:
+        if self._pending:
+            self._submit()
+        if self._last is not None:
+            self._last.result()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()

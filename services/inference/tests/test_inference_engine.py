@@ -11,6 +11,10 @@ import pytest
 import torch
 from offbeat_inference.engine import Sampling, WeightLoadError
 from offbeat_inference.hf_engine import HFEngine
+from offbeat_inference.weightfile import read_safetensors
+
+from offbeat.testing import wait_for
+from offbeat.weights import ChecksumError, sha256_file
 
 
 async def started(path: Path, **kwargs: object) -> HFEngine:
@@ -192,3 +196,67 @@ async def test_weights_swap_between_steps_and_bad_files_change_nothing(tiny_mode
         assert after.spans == [(1, 0, 16)]
     finally:
         await engine.close()
+
+
+async def test_a_file_that_is_not_the_announced_one_never_serves(tiny_model, tiny_model_v1, tmp_path):
+    # the hash runs alongside the read, so the bytes must still be refused before they serve: a
+    # flipped byte inside a tensor (the file loads fine) and a cut file (it does not) are both
+    # reported as not the announced file, while a long generation goes on under version 0
+    good = tmp_path / "v1.safetensors"
+    shutil.copyfile(tiny_model_v1 / "model.safetensors", good)
+    sha256 = sha256_file(good)
+    data = bytearray(good.read_bytes())
+    data[-100] ^= 0xFF
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-100])
+    engine = await started(tiny_model, capacity=4)
+    try:
+        prompt = engine.tokenizer.encode("weights")
+        before = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=10))
+        long = asyncio.ensure_future(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=600)))
+        await wait_for(lambda: engine.steps >= 3, timeout_s=30)  # updates meet a busy stepping thread
+        for bad in (flipped, cut):
+            with pytest.raises(ChecksumError, match="does not match the announced"):
+                await engine.update_weights(bad, 1, sha256=sha256)
+        assert engine.version == 0
+        assert (await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=10))).token_ids == (
+            before.token_ids
+        )
+        applied = await engine.update_weights(good, 1, sha256=sha256)
+        assert applied.version == engine.version == 1
+        switched = await long
+        assert [v for v, _, _ in switched.spans] == [0, 1], f"spans {switched.spans}"
+        assert switched.token_ids[:10] == before.token_ids, "the refused files changed the weights"
+    finally:
+        await engine.close()
+
+
+def test_the_digest_covers_every_byte_and_each_tensor_is_its_own(tmp_path):
+    # padding between tensors and bytes after the last one belong to the file the sha256 names:
+    # a change there is refused like a change inside a tensor
+    a = torch.arange(6, dtype=torch.float32).view(2, 3)
+    b = torch.tensor([1, 2, 3], dtype=torch.int64)
+    header = json.dumps(
+        {
+            "a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]},
+            "b": {"dtype": "I64", "shape": [3], "data_offsets": [32, 56]},  # 8 bytes of padding before
+        }
+    ).encode()
+    header += b" " * (-len(header) % 8)
+    body = a.numpy().tobytes() + b"\xab" * 8 + b.numpy().tobytes() + b"trailing"
+    path = tmp_path / "padded.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + body)
+    sha256 = sha256_file(path)
+    tensors = read_safetensors(path, sha256=sha256)
+    assert torch.equal(tensors["a"], a) and torch.equal(tensors["b"], b)
+    assert tensors["a"].untyped_storage().data_ptr() != tensors["b"].untyped_storage().data_ptr()
+    for offset in (8 + len(header) + 24, path.stat().st_size - 1):  # in the padding, in the tail
+        changed = bytearray(path.read_bytes())
+        changed[offset] ^= 0x01
+        other = tmp_path / f"changed-{offset}.safetensors"
+        other.write_bytes(bytes(changed))
+        assert torch.equal(read_safetensors(other)["b"], b), "the change was meant to miss the tensors"
+        with pytest.raises(ChecksumError):
+            read_safetensors(other, sha256=sha256)

@@ -9,6 +9,7 @@ first, then the update with 64 requests in flight.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from offbeat_inference.vllm_engine import VLLMEngine
 from offbeat.testing import wait_for
 from offbeat.tinymodel import build_tiny_model
 from offbeat.v1 import rollout_pb2
+from offbeat.weights import ChecksumError, sha256_file
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 VLLM_TINY = {"hidden_size": 128, "layers": 2}  # the CPU attention kernels need head_dim >= 32
@@ -81,7 +83,9 @@ async def test_vllm_logprobs_match_teacher_forced_forward(engine, vllm_models):
     assert seeded.token_ids == gens[0].token_ids, "a seeded vLLM sample is not reproducible"
 
 
-async def test_vllm_refuses_a_file_that_does_not_fit(engine, tmp_path):
+async def test_vllm_refuses_a_file_that_does_not_fit_or_is_not_the_announced_one(
+    engine, vllm_models, tmp_path
+):
     other = build_tiny_model(tmp_path / "other", hidden_size=64, layers=2)
     with pytest.raises(WeightLoadError, match="shape mismatch"):
         await engine.update_weights(other / "model.safetensors", 9)
@@ -89,6 +93,10 @@ async def test_vllm_refuses_a_file_that_does_not_fit(engine, tmp_path):
     truncated.write_bytes((other / "model.safetensors").read_bytes()[:500])
     with pytest.raises(WeightLoadError, match="not a readable"):
         await engine.update_weights(truncated, 9)
+    fits = tmp_path / "fits.safetensors"  # the right shapes, but not the announced file
+    shutil.copyfile(vllm_models[1] / "model.safetensors", fits)
+    with pytest.raises(ChecksumError, match="does not match the announced"):
+        await engine.update_weights(fits, 9, sha256=sha256_file(vllm_models[0] / "model.safetensors"))
     assert engine.version == 0
 
 
