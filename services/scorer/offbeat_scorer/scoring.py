@@ -1,8 +1,8 @@
 """Turning RolloutCompletions into ScoredTrajectories: detokenize, find the example, score.
 
 `Scorer.score_batch` is the whole path without the bus, for a batch of completions: it looks each
-prompt up by `prompt_key` in the environment named by `completion.env`, decodes the batch's tokens
-with the run's tokenizer in one call (`skip_special_tokens=True`), runs the rubrics under
+prompt up by `prompt_key` in the environment named by `completion.env`, decodes the tokens with
+the run's tokenizer (`skip_special_tokens=True`), runs the rubrics under
 `score_timeout_s` with at most `max_scoring` at once, and hands each ScoredTrajectory on as soon as
 it exists. A rubric that raises or runs out of time gives a reward whose status says so (`error`,
 `timeout`), never a silent zero. Environments with a group reward are held until their group is
@@ -160,11 +160,9 @@ class Scorer:
         config: ScorerConfig,
         specs: Sequence[EnvSpec],
         decode: Callable[[Sequence[int]], str],
-        decode_batch: Callable[[list[Sequence[int]]], list[str]] | None = None,
     ):
         self.config = config
         self.decode = decode
-        self.decode_batch = decode_batch or (lambda batch: [decode(ids) for ids in batch])
         self.envs: dict[str, Environment] = {}
         self.specs = {spec.name: spec for spec in specs}
         self.ctx = EnvContext()
@@ -187,24 +185,17 @@ class Scorer:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            # the fast tokenizer's own decode: what `tokenizer.decode` returns here, at a fifth of the cost
+            # the fast tokenizer's own decode: what `tokenizer.decode` returns here, at a fifth of the
+            # cost (one at a time: `decode_batch` is no faster for short completions, and its thread
+            # pool spins on the cores nats-server and the other services need)
             def decode(ids: Sequence[int]) -> str:
                 return str(backend.decode(list(ids), skip_special_tokens=True))
-
-            def decode_batch(batch: list[Sequence[int]]) -> list[str]:
-                return list(backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=True))
         else:
 
             def decode(ids: Sequence[int]) -> str:
                 return str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
-            def decode_batch(batch: list[Sequence[int]]) -> list[str]:
-                return [
-                    str(t)
-                    for t in tokenizer.batch_decode([list(ids) for ids in batch], skip_special_tokens=True)
-                ]
-
-        return cls(config, specs, decode, decode_batch)
+        return cls(config, specs, decode)
 
     async def setup(self, ctx: EnvContext) -> None:
         """Load every configured environment and hand it the service's resources."""
@@ -302,10 +293,9 @@ class Scorer:
         return outcomes
 
     def _decode_all(self, batch: list[Sequence[int]]) -> list[str]:
-        if not batch:
-            return []
+        decode = self.decode
         try:
-            return self.decode_batch(batch)
+            return [decode(ids) for ids in batch]
         except Exception:  # one bad sequence: find it, rather than fail the batch
             return [self._decode_one(ids) for ids in batch]
 
