@@ -39,8 +39,9 @@ demo: install
 bench: install
 	$(BIN)/python bench/run_all.py
 
+# chaos, overload and fuzz suites on live runs; -rP prints each suite's counts
 chaos: install
-	$(BIN)/python -m pytest -q -m chaos tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -rP -m chaos tests
 
 clean:
 	rm -rf $(VENV) .offbeat

@@ -312,8 +312,10 @@ class PostgresServer:
             if not exists:
                 conn.execute(f'CREATE DATABASE "{PG_DATABASE}"')
 
-    def restart(self, *, timeout_s: float = 30.0) -> None:
-        self.stop()
+    def restart(self, *, mode: str = "fast", timeout_s: float = 30.0) -> None:
+        """Stop (`fast`: clean shutdown; `immediate`: as after a crash, recovered from the WAL at
+        start) and start again on the same port and data directory (for chaos tests)."""
+        self.stop(mode=mode)
         self._init_and_start(_pg_user(), timeout_s=timeout_s)
 
     def running(self) -> bool:

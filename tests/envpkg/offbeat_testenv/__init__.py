@@ -1,5 +1,6 @@
-"""A user's environments: repeat a number (with a group reward that sees the whole group), and a
-slow variant whose scoring takes `delay_s` (for ack-deadline tests)."""
+"""A user's environments: repeat a number (with a group reward that sees the whole group), a
+slow variant whose scoring takes `delay_s` (for ack-deadline tests), and a variant judged by running
+a program in the sandbox service (so every score needs a sandbox: the chaos suite kills it)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,39 @@ class SlowEcho(EchoNumber):
     async def score(self, example: Example, completion: str) -> Reward:
         await asyncio.sleep(self.delay_s)
         return await super().score(example, completion)
+
+
+class SandboxEcho(EchoNumber):
+    """Repeat the number; the completion is echoed by a program run in the sandbox service, and the
+    number is read from that program's output. No sandbox answering is `sandbox_error`, never a 0."""
+
+    group_reward = False
+
+    def __init__(self, *, size: int = 20, timeout_s: float = 5.0, retries: int = 1) -> None:
+        super().__init__(size=size)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self._client = None
+
+    async def setup(self, ctx) -> None:  # type: ignore[no-untyped-def]
+        from offbeat.sandbox_client import SandboxClient
+
+        if ctx.nats is not None:
+            self._client = SandboxClient(
+                ctx.nats, subject=ctx.sandbox_subject, timeout_s=self.timeout_s, retries=self.retries
+            )
+
+    async def score(self, example: Example, completion: str) -> Reward:
+        from offbeat.sandbox_client import SandboxUnavailable
+        from offbeat.v1 import sandbox_pb2
+
+        if self._client is None:
+            return Reward.failed(RewardStatus.SANDBOX_ERROR, "no sandbox connection")
+        try:
+            result = await self._client.run(f"import sys\nsys.stdout.write({completion!r})\n")
+        except SandboxUnavailable as exc:
+            return Reward.failed(RewardStatus.SANDBOX_ERROR, f"sandbox unavailable: {exc}")
+        if result.status != sandbox_pb2.EXEC_STATUS_OK:
+            name = sandbox_pb2.ExecStatus.Name(result.status)
+            return Reward.failed(RewardStatus.SANDBOX_ERROR, f"sandbox answered {name}: {result.error}")
+        return await super().score(example, result.stdout.decode("utf-8", errors="replace"))
