@@ -29,6 +29,11 @@
   resume restarts both.
 - Restart: `restore` takes over the groups a previous orchestrator left in flight (from the
   ledger), finding their prompts again by key, so they count against the budget and are re-issued.
+- Sampling seeds: request number s of a run with seed r gets `request_seed(r, s)`, and inference
+  gives sample i the seed + i; requests are `SEED_SPACING` apart, so no two samples of a run share
+  a seed (with consecutive seeds, group s's sample i and group s+1's sample i-1 drew the same
+  numbers). A run with the same seed sends the same prompts with the same seeds; a re-issued or
+  restored request keeps its seed.
 - Eval: at step 0, every `eval_every` steps and at `max_steps`, once the trainer's newest version
   is live (so it measures that version): the first `eval_examples` prompts of each environment's
   eval split, `eval = true`, `eval_temperature` (greedy by default).
@@ -46,7 +51,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from offbeat.bus import Bus, Publication
 from offbeat.config import RunSection
@@ -60,6 +65,20 @@ from offbeat_orchestrator.ledger_writer import LedgerWriter, Observed
 from offbeat_orchestrator.prompts import ExampleSource, Mixture, eval_prompts, set_prompt
 
 log = logging.getLogger("offbeat.orchestrator.scheduler")
+SEED_SPACING: Final = 2**16
+"""Seeds between consecutive requests: room for groups of up to 65,536 samples."""
+
+
+def request_seed(run_seed: int, seq: int) -> int:
+    """The sampling seed of the run's `seq`-th request (sample i uses it + i). Runs with different
+    seeds start 2**40 apart (2**24 requests each before they could meet); fits an int64."""
+    return (run_seed % 2**22) * 2**40 + seq * SEED_SPACING
+
+
+def _seq_of(group_id: str) -> int:
+    """The request number in a group id `<token>-<seq>` (0 when it has none)."""
+    tail = group_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 class Scheduler:
@@ -216,7 +235,9 @@ class Scheduler:
                 env=first["env"] or "",
                 prompt_key=first["prompt_key"] or "",
                 n=len(ids),
-                sampling=self._sampling(eval_=bool(first["eval"]), seed=self.shape.seed * 1_000_003),
+                sampling=self._sampling(
+                    eval_=bool(first["eval"]), seed=request_seed(self.shape.seed, _seq_of(gid))
+                ),
                 trajectory_ids=ids,
                 eval=bool(first["eval"]),
                 created_at=first["requested_at"].timestamp() if first["requested_at"] else now,
@@ -422,7 +443,7 @@ class Scheduler:
             env=env,
             prompt_key=example.key,
             n=n,
-            sampling=self._sampling(eval_=eval_, seed=self.shape.seed * 1_000_003 + self.seq),
+            sampling=self._sampling(eval_=eval_, seed=request_seed(self.shape.seed, self.seq)),
             trajectory_ids=[f"{gid}-{i}" for i in range(n)],
             eval=eval_,
             created_at=now,

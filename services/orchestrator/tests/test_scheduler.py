@@ -6,7 +6,7 @@ import contextlib
 
 import pytest
 from offbeat_orchestrator.config import OrchestratorConfig
-from offbeat_orchestrator.scheduler import Scheduler
+from offbeat_orchestrator.scheduler import Scheduler, request_seed
 from orch_helpers import CountingEnv, completion, live, scored, step, trajectory_rows, weights
 
 from offbeat.config import RunSection
@@ -498,3 +498,12 @@ async def test_after_a_rollback_a_group_generated_by_a_rolled_back_version_stops
             c = completion(late, i, versions=(1,))
             await bus.publish(bus.subjects.rollout_completion, c, msg_id=f"completion:{c.trajectory_id}")
         await wait_for(lambda: len(reqs.groups()) == 3, timeout_s=60)
+
+
+def test_no_two_samples_of_a_run_share_a_sampling_seed():
+    # sample i of a request is seeded request seed + i (inference): requests must be spaced apart
+    n = 64
+    seeds = [request_seed(0, s) + i for s in range(1, 2001) for i in range(n)]
+    assert len(set(seeds)) == len(seeds), "two samples of one run drew the same random numbers"
+    assert request_seed(0, 1) != request_seed(1, 1)
+    assert all(0 <= request_seed(r, 2**20) < 2**63 for r in (0, 7, -3, 2**40)), "seed outside int64"
