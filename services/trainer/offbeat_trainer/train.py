@@ -212,9 +212,23 @@ class TrainCore:
         """Full (unsharded, CPU) model and optimizer state dicts."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-        return get_state_dict(  # type: ignore[return-value]
+        fresh = not self.optimizer.state
+        model_sd, optim_sd = get_state_dict(
             self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+        if fresh:
+            # get_state_dict gives an optimizer without state one by stepping it with zero grads at
+            # lr 0: AdamW's step count is then 1 with empty moments, which makes the first real
+            # update ~0.74 lr and shifts every bias correction. Count 0 with empty moments is
+            # exactly a fresh AdamW, live and in what is saved.
+            for states in (self.optimizer.state.values(), optim_sd.get("state", {}).values()):
+                for state in states:
+                    step = state.get("step")
+                    if isinstance(step, torch.Tensor):
+                        step.zero_()
+                    elif step is not None:
+                        state["step"] = 0
+        return model_sd, optim_sd  # type: ignore[return-value]
 
     def load_checkpoint(self, directory: str) -> None:
         """Load model, optimizer and schedule from a checkpoint directory (every rank reads it)."""

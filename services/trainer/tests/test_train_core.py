@@ -1,0 +1,40 @@
+"""`TrainCore` against a plain AdamW loop: saving the state must not change the optimisation."""
+
+from __future__ import annotations
+
+import torch
+from offbeat_trainer.batching import Trajectory
+from offbeat_trainer.train import CoreSettings, TrainCore, load_model
+
+
+def _samples() -> list[Trajectory]:
+    return [
+        Trajectory(
+            trajectory_id=f"t{i}",
+            group_id="g",
+            group_size=4,
+            prompt_ids=[5 + i, 9, 13],
+            completion_ids=[20 + i, 31, 42, 7],
+            inference_logprobs=[-5.5] * 4,
+            reward=float(i % 2),
+            status="ok",
+            oldest_version=0,
+            advantage=float(i % 2) - 0.5,
+        )
+        for i in range(4)
+    ]
+
+
+def test_saving_the_state_of_a_fresh_core_does_not_shift_its_first_adam_step(tiny_model):
+    # the trainer saves a checkpoint (full_state) before its first step; torch's get_state_dict
+    # initialises an empty optimizer with a zero-lr step, which used to leave AdamW at step 1
+    settings = CoreSettings(lr=1e-2)
+    plain = TrainCore(load_model(str(tiny_model)), settings)
+    saved = TrainCore(load_model(str(tiny_model)), settings)
+    _, optim_sd = saved.full_state()
+    assert all(int(s["step"]) == 0 for s in optim_sd["state"].values()), "saved optimizer state has steps"
+    for _ in range(2):
+        plain.step(_samples())
+        saved.step(_samples())
+    for (name, a), b in zip(plain.module.named_parameters(), saved.module.parameters(), strict=True):
+        assert torch.equal(a, b), f"{name} differs by {(a - b).abs().max().item():.2e} after two steps"
