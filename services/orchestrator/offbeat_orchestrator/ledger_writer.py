@@ -44,6 +44,7 @@ from offbeat_orchestrator.events import Rows, decode, event_kind, to_rows
 log = logging.getLogger("offbeat.orchestrator.ledger")
 
 RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
+MAX_SUBJECTS_CACHED: Final = 256
 BACKLOG_BATCHES: Final = 4
 """Batches of rows that may wait for the database before reading stops (backpressure)."""
 REFUSED_SQLSTATE_CLASSES: Final = ("22", "23", "42")
@@ -119,9 +120,13 @@ class LedgerWriter:
         try:
             await self.bus.consume_batches("ledger", None, self._handle_batch, stop=stop)
         finally:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            if stop.is_set() and not flusher.done():  # a stop, not a crash: a commit under way
+                self._full.set()  # finishes (and is acked) before the rest, in stream order
                 await flusher
+            else:
+                flusher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flusher
         if stop.is_set():
             await self.flush()
 
@@ -142,7 +147,7 @@ class LedgerWriter:
         for item in batch:
             try:
                 self._take(item.message, item.delivery, at)
-            except Reject as exc:
+            except Exception as exc:  # Reject: dead-lettered; anything else: nak'ed; this event only
                 outcomes.append(exc)
             else:
                 outcomes.append(None)
@@ -156,7 +161,9 @@ class LedgerWriter:
         subject = delivery.subject
         kind = self._kinds.get(subject)
         if kind is None:
-            kind = self._kinds[subject] = event_kind(self.bus.subjects.kind(subject))
+            kind = event_kind(self.bus.subjects.kind(subject))
+            if len(self._kinds) < MAX_SUBJECTS_CACHED:  # a fuzzer may invent subjects without end
+                self._kinds[subject] = kind
         try:
             message = decode(kind, data)
         except DecodeError as exc:
