@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from typing import Final
 
 from offbeat.bus import Bus, Delivery, Outcome, Publication, PublishError, Received
 from offbeat.envs import EnvContext
@@ -32,6 +33,9 @@ from offbeat_scorer.config import ScorerConfig
 from offbeat_scorer.scoring import Scorer
 
 log = logging.getLogger("offbeat.scorer")
+
+IN_FLIGHT_PUBLISHES: Final = 4
+"""Publish batches awaiting their acks at once."""
 
 
 class Settled:
@@ -77,23 +81,38 @@ class BatchPublisher:
             self.wakeup.set()
 
     async def run(self) -> None:
-        """Publish until `close()`; whatever is pending then is still published."""
+        """Publish until `close()`; whatever is pending then is still published. Up to
+        `IN_FLIGHT_PUBLISHES` batches wait for their acks at once, so the next batch goes out
+        while the server stores the last one."""
+        flying: set[asyncio.Task[None]] = set()
         while not (self.closing and not self.pending):
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
+                if len(flying) >= IN_FLIGHT_PUBLISHES:
+                    await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
-                try:
-                    await self.bus.publish_many(p for p, _, _ in batch)
-                except PublishError as exc:  # those refused fail (nak, redelivery, dedup); the rest stand
-                    for j, (_, settled, index) in enumerate(batch):
-                        settled.published(index, exc.errors.get(j))
-                except Exception as exc:  # no answer: every one fails
-                    for _, settled, index in batch:
-                        settled.published(index, exc)
-                else:
-                    for _, settled, index in batch:
-                        settled.published(index, None)
+                task = asyncio.create_task(self._publish(batch))
+                flying.add(task)
+                task.add_done_callback(flying.discard)
+        if flying:
+            await asyncio.gather(*flying)
+
+    async def _publish(
+        self, batch: list[tuple[Publication[rollout_pb2.ScoredTrajectory], Settled, int]]
+    ) -> None:
+        try:
+            await self.bus.publish_many(p for p, _, _ in batch)
+        except PublishError as exc:  # those refused fail (nak, redelivery, dedup); the rest stand
+            for j, (_, settled, index) in enumerate(batch):
+                settled.published(index, exc.errors.get(j))
+        except Exception as exc:  # no answer: every one fails
+            for _, settled, index in batch:
+                settled.published(index, exc)
+        else:
+            for _, settled, index in batch:
+                settled.published(index, None)
 
     def close(self) -> None:
         self.closing = True
