@@ -8,15 +8,20 @@ reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObject
    the store from `offbeat_trainer.publish.resolve_store` puts it (`<m>_<store>_put_s`), and
    `weight_version` builds the announcement;
 2. timed (`<m>_<store>_live_s`): publish the announcement on `policy.weights` (and the KV head)
-   through a real nats-server; inference's `WeightFollower` (its own connection) fetches it,
-   verifies the sha256, and the transformers engine maps and copies it into the model; the time
-   ends when the replica's `PolicyLive` for that version arrives back on the bus;
+   through a real nats-server; inference's `WeightFollower` (its own connection) fetches it (the
+   `nats` store: received into a file, hashed as it arrives), the transformers engine reads it
+   into staging tensors (the `file` store: hashed by a second thread while it is read) and swaps
+   them in once the sha256 matched; the time ends when the replica's `PolicyLive` for that version
+   arrives back on the bus (`<m>_<store>_live_MBps`: the file's bytes over that time);
 3. baseline (`<m>_<store>_safetensors_s`): a plain `safetensors.torch.load_file` of the same
    file, plus one pass that reads every tensor (`load_file` maps lazily), alternated with 2;
 4. for scale (`<m>_<store>_sha256_s`): one `hashlib.sha256` pass over the same file, the
    verification the contract asks of inference before a version goes live.
 
-`<m>_<store>_ratio` = median live / median baseline; goal <= 2. The engine is idle during the
+`<m>_<store>_ratio` = median live / median baseline; goal <= 2. `<m>_<store>_over_sha256` = median
+live / median sha256: the contract's own floor is one hash pass (hashing cannot start before the
+announcement nor be split across cores), so where sha256 is slower than the load (a load from
+the page cache runs at memcpy speed) that floor, not the update path, sets the ratio. The engine is idle during the
 update (an update while 64 sequences decode is `bench/inference.py`'s `apply_ratio`). Medians of
 7 versions per store (tiny) and 5 (qwen05b); the machine is shared, so only same-run ratios mean
 much.
@@ -227,6 +232,8 @@ async def bench_model(
             results[f"{key}_safetensors_s"] = statistics.median(loads)
             results[f"{key}_sha256_s"] = statistics.median(hashes)
             results[f"{key}_ratio"] = results[f"{key}_live_s"] / results[f"{key}_safetensors_s"]
+            results[f"{key}_live_MBps"] = stored.size_bytes / results[f"{key}_live_s"] / 1e6
+            results[f"{key}_over_sha256"] = results[f"{key}_live_s"] / results[f"{key}_sha256_s"]
         results[f"{name}_bytes"] = float(stored.size_bytes)
     finally:
         await replica.close()

@@ -15,7 +15,9 @@ per tensor, no copy) between two steps, once the digest matched: on the stepping
 reading thread itself when the stepping thread is parked idle (it cannot start a step while the
 swap holds its lock). Tokens sampled after the swap carry the new version. A file that does not
 fit raises `WeightLoadError`, one that is not the announced one `ChecksumError`; either changes
-nothing. During an update the staged weights are a second copy in memory.
+nothing. The parameters a swap replaces (on the CPU) are kept and the next update is read into
+them: two copies of the weights stay in memory (what an update needs at its peak anyway), and an
+update does not pay for faulting in fresh memory (here about as much as the read).
 
 Not covered: paged attention, prefix caching, sliding-window or recurrent cache layers (the
 engine refuses models that use them), tensor parallelism. For throughput on GPUs use vLLM.
@@ -130,6 +132,11 @@ class HFEngine(Engine):
         """The model's state-dict entries (the Parameter objects themselves), what updates replace."""
         self._aliases: dict[str, list[str]] = {}
         """Names of each entry's storage (tied weights): a file may carry any one of them."""
+        self._spare: dict[str, torch.Tensor] = {}
+        """Flat bytes of the parameters the last swap replaced: where the next update is read."""
+        self._staged: set[int] = set()
+        """Storage of the live parameters that an update read (memory of ours, never the model
+        files' that transformers may have mapped): the only memory that becomes `_spare`."""
         self._wake = threading.Condition()
         self._parked = False
         """The stepping thread waits on `_wake` with no work: another thread holding the lock may
@@ -270,11 +277,15 @@ class HFEngine(Engine):
 
     def _stage(self, path: Path, sha256: str | None, update: _Update) -> None:
         """Read, verify and check the file, then hand it to be swapped in (reading thread)."""
+        with self._wake:  # this update's alone: a concurrent one reads into new memory
+            spare, self._spare = self._spare, {}
         try:
-            state = read_safetensors(path, sha256=sha256)
+            state = read_safetensors(path, sha256=sha256, reuse=spare)
         except ChecksumError:
+            self._give_back(spare)
             raise
         except (OSError, ValueError) as exc:
+            self._give_back(spare)
             raise WeightLoadError(f"{path.name}: not a readable safetensors file: {exc}") from None
         expected = self._params
         unexpected = sorted(set(state) - set(expected))
@@ -289,6 +300,7 @@ class HFEngine(Engine):
             if n in expected and state[n].shape != expected[n].shape
         ]
         if unexpected or missing or wrong:
+            self._give_back(spare)
             raise WeightLoadError(
                 f"{path.name} does not fit the model: unexpected {unexpected[:5]}, missing {missing[:5]}, "
                 f"shape mismatch {wrong[:5]}"
@@ -311,13 +323,39 @@ class HFEngine(Engine):
                 self._updates.append(update)
                 self._wake.notify()
 
+    def _give_back(self, spare: dict[str, torch.Tensor]) -> None:
+        """Return memory an update did not use (it holds garbage now, and serves nothing)."""
+        with self._wake:
+            if not self._spare:
+                self._spare = spare
+
     def _apply(self, update: _Update) -> None:
         """Make the staged tensors the parameters (holding `_wake`, or on the stepping thread)."""
         started = time.perf_counter()
+        replaced: dict[str, torch.Tensor] = {}
         for name, tensor in update.state.items():
-            self._params[name].data = tensor
+            target = self._params[name]
+            if not any(target is self._params[a] and a in replaced for a in self._aliases[name]):
+                replaced[name] = target.data  # a tied parameter's old data is taken once
+            target.data = tensor
         self._version = update.version
+        now_staged = {t.untyped_storage().data_ptr() for t in update.state.values()}
+        freed, self._staged = self._staged - now_staged, now_staged
         update.state = {}
+        spare: dict[str, torch.Tensor] = {}
+        for name, old in replaced.items():
+            storage = old.untyped_storage()
+            # only memory an update read, that serves no more and that no other tensor shares
+            if (
+                storage.data_ptr() in freed
+                and old.device.type == "cpu"
+                and old.is_contiguous()
+                and old.storage_offset() == 0
+                and storage.nbytes() == old.numel() * old.element_size()
+            ):
+                freed.discard(storage.data_ptr())
+                spare[name] = old.reshape(-1).view(torch.uint8)
+        self._spare = spare
         now = time.perf_counter()
         update.swap_s = now - started
         update.live_s = now - update.started

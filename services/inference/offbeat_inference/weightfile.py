@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
@@ -34,6 +35,10 @@ READ_CHUNK_BYTES: Final = 1024 * 1024
 """Largest read: the hasher starts on a large tensor while the rest of it is read."""
 HASH_BATCH_BYTES: Final = 512 * 1024
 """Bytes read before they are handed to the hasher (the hashing left after the last read)."""
+THREAD_HASH_BYTES: Final = 32 * 1024 * 1024
+"""Smaller files are hashed by the reading thread itself, each piece right after it is read: the
+read is a fraction of the hash there, and two threads handing pieces to each other lose more than
+that on a busy machine."""
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="offbeat-sha256")
 """One worker: the chunks of a file are hashed in the order they were submitted."""
 
@@ -51,19 +56,26 @@ _DTYPES = {
 }
 
 
-def read_safetensors(path: Path, *, sha256: str | None = None) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: Path, *, sha256: str | None = None, reuse: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, read once into memory, each into a tensor of its own.
 
-    With `sha256`, every byte of the file is hashed (in file order, on a second thread) while the
-    rest is read; `ChecksumError` if they are not the announced ones. `ValueError` (or `OSError`)
-    for a file that is not safetensors: the header is checked completely (dtypes, shapes against
-    byte ranges, ranges inside the file) before any tensor is read.
+    With `sha256`, every byte of the file is hashed (in file order, on a second thread for a large
+    file) while the rest is read; `ChecksumError` if they are not the announced ones. `ValueError`
+    (or `OSError`) for a file that is not safetensors: the header is checked completely (dtypes,
+    shapes against byte ranges, ranges inside the file) before any tensor is read.
+
+    `reuse`: flat uint8 CPU tensors, each the only user of its memory, that this may overwrite: a
+    tensor of the file with as many bytes as `reuse[name]` is read into it rather than into new
+    memory (new memory costs a page fault per 4 KiB, about as much as the read itself).
     """
     with open(path, "rb", buffering=0) as f:
-        hashing = _Hashing(sha256)
+        size = os.fstat(f.fileno()).st_size
+        hashing = _Hashing(sha256, inline=size < THREAD_HASH_BYTES)
         try:
             try:
-                tensors = _read(f, os.fstat(f.fileno()).st_size, hashing)
+                tensors = _read(f, size, hashing, reuse or {})
                 problem: ValueError | None = None
             except (ValueError, KeyError, TypeError) as exc:  # the header is whatever the file says
                 tensors = {}
@@ -80,7 +92,9 @@ def read_safetensors(path: Path, *, sha256: str | None = None) -> dict[str, torc
     return tensors
 
 
-def _read(f: io.FileIO, size: int, hashing: _Hashing) -> dict[str, torch.Tensor]:
+def _read(
+    f: io.FileIO, size: int, hashing: _Hashing, reuse: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     head = _read_exact(f, 8, hashing)
     if len(head) < 8:
         raise ValueError("shorter than a safetensors header")
@@ -112,9 +126,11 @@ def _read(f: io.FileIO, size: int, hashing: _Hashing) -> dict[str, torch.Tensor]
             raise ValueError(f"{name}: byte range overlaps another tensor's")
         if begin > pos:  # padding between tensors (the writer leaves none, the format allows it)
             _read_exact(f, begin - pos, hashing)
-        # a tensor of its own (not views of one buffer): freed parameters' memory is reused for
-        # the next update's staging instead of every update faulting in fresh pages
-        data = torch.empty(stop - begin, dtype=torch.uint8)
+        # a tensor of its own (not a view of one buffer for the file), so that each can be given
+        # back as `reuse` once it no longer serves
+        data = reuse.get(name)
+        if data is None or data.numel() != stop - begin:
+            data = torch.empty(stop - begin, dtype=torch.uint8)
         _read_into(f, data.numpy().data, hashing)
         tensors[name] = data.view(dtype).view(shape)
         pos = stop
@@ -145,8 +161,9 @@ class _Hashing:
     Pieces are handed over in batches of about `HASH_BATCH_BYTES`: fewer thread hand-offs for
     files of many small tensors, and the hasher still starts long before the reading ends."""
 
-    def __init__(self, sha256: str | None) -> None:
+    def __init__(self, sha256: str | None, *, inline: bool = False) -> None:
         self.active = sha256 is not None
+        self.inline = inline
         self._digest = hashlib.sha256()
         self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
@@ -154,6 +171,9 @@ class _Hashing:
 
     def feed(self, data: bytes | memoryview) -> None:
         if self.active and len(data):
+            if self.inline:
+                self._digest.update(data)
+                return
             self._pending.append(data)
             self._pending_bytes += len(data)
             if self._pending_bytes >= HASH_BATCH_BYTES:

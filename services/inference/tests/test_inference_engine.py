@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from offbeat_inference import weightfile
 from offbeat_inference.engine import Sampling, WeightLoadError
 from offbeat_inference.hf_engine import HFEngine
 from offbeat_inference.weightfile import read_safetensors
@@ -233,9 +234,12 @@ async def test_a_file_that_is_not_the_announced_one_never_serves(tiny_model, tin
         await engine.close()
 
 
-def test_the_digest_covers_every_byte_and_each_tensor_is_its_own(tmp_path):
+@pytest.mark.parametrize("hasher", ["reading thread", "second thread"])
+def test_the_digest_covers_every_byte_and_each_tensor_is_its_own(tmp_path, monkeypatch, hasher):
     # padding between tensors and bytes after the last one belong to the file the sha256 names:
-    # a change there is refused like a change inside a tensor
+    # a change there is refused like a change inside a tensor, whichever thread hashes
+    monkeypatch.setattr(weightfile, "THREAD_HASH_BYTES", 1 << 40 if hasher == "reading thread" else 0)
+    monkeypatch.setattr(weightfile, "HASH_BATCH_BYTES", 16)  # several hand-offs even for this file
     a = torch.arange(6, dtype=torch.float32).view(2, 3)
     b = torch.tensor([1, 2, 3], dtype=torch.int64)
     header = json.dumps(
@@ -260,3 +264,49 @@ def test_the_digest_covers_every_byte_and_each_tensor_is_its_own(tmp_path):
         assert torch.equal(read_safetensors(other)["b"], b), "the change was meant to miss the tensors"
         with pytest.raises(ChecksumError):
             read_safetensors(other, sha256=sha256)
+
+
+async def test_updates_are_read_into_the_memory_the_last_swap_freed_never_the_live_one(
+    tiny_model, tiny_model_v1, tmp_path
+):
+    # after two updates the engine holds two copies and alternates between them; a refused file
+    # scribbles over the spare copy only, and every version serves exactly its own weights
+    files, digests = {}, {}
+    for v, source in ((0, tiny_model), (1, tiny_model_v1)):
+        files[v] = tmp_path / f"v{v}.safetensors"
+        shutil.copyfile(source / "model.safetensors", files[v])
+        digests[v] = sha256_file(files[v])
+    flipped = bytearray(files[0].read_bytes())
+    flipped[-100] ^= 0xFF
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(bytes(flipped))
+    engine = await started(tiny_model, capacity=4)
+    try:
+        prompt = engine.tokenizer.encode("memory")
+        seeded = Sampling(temperature=1.0, max_tokens=12, seed=5)
+
+        async def sample() -> torch.Tensor:
+            gen = await engine.generate(prompt, seeded)
+            return torch.tensor(gen.token_ids + gen.logprobs, dtype=torch.float64)
+
+        served = {0: await sample()}
+        embedding = engine.model.get_input_embeddings().weight
+        where = []
+        for i, v in enumerate([1, 0, 1, 0, 1]):
+            await engine.update_weights(files[v], i + 1, sha256=digests[v])
+            where.append(embedding.data_ptr())
+            got = served.setdefault(v, await sample())
+            assert torch.allclose(await sample(), got, atol=1e-6), (
+                f"version {v} serves other weights at update {i}"
+            )
+            if i == 1:
+                with pytest.raises(ChecksumError):
+                    await engine.update_weights(bad, 99, sha256=digests[0])
+                assert torch.allclose(await sample(), served[0], atol=1e-6), (
+                    "a refused file changed the weights"
+                )
+        assert not torch.allclose(served[0], served[1]), "the two versions must be told apart by the sample"
+        assert where[2] == where[0] and where[3] == where[1] and where[4] == where[0], where
+        assert len(set(where[:2])) == 2
+    finally:
+        await engine.close()
