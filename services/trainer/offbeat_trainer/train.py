@@ -221,7 +221,8 @@ class TrainCore:
             # lr 0: AdamW's step count is then 1 with empty moments, which makes the first real
             # update ~0.74 lr and shifts every bias correction. Count 0 with empty moments is
             # exactly a fresh AdamW, live and in what is saved.
-            for states in (self.optimizer.state.values(), optim_sd.get("state", {}).values()):
+            saved: Any = optim_sd.get("state", {})  # a dict of per-parameter state dicts
+            for states in (self.optimizer.state.values(), saved.values()):
                 for state in states:
                     step = state.get("step")
                     if isinstance(step, torch.Tensor):
