@@ -221,6 +221,8 @@ class Trainer:
     # --- intake -----------------------------------------------------------------------------
 
     async def on_scored(self, msg: rollout_pb2.ScoredTrajectory, delivery: Delivery) -> None:
+        if msg.completion.run_id != self.run.id:  # the bus checks run ids of messages that have one
+            raise Reject(f"scored trajectory of run {msg.completion.run_id!r}, expected {self.run.id!r}")
         try:
             traj = Trajectory.from_scored(msg, vocab_size=self.vocab_size)
         except ValueError as exc:
