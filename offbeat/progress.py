@@ -156,14 +156,28 @@ class Progress:
         return table
 
     async def wait_final_eval(self, *, timeout_s: float) -> None:
-        """Wait until the newest version has an eval reward (or the timeout passes)."""
+        """Wait until the newest version has an eval reward and no eval sample is still on its way
+        (the ledger's eval reward is the mean of those scored so far), or the timeout passes."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             snap = await snapshot(self.ledger, self.run.run.id)
-            if snap.evals and snap.evals[-1][1] >= snap.step:
+            if snap.evals and snap.evals[-1][1] >= snap.step and not await self._open_evals():
                 self.last = snap
                 return
             await asyncio.sleep(1.0)
+
+    async def _open_evals(self) -> int:
+        from sqlalchemy import text
+
+        async with self.ledger.engine.connect() as conn:
+            result = await conn.execute(
+                text(
+                    "SELECT count(*) FROM trajectories WHERE run_id = :run AND eval "
+                    "AND status IN ('requested', 'generated', 'scored')"
+                ),
+                {"run": self.run.run.id},
+            )
+            return int(result.scalar_one())
 
     async def summary(self) -> str:
         snap = await snapshot(self.ledger, self.run.run.id)

@@ -1,0 +1,39 @@
+"""`offbeat run`'s progress against a real ledger: the final eval is waited for until it is whole."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from offbeat.config import RunConfig, RunSection
+from offbeat.ledger import Ledger
+from offbeat.progress import Progress
+
+pytestmark = pytest.mark.integration
+
+
+async def test_the_final_eval_is_waited_for_until_no_eval_sample_is_on_its_way(
+    ledger: Ledger, run_id: str
+) -> None:
+    # the ledger's eval reward of a version is the mean of its samples scored so far, so a run
+    # that stopped at the first one reported the final eval of a few samples
+    await ledger.upsert_run(run_id, config={})
+    await ledger.upsert_trainer_steps(
+        [{"run_id": run_id, "step": 2, "version": 2, "consumed": 8, "dropped": 0, "metrics": {}}]
+    )
+    version = {"run_id": run_id, "version": 2, "step": 2, "parent": 1, "uri": "", "sha256": ""}
+    await ledger.upsert_policy_versions([{**version, "eval_reward": 0.5, "eval_count": 1}])
+    row = {"run_id": run_id, "trajectory_id": f"{run_id}-e1", "group_id": "e", "eval": True}
+    await ledger.upsert_trajectories([{**row, "status": "evaluated", "reward": 0.5, "first_version": 2}])
+    await ledger.upsert_trajectories([{**row, "trajectory_id": f"{run_id}-e2", "status": "generated"}])
+    progress = Progress(RunConfig(run=RunSection(id=run_id, max_steps=2)), ledger, None, live=False)
+
+    started = time.monotonic()
+    await progress.wait_final_eval(timeout_s=2.5)
+    assert time.monotonic() - started >= 2.5, "stopped waiting with an eval sample still being generated"
+
+    await ledger.upsert_trajectories([{**row, "trajectory_id": f"{run_id}-e2", "status": "evaluated"}])
+    started = time.monotonic()
+    await progress.wait_final_eval(timeout_s=30)
+    assert time.monotonic() - started < 5, "kept waiting after the eval was whole"
