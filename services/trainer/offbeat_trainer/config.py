@@ -54,6 +54,8 @@ class TrainerConfig(ServiceConfig):
     """Attention kernel passed to transformers (`sdpa`, `flash_attention_2`, `eager`)."""
     autocast_bf16: bool = True
     """bf16 autocast on CUDA (ignored on CPU)."""
+    torch_threads: int = Field(0, ge=0)
+    """Intra-op threads for torch on CPU; 0 keeps torch's default."""
     parallel: str = Field("auto", pattern=r"^(auto|fsdp|ddp)$")
     """Data-parallel wrapper under torchrun: FSDP2 `fully_shard` or DDP; `auto` is FSDP2."""
     dist_timeout_s: float = Field(7 * 24 * 3600.0, gt=0)

@@ -95,6 +95,8 @@ class Trainer:
         """Rows of the model's input embedding: token ids of a trajectory must be below it."""
         self.driver: Driver | None = None
         torch.manual_seed(self.run.seed)
+        if self.cfg.torch_threads:
+            torch.set_num_threads(self.cfg.torch_threads)
 
     # --- start ------------------------------------------------------------------------------
 
