@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import json
 import sys
 import time
@@ -258,9 +259,11 @@ def payloads(kind: str, run_id: str) -> st.SearchStrategy[bytes]:
             hostile(kind, run_id, tag).map(lambda m: m.SerializeToString()),
         )
 
-    # derandomized, every subject's corpus draws the same uuids: the kind keeps their ids apart
+    # a tag per example, never repeated (drawn values repeat: derandomized, every subject's corpus
+    # draws the same ones, and hypothesis replays some); the kind keeps the subjects apart
     prefix = kind.split(".")[-1][:4]  # requ, comp, scor, weig, live, step, cont, dlq
-    return st.uuids().map(lambda u: f"{prefix}{u.hex[:8]}").flatmap(of_tag)
+    counter = itertools.count()
+    return st.builds(lambda: f"{prefix}{next(counter):05d}").flatmap(of_tag)
 
 
 def parses_for_run(kind: str, data: bytes, run_id: str) -> bool:
