@@ -56,6 +56,9 @@ group_size = 8
 groups_per_step = 2
 max_steps = 8
 
+[bus]
+stream_max_bytes = 268435456
+
 [model]
 max_model_len = 64
 
