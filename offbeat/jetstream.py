@@ -31,7 +31,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 EXPIRY_GRACE_S: Final = 1.0
-"""How long past its expiry a pull request may stay unanswered before it is given up."""
+"""How long past its expiry a pull request's end (408) may take to arrive before it is looked into."""
+LOST_AFTER_S: Final = 30.0
+"""A request unanswered this long past its expiry is given up even without a reconnect."""
+STALE_POLL_S: Final = 0.05
+"""While a request past its expiry is neither answered nor known lost, how often to look again."""
 NO_PAYLOAD_LIMIT: Final = -1
 """The inboxes' pending limits are off: what arrives was asked for, so it is bounded already."""
 
@@ -64,12 +68,13 @@ def ack_info(reply: str) -> tuple[int, int]:
 
 
 class _Request:
-    __slots__ = ("deadline", "owed", "rid")
+    __slots__ = ("deadline", "owed", "reconnects", "rid")
 
-    def __init__(self, rid: str, owed: int, deadline: float) -> None:
+    def __init__(self, rid: str, owed: int, deadline: float, reconnects: int) -> None:
         self.rid = rid
         self.owed = owed
         self.deadline = deadline
+        self.reconnects = reconnects
 
 
 class Puller:
@@ -77,8 +82,11 @@ class Puller:
 
     Up to `depth` requests are outstanding at once (the server serves them in order), so with 2
     the next batch is on its way while the last is handled. Every message asked for counts
-    against the caller's room until it is taken, so what is delivered never exceeds what the
-    caller said it can hold.
+    against the caller's room until it is taken, and `fetch` never hands over more than the room,
+    so the caller never holds more than it said it can. A request ends when its last message or
+    its end status (404, 408, 409) arrives, which the server sends after the messages; one past
+    its expiry is given up only after a reconnect (it was lost with the connection) or
+    `LOST_AFTER_S` later, never while its messages may still be queued in a busy client.
     """
 
     def __init__(self, nc: NATS, stream: str, durable: str, *, depth: int = 1) -> None:
@@ -138,10 +146,10 @@ class Puller:
             self._wake.set_result(None)
 
     async def fetch(self, room: int, timeout_s: float, *, size: int) -> list[Msg]:
-        """Up to `size` messages, or [] when none came within about `timeout_s`. `room` is how
-        many the caller can take on now, counting those already asked for; requests ask for at
-        most `size` each. Whatever has arrived is returned at once."""
-        self._forget_expired()
+        """Up to `min(room, size)` messages, or [] when none came within about `timeout_s`.
+        `room` is how many the caller can take on now, counting those already asked for;
+        requests ask for at most `size` each. Whatever has arrived is returned at once."""
+        self._forget_lost()
         free = room - len(self.buffer) - self.owed
         while free > 0 and len(self.requests) < self.depth and (not self.requests or free >= size):
             n = min(size, free)
@@ -149,26 +157,31 @@ class Puller:
             free -= n
         if not self.buffer and self.requests:
             self._wake = asyncio.get_running_loop().create_future()
-            wait_s = max(0.0, min(r.deadline for r in self.requests) - time.monotonic())
+            wait_s = max(STALE_POLL_S, min(r.deadline for r in self.requests) - time.monotonic())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake, wait_s)
             self._wake = None
-            self._forget_expired()
+            self._forget_lost()
         if self.failure and not self.buffer:
             failure, self.failure = self.failure, ""
             raise PullError(failure)
-        got, self.buffer = self.buffer[:size], self.buffer[size:]
+        n = max(0, min(room, size))
+        got, self.buffer = self.buffer[:n], self.buffer[n:]
         return got
 
-    def _forget_expired(self) -> None:
-        """Requests well past their expiry were lost (with a connection, most likely)."""
+    def _forget_lost(self) -> None:
+        """Give up requests past their expiry that were lost: asked before a reconnect, or
+        unanswered for `LOST_AFTER_S` (a busy client may simply not have read their end yet)."""
         now = time.monotonic()
-        while self.requests and any(r.deadline <= now for r in self.requests):
-            self.requests.remove(next(r for r in self.requests if r.deadline <= now))
+        reconnects = self.nc.stats["reconnects"]
+        for r in [r for r in self.requests if now >= r.deadline]:
+            if r.reconnects != reconnects or now >= r.deadline + LOST_AFTER_S:
+                self.requests.remove(r)
 
     async def _ask(self, n: int, timeout_s: float) -> None:
         self._next_rid += 1
-        request = _Request(str(self._next_rid), n, time.monotonic() + timeout_s + EXPIRY_GRACE_S)
+        deadline = time.monotonic() + timeout_s + EXPIRY_GRACE_S
+        request = _Request(str(self._next_rid), n, deadline, self.nc.stats["reconnects"])
         self.requests.append(request)
         body = json.dumps({"batch": n, "expires": int(timeout_s * 1e9)}).encode()
         try:

@@ -11,6 +11,7 @@ import pytest
 
 from offbeat.bus import Bus, Delivery, Outcome, Publication, Received, Reject
 from offbeat.config import BusConfig
+from offbeat.jetstream import EXPIRY_GRACE_S, Puller
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2, rollout_pb2
 
@@ -192,6 +193,24 @@ async def test_a_batch_handler_that_raises_acks_nothing(bus: Bus, run_id):
     stop.set()
     await task
     assert sorted(seen) == sorted((f"req-{i}", n) for i in range(3) for n in (1, 2)), seen
+
+
+async def test_a_busy_consumer_does_not_give_up_a_pull_whose_messages_it_has_not_read(bus: Bus, run_id):
+    """A client too busy to read its socket sees a pull request pass its expiry while the request's
+    messages (and its end) wait unread; giving the request up then and asking again would count
+    those messages against the new request, and more than the room would arrive."""
+    for i in range(2):
+        await bus.publish(bus.subjects.rollout_request, _request(run_id, i), msg_id=f"m-{i}")
+    puller = await Puller(bus.nc, bus.subjects.stream, "inference", depth=1).start()
+    try:
+        await puller._ask(4, 0.2)
+        time.sleep(0.2 + EXPIRY_GRACE_S + 0.3)  # the busy client: the loop reads nothing meanwhile
+        got = await puller.fetch(4, 0.2, size=256)
+        assert [m.headers["Nats-Msg-Id"] for m in got] == ["m-0", "m-1"]
+        assert puller._next_rid == 1, "the expired request was given up and another one sent"
+        await wait_for(lambda: not puller.requests, timeout_s=5)  # its end (408) comes in after them
+    finally:
+        await puller.close()
 
 
 async def test_longest_rollout_crosses_the_bus(bus: Bus, run_id):

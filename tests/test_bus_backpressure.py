@@ -20,7 +20,6 @@ from offbeat.v1 import rollout_pb2
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.xfail(strict=True, reason="Puller.fetch hands over its whole buffer, beyond the caller's room")
 async def test_a_pull_never_hands_over_more_than_the_room_asked_for(bus: Bus, run_id):
     await bus.publish_many(
         Publication(
