@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LiveRun, audit, install_envpkg, write_config
+from harness import LiveRun, audit, write_config
 
 from offbeat.infra import NatsServer, PostgresServer
 
@@ -48,11 +48,6 @@ def own_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Nats
     yield nats, pg
     nats.stop()
     pg.destroy()
-
-
-@pytest.fixture(scope="module")
-def envpkg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return install_envpkg(tmp_path_factory.mktemp("site") / "envpkg")
 
 
 def chaos(

@@ -26,20 +26,17 @@ The smoke variant (few examples) runs by default; the full one under `make chaos
 from __future__ import annotations
 
 import asyncio
-import importlib
 import itertools
 import json
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf.message import DecodeError, Message
-from harness import ADMIN_TOKEN, LiveRun, audit, install_envpkg, query, write_config
+from harness import ADMIN_TOKEN, LiveRun, audit, query, write_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -64,15 +61,6 @@ ENV = "sandbox_echo"
 I32 = st.integers(-(2**31), 2**31 - 1)
 F32 = st.floats(width=32)
 ANY_TEXT = st.text(max_size=80)
-
-
-@pytest.fixture(scope="module")
-def envpkg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    target = install_envpkg(tmp_path_factory.mktemp("site") / "envpkg")
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    yield target
-    sys.path.remove(str(target))
 
 
 # --- the corpus --------------------------------------------------------------------------------

@@ -18,16 +18,13 @@ The smoke variant (capacity 4) runs by default; the full one (capacity 16) under
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LiveRun, audit, install_envpkg, query, write_config
+from harness import LiveRun, audit, query, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -38,16 +35,6 @@ queue lasts a few seconds."""
 RSS_MARGIN_MB = 300.0
 """Most a service's resident memory may grow under the burst over its level before it. A service
 that buffered the backlog would grow with it; torch allocator noise and a step's activations fit."""
-
-
-@pytest.fixture(scope="module")
-def envpkg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The test environments installed for the services, and importable here (for their prompts)."""
-    target = install_envpkg(tmp_path_factory.mktemp("site") / "envpkg")
-    sys.path.insert(0, str(target))
-    importlib.invalidate_caches()
-    yield target
-    sys.path.remove(str(target))
 
 
 class Sampler:
