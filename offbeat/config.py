@@ -23,6 +23,8 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 ENV_PREFIX = "OFFBEAT__"
+DEFAULT_ROLLBACK_WINDOW = 8
+"""`[trainer] rollback_window` when unset: the orchestrator refuses rollbacks the trainer could not do."""
 M = TypeVar("M", bound=BaseModel)
 
 

@@ -54,6 +54,10 @@ class RolledBackVersionError(ValueError):
     """The policy version was rolled back and cannot be a rollback target."""
 
 
+class PrunedVersionError(ValueError):
+    """The policy version is older than the trainer's rollback window: its checkpoint is gone."""
+
+
 @dataclass(frozen=True)
 class RollbackResult:
     version: int
@@ -296,12 +300,14 @@ class Ledger:
                     {"run": run_id, "versions": recompute},
                 )
 
-    async def rollback_to(self, run_id: str, version: int) -> RollbackResult:
+    async def rollback_to(self, run_id: str, version: int, *, window: int = 0) -> RollbackResult:
         """Mark versions after `version` rolled back, their unfinished trajectories
         `discarded_rolled_back`, and trainer steps after its step rolled back; one transaction.
 
-        Raises `UnknownVersionError` when there is no such version and `RolledBackVersionError`
-        when it was itself rolled back. "After" means a higher id that is still active.
+        Raises `UnknownVersionError` when there is no such version, `RolledBackVersionError`
+        when it was itself rolled back, and `PrunedVersionError` when `window` (the trainer's
+        `rollback_window`; 0: unlimited) or more active versions are newer, so the trainer no
+        longer keeps its checkpoint. "After" means a higher id that is still active.
         """
         pv = PolicyVersion.__table__.c  # type: ignore[attr-defined]
         ts_ = TrainerStep.__table__.c  # type: ignore[attr-defined]
@@ -322,6 +328,19 @@ class Ledger:
                 raise RolledBackVersionError(
                     f"policy version {version} was rolled back; it cannot be a target"
                 )
+            if window:
+                newer = (
+                    await conn.execute(
+                        select(func.count()).where(
+                            pv.run_id == run_id, pv.version > version, pv.status != "rolled_back"
+                        )
+                    )
+                ).scalar_one()
+                if newer >= window:
+                    raise PrunedVersionError(
+                        f"policy version {version} has {newer} newer versions; the trainer keeps "
+                        f"checkpoints for the newest {window} only (trainer.rollback_window)"
+                    )
             later = [
                 int(v)
                 for (v,) in await conn.execute(

@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection
 
 from offbeat.bus import Bus
 from offbeat.ledger import STATUSES, Ledger
-from offbeat.ledger.store import RolledBackVersionError, UnknownVersionError
+from offbeat.ledger.store import PrunedVersionError, RolledBackVersionError, UnknownVersionError
 from offbeat.v1 import admin_pb2, admin_pb2_grpc, policy_pb2
 from offbeat_orchestrator.auth import BearerAuth
 from offbeat_orchestrator.config import OrchestratorConfig
@@ -93,6 +93,8 @@ class AdminContext:
     writer: LedgerWriter
     scheduler: Scheduler | None
     cfg: OrchestratorConfig
+    rollback_window: int = 0
+    """The trainer's `rollback_window`: older versions are refused (0: no limit)."""
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
@@ -135,12 +137,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     async def Rollback(self, request: admin_pb2.RollbackRequest, context: Any) -> admin_pb2.RollbackResponse:
         args = {"version": request.version, "reason": request.reason}
         try:
-            result = await self.ctx.ledger.rollback_to(self.ctx.run_id, request.version)
+            result = await self.ctx.ledger.rollback_to(
+                self.ctx.run_id, request.version, window=self.ctx.rollback_window
+            )
         except UnknownVersionError as exc:
             message = str(exc.args[0])
             await self.audit("rollback", args, context, ok=False, result=f"NOT_FOUND: {message}")
             await context.abort(grpc.StatusCode.NOT_FOUND, message)
-        except RolledBackVersionError as exc:
+        except (RolledBackVersionError, PrunedVersionError) as exc:
             await self.audit("rollback", args, context, ok=False, result=f"FAILED_PRECONDITION: {exc}")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         command_id = uuid.uuid4().hex

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from offbeat.config import EnvSpec, resolved_dump
+from offbeat.config import DEFAULT_ROLLBACK_WINDOW, EnvSpec, resolved_dump
 from offbeat.ledger import Ledger, upgrade
 from offbeat.service import ServiceContext
 from offbeat_orchestrator.admin import AdminContext, AdminServer
@@ -46,6 +46,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
     tasks: list[asyncio.Task[None]] = []
     try:
         await ledger.upsert_run(run_id, config=resolved_dump(run))
+        trainer_section = (run.model_extra or {}).get("trainer", {})
         writer = LedgerWriter(ctx.bus, ledger, run.ledger, throughput_window_s=cfg.throughput_window_s)
         scheduler = Scheduler(
             ctx.bus,
@@ -54,15 +55,19 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
             await asyncio.to_thread(load_envs, run.envs),
             writer=writer,
             start_step=await ledger.latest_step(run_id),
-            zero_advantage_dropped=bool(
-                (run.model_extra or {}).get("trainer", {}).get("filter_zero_advantage", False)
-            ),
+            zero_advantage_dropped=bool(trainer_section.get("filter_zero_advantage", False)),
         )
         scheduler.restore(await ledger.unfinished_groups(run_id))
         token, source = load_token(cfg.admin_token_file, fallback_dir=Path(run.run.state_dir) / run_id)
         admin = AdminServer(
             AdminContext(
-                run_id=run_id, bus=ctx.bus, ledger=ledger, writer=writer, scheduler=scheduler, cfg=cfg
+                run_id=run_id,
+                bus=ctx.bus,
+                ledger=ledger,
+                writer=writer,
+                scheduler=scheduler,
+                cfg=cfg,
+                rollback_window=int(trainer_section.get("rollback_window", DEFAULT_ROLLBACK_WINDOW)),
             ),
             token,
         )

@@ -339,3 +339,36 @@ async def test_a_taken_admin_port_falls_back_to_a_free_one(admin, bus, ledger, w
             assert reply.run_id == run_id
     finally:
         await second.stop(0)
+
+
+async def test_rollback_past_the_trainers_window_is_refused_before_anything_changes(
+    bus, ledger, writer, run_id
+):
+    s = bus.subjects
+    for v in range(4):
+        await bus.publish(s.policy_weights, weights(run_id, v, v, v - 1), msg_id=f"weights:{v}")
+    await wait_for(lambda: writer.committed_events >= 4, timeout_s=60)
+    ctx = AdminContext(
+        run_id=run_id,
+        bus=bus,
+        ledger=ledger,
+        writer=writer,
+        scheduler=None,
+        cfg=OrchestratorConfig(admin_port=0),
+        rollback_window=2,
+    )
+    server = AdminServer(ctx, TOKEN)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = admin_pb2_grpc.AdminServiceStub(channel)
+            code, details = await _code(stub.Rollback(admin_pb2.RollbackRequest(version=1), metadata=AUTH))
+            assert code == grpc.StatusCode.FAILED_PRECONDITION and "rollback_window" in details
+            policies = (await stub.ListPolicies(admin_pb2.ListPoliciesRequest(), metadata=AUTH)).policies
+            assert {p.status for p in policies} == {"active"}
+            reply = await stub.Rollback(admin_pb2.RollbackRequest(version=2), metadata=AUTH)
+            assert (reply.version, reply.discarded_versions) == (2, 1)
+    finally:
+        await server.stop(0)
+    audit = [(a["action"], a["ok"]) for a in await ledger.admin_actions(run_id)]
+    assert audit == [("rollback", False), ("rollback", True)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from offbeat.config import ServiceConfig
+from offbeat.config import DEFAULT_ROLLBACK_WINDOW, ServiceConfig
 
 
 class TrainerConfig(ServiceConfig):
@@ -68,7 +68,7 @@ class TrainerConfig(ServiceConfig):
     """Checkpoint directory; relative paths resolve under `[run] state_dir`."""
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept besides those of published versions (needed for rollback)."""
-    rollback_window: int = Field(8, ge=0)
+    rollback_window: int = Field(DEFAULT_ROLLBACK_WINDOW, ge=0)
     """Checkpoints of the newest this many published versions are kept for rollback (0: all)."""
     batch_wait_log_s: float = Field(30.0, gt=0)
     """Log the buffer's state when waiting this long for a complete step."""
