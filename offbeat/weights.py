@@ -76,6 +76,10 @@ class WeightStore(ABC):
     async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
         """Write the weights at `uri` to `dest` (a file path), verified against `sha256`."""
 
+    @abstractmethod
+    async def delete(self, uri: str) -> None:
+        """Remove the weights at `uri`; one already gone is not an error."""
+
     def local_path(self, uri: str) -> Path | None:
         """A path inference may read in place (no copy), when the store has one."""
         return None
@@ -102,6 +106,13 @@ class FileWeightStore(WeightStore):
 
     def local_path(self, uri: str) -> Path | None:
         return Path(urlparse(uri).path)
+
+    async def delete(self, uri: str) -> None:
+        path = self.local_path(uri)
+        assert path is not None
+        if self.root not in path.parents:
+            raise ValueError(f"{uri} is not under {self.root}")
+        await asyncio.to_thread(shutil.rmtree, path.parent, True)
 
     async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
         source = self.local_path(uri)
@@ -187,6 +198,17 @@ class NatsObjectWeightStore(WeightStore):
         return StoredWeights(
             uri=f"nats://{self.bucket}/{name}", sha256=_digest_hex(info.digest), size_bytes=info.size
         )
+
+    async def delete(self, uri: str) -> None:
+        from nats.js.errors import NotFoundError
+
+        parsed = urlparse(uri)
+        if parsed.scheme != "nats" or parsed.netloc != self.bucket:
+            raise ValueError(f"{uri} is not in bucket {self.bucket}")
+        try:
+            await (await self._obs()).delete(parsed.path.lstrip("/"))
+        except NotFoundError:
+            pass
 
     async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
         parsed = urlparse(uri)

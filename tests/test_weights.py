@@ -110,3 +110,25 @@ async def test_file_store_puts_atomically_and_refuses_a_changed_file(tmp_path: P
     with pytest.raises(ChecksumError):
         await store.fetch(stored.uri, tmp_path / "copy.safetensors", sha256=stored.sha256)
     assert not (tmp_path / "copy.safetensors").exists()
+
+
+async def test_deleted_versions_are_gone_and_their_storage_freed(js, run_id: str, tmp_path: Path) -> None:
+    source = random_file(tmp_path / "w.safetensors", 3 * MIB)
+    bucket = f"d_{run_id}"
+    stores = [FileWeightStore(tmp_path / "store"), NatsObjectWeightStore(js, bucket, chunk_bytes=MIB)]
+    for store in stores:
+        old = await store.put(source, run_id=run_id, version=1)
+        kept = await store.put(source, run_id=run_id, version=2)
+        await store.delete(old.uri)
+        await store.delete(old.uri)  # already gone: not an error
+        with pytest.raises(Exception):  # noqa: B017 (each store raises its own not-found error)
+            await store.fetch(old.uri, tmp_path / "gone.safetensors", sha256=old.sha256)
+        fetched = await store.fetch(
+            kept.uri, tmp_path / f"{type(store).__name__}.safetensors", sha256=kept.sha256
+        )
+        assert fetched.read_bytes() == source.read_bytes()
+    assert [p.name for p in (tmp_path / "store" / run_id).iterdir()] == ["v000002"]
+    info = await js.stream_info(f"OBJ_{bucket}")
+    assert info.state.bytes < 4 * MIB, f"the deleted object's chunks still take {info.state.bytes} bytes"
+    with pytest.raises(ValueError):
+        await stores[0].delete((tmp_path / "elsewhere" / "model.safetensors").as_uri())

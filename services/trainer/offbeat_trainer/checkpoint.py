@@ -169,11 +169,13 @@ class Checkpoints:
     def weights_path(self, name: str) -> Path:
         return self.root / name / "model.safetensors"
 
-    def prune(self, state: TrainerState) -> None:
+    def rollback_targets(self, state: TrainerState) -> list[int]:
+        """The published versions a rollback can still reach: live ones, the newest `rollback_window`."""
         live = sorted(v for v, r in state.versions.items() if not r.rolled_back and r.checkpoint)
-        if self.rollback_window:
-            live = live[-self.rollback_window :]
-        needed = {state.versions[v].checkpoint for v in live}
+        return live[-self.rollback_window :] if self.rollback_window else live
+
+    def prune(self, state: TrainerState) -> None:
+        needed = {state.versions[v].checkpoint for v in self.rollback_targets(state)}
         names = self.names()
         for name in names[: -self.keep]:
             if name not in needed:

@@ -216,6 +216,20 @@ class Trainer:
         self.state.next_version = max(self.state.next_version, version + 1)
         return record
 
+    async def _prune_store(self) -> None:
+        """Delete the stored weights of versions no rollback can reach any more (rolled back, or
+        older than `rollback_window`): without this a long run fills the disk or the bucket. The
+        head is never deleted; an emptied `uri` marks what is gone (saved with the next checkpoint)."""
+        keep = {*self.ckpts.rollback_targets(self.state), self.state.head}
+        for v, record in sorted(self.state.versions.items()):
+            if record.uri and v not in keep:
+                try:
+                    await self.store.delete(record.uri)
+                except (*BUS_ERRORS, OSError) as exc:  # retried after the next step
+                    log.warning("could not delete the weights of version %d (%r)", v, exc)
+                    continue
+                record.uri = ""
+
     def _set_announcement(self, version: int, record: VersionRecord, msg_id: str) -> None:
         self.state.last_announcement = weight_version(self.run.id, version, record).SerializeToString().hex()
         self.state.last_announcement_id = msg_id
@@ -359,6 +373,7 @@ class Trainer:
                 lambda: self.bus.publish(self.bus.subjects.policy_weights, wv, msg_id=f"weights:{version}"),
             )
             await self._until_sent("head", lambda: self.bus.put_head(wv))
+            await self._prune_store()
         await self._until_sent(
             "step report",
             lambda: self.bus.publish(self.bus.subjects.trainer_step, report, msg_id=report_msg_id(report)),

@@ -38,6 +38,7 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
         "trainer.lr=1e-3",
         "trainer.weights_every=1",
         "bus.ack_wait_s=3",
+        "trainer.rollback_window=3",
     ]
 
     async def publish(tid: str, gid: str, reward: float, version: int) -> None:
@@ -95,6 +96,10 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
         assert dict(report.staleness) == {"c0-0": 0, "c0-1": 0}  # version 1 was made at step 1
         await wait_for(lambda: announced[-1].version == 4, timeout_s=30)
         assert (announced[-1].parent, announced[-1].step) == (1, 2)
+        # the store keeps what a rollback can reach (the newest 3 live versions) and nothing else:
+        # v0 went when v3 was published, the rolled-back v2 and v3 with v4; v0's weights are not back
+        stored = sorted(p.parent.name for p in (state_dir / "weights" / run_id).glob("v*/model.safetensors"))
+        assert stored == ["v000001", "v000004"], stored
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
