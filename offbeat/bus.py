@@ -52,6 +52,13 @@ M = TypeVar("M")
 SANDBOX_EXEC: Final = "sandbox.exec"
 HEAD_KEY: Final = "policy.head"
 PAUSED_KEY: Final = "control.paused"
+NO_STORAGE_ERR_CODE: Final = 10047
+"""JetStream's "insufficient storage resources": a stream's max_bytes does not fit the server's store."""
+
+
+class BusConfigError(RuntimeError):
+    """The server refused the run's declared stream, consumers or bucket; the message says why."""
+
 
 PUBLISHED = Counter("offbeat_bus_published_total", "Messages published through JetStream", ["kind"])
 HANDLED = Counter("offbeat_bus_handled_total", "Messages handled by a consumer", ["consumer", "outcome"])
@@ -343,9 +350,19 @@ class Bus:
         """Create (or update to the declared config) the stream, every consumer and the KV bucket."""
         config = self.stream_config()
         try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError:
-            await self.js.update_stream(config)
+            try:
+                await self.js.add_stream(config)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(config)
+        except nats.js.errors.APIError as exc:
+            if exc.err_code != NO_STORAGE_ERR_CODE:
+                raise
+            raise BusConfigError(
+                f"JetStream has no room for stream {config.name}: each run reserves [bus] "
+                f"stream_max_bytes = {config.max_bytes} bytes of the server's file store. Lower "
+                "stream_max_bytes, free disk space, or delete old runs' streams "
+                "(`offbeat run OLD.toml --fresh` forgets one)"
+            ) from None
         for spec in self.consumers.values():
             await self.js.add_consumer(
                 self.subjects.stream,

@@ -287,3 +287,25 @@ async def test_stream_declares_every_limit(bus: Bus):
 
 def test_config_payload_limit_fits_longest_rollout():
     assert BusConfig().max_payload_bytes >= 65_536 * 9
+
+
+async def test_a_stream_that_does_not_fit_the_server_names_the_setting(tmp_path: Path, run_id: str) -> None:
+    from offbeat.bus import BusConfigError
+    from offbeat.infra import NatsServer
+
+    server = NatsServer.start(tmp_path / "small", max_file_store_bytes=64 * 1024**2)
+    try:
+        cfg = BusConfig(nats_url=server.url, stream_max_bytes=256 * 1024**2)
+        bus = await Bus.connect(cfg, run_id, name="test")
+        try:
+            with pytest.raises(BusConfigError, match="stream_max_bytes"):
+                await bus.ensure()
+            small = await Bus.connect(
+                cfg.model_copy(update={"stream_max_bytes": 16 * 1024**2}), run_id, name="t"
+            )
+            await small.ensure()  # the same run fits once the reservation does
+            await small.close()
+        finally:
+            await bus.close()
+    finally:
+        server.stop()
