@@ -24,7 +24,12 @@ class TrainerConfig(ServiceConfig):
     adam_eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
     warmup_steps: int = Field(0, ge=0)
-    """Steps of linear learning-rate warm-up from 0 to `lr`; constant afterwards."""
+    """Steps of linear learning-rate warm-up from 0 to `lr`; constant afterwards unless `decay_steps`."""
+    decay_steps: int = Field(0, ge=0)
+    """With a value above `warmup_steps`: cosine decay from `lr` after warm-up to `min_lr_ratio * lr`
+    at this step (usually `[run] max_steps`); 0 keeps the learning rate constant."""
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """Where the cosine decay ends, as a fraction of `lr`."""
     grad_clip: float = Field(1.0, gt=0)
     """Largest global gradient norm; gradients above it are scaled down."""
     temperature: float = Field(1.0, gt=0)

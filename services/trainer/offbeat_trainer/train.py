@@ -36,6 +36,8 @@ class CoreSettings:
     weight_decay: float = 0.0
     adam_eps: float = 1e-8
     warmup_steps: int = 0
+    decay_steps: int = 0
+    min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     temperature: float = 1.0
     loss: str = "offbeat_trainer.loss:icepop_loss"
@@ -59,6 +61,18 @@ class CoreSettings:
     @classmethod
     def from_config(cls, cfg: Any) -> CoreSettings:
         return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+def lr_factor(step: int, warmup: int, decay: int, min_ratio: float) -> float:
+    """The learning rate of optimizer step `step` (1-based) as a fraction of the peak: linear
+    warm-up over `warmup` steps, then constant, or with `decay > warmup` a cosine down to
+    `min_ratio` at step `decay` (and `min_ratio` after it)."""
+    if warmup and step < warmup:
+        return step / warmup
+    if decay <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (decay - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def load_model(path: str, *, dtype: str = "float32", attn_implementation: str = "sdpa") -> Any:
@@ -129,9 +143,9 @@ class TrainCore:
             weight_decay=settings.weight_decay,
             eps=settings.adam_eps,
         )
-        warm = settings.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0
+            self.optimizer,
+            lambda s: lr_factor(s + 1, settings.warmup_steps, settings.decay_steps, settings.min_lr_ratio),
         )
 
     @property

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import math
+
+import pytest
 import torch
 from offbeat_trainer.batching import Trajectory
 from offbeat_trainer.train import CoreSettings, TrainCore, load_model
@@ -38,3 +42,21 @@ def test_saving_the_state_of_a_fresh_core_does_not_shift_its_first_adam_step(tin
         saved.step(_samples())
     for (name, a), b in zip(plain.module.named_parameters(), saved.module.parameters(), strict=True):
         assert torch.equal(a, b), f"{name} differs by {(a - b).abs().max().item():.2e} after two steps"
+
+
+def test_the_learning_rate_warms_up_then_follows_its_cosine_down_to_the_floor(tiny_model):
+    core = TrainCore(
+        load_model(str(tiny_model)), CoreSettings(lr=1e-3, warmup_steps=2, decay_steps=6, min_lr_ratio=0.1)
+    )
+    used = []
+    for _ in range(8):
+        used.append(core.optimizer.param_groups[0]["lr"])
+        core.step(_samples())
+    expected = [5e-4, 1e-3, 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 4)))]
+    assert used[:3] == pytest.approx(expected)
+    assert used[5:] == pytest.approx([1e-4] * 3), "not at the floor from the decay's last step on"
+    assert all(a >= b for a, b in itertools.pairwise(used[1:])), used
+    constant = TrainCore(load_model(str(tiny_model)), CoreSettings(lr=1e-3, warmup_steps=2))
+    for _ in range(3):
+        constant.step(_samples())
+    assert constant.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
