@@ -21,19 +21,21 @@ TOKEN = "s3cret-test-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"), ("x-offbeat-actor", "tester"))
 
 
+def _context(bus, ledger, writer, run_id, *, cfg: OrchestratorConfig | None = None, **kw) -> AdminContext:  # type: ignore[no-untyped-def]
+    return AdminContext(
+        run_id=run_id,
+        bus=bus,
+        ledger=ledger,
+        writer=writer,
+        scheduler=None,
+        cfg=cfg or OrchestratorConfig(admin_port=0),
+        **kw,
+    )
+
+
 @pytest.fixture
 async def admin(bus, ledger, writer, run_id):
-    server = AdminServer(
-        AdminContext(
-            run_id=run_id,
-            bus=bus,
-            ledger=ledger,
-            writer=writer,
-            scheduler=None,
-            cfg=OrchestratorConfig(admin_port=0),
-        ),
-        TOKEN,
-    )
+    server = AdminServer(_context(bus, ledger, writer, run_id), TOKEN)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     yield admin_pb2_grpc.AdminServiceStub(channel), server
@@ -295,9 +297,7 @@ async def test_tls_when_certificates_are_configured(bus, ledger, writer, run_id,
         timeout=60,
     )
     cfg = OrchestratorConfig(admin_port=0, tls_cert_file=str(cert), tls_key_file=str(key))
-    server = AdminServer(
-        AdminContext(run_id=run_id, bus=bus, ledger=ledger, writer=writer, scheduler=None, cfg=cfg), TOKEN
-    )
+    server = AdminServer(_context(bus, ledger, writer, run_id, cfg=cfg), TOKEN)
     await server.start()
     try:
         assert server.tls
@@ -320,14 +320,7 @@ async def test_tls_when_certificates_are_configured(bus, ledger, writer, run_id,
 
 async def test_a_taken_admin_port_falls_back_to_a_free_one(admin, bus, ledger, writer, run_id):
     _, first = admin
-    ctx = AdminContext(
-        run_id=run_id,
-        bus=bus,
-        ledger=ledger,
-        writer=writer,
-        scheduler=None,
-        cfg=OrchestratorConfig(admin_port=first.port),
-    )
+    ctx = _context(bus, ledger, writer, run_id, cfg=OrchestratorConfig(admin_port=first.port))
     second = AdminServer(ctx, TOKEN)
     await second.start()
     try:
@@ -348,15 +341,7 @@ async def test_rollback_past_the_trainers_window_is_refused_before_anything_chan
     for v in range(4):
         await bus.publish(s.policy_weights, weights(run_id, v, v, v - 1), msg_id=f"weights:{v}")
     await wait_for(lambda: writer.committed_events >= 4, timeout_s=60)
-    ctx = AdminContext(
-        run_id=run_id,
-        bus=bus,
-        ledger=ledger,
-        writer=writer,
-        scheduler=None,
-        cfg=OrchestratorConfig(admin_port=0),
-        rollback_window=2,
-    )
+    ctx = _context(bus, ledger, writer, run_id, rollback_window=2)
     server = AdminServer(ctx, TOKEN)
     await server.start()
     try:
