@@ -346,14 +346,17 @@ class Bus:
             num_replicas=cfg.stream_replicas,
         )
 
+    async def _add_or_update_stream(self, config: api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:  # exists with another configuration
+            await self.js.update_stream(config)
+
     async def ensure(self) -> None:
         """Create (or update to the declared config) the stream, every consumer and the KV bucket."""
         config = self.stream_config()
         try:
-            try:
-                await self.js.add_stream(config)
-            except nats.js.errors.BadRequestError:
-                await self.js.update_stream(config)
+            await self._add_or_update_stream(config)
         except nats.js.errors.APIError as exc:
             if exc.err_code != NO_STORAGE_ERR_CODE:
                 raise

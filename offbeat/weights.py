@@ -199,22 +199,21 @@ class NatsObjectWeightStore(WeightStore):
             uri=f"nats://{self.bucket}/{name}", sha256=_digest_hex(info.digest), size_bytes=info.size
         )
 
+    def _object_name(self, uri: str) -> str:
+        parsed = urlparse(uri)
+        if parsed.scheme != "nats" or parsed.netloc != self.bucket:
+            raise ValueError(f"{uri} is not in bucket {self.bucket}")
+        return parsed.path.lstrip("/")
+
     async def delete(self, uri: str) -> None:
         from nats.js.errors import NotFoundError
 
-        parsed = urlparse(uri)
-        if parsed.scheme != "nats" or parsed.netloc != self.bucket:
-            raise ValueError(f"{uri} is not in bucket {self.bucket}")
-        try:
-            await (await self._obs()).delete(parsed.path.lstrip("/"))
-        except NotFoundError:
-            pass
+        name = self._object_name(uri)
+        with contextlib.suppress(NotFoundError):
+            await (await self._obs()).delete(name)
 
     async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
-        parsed = urlparse(uri)
-        if parsed.scheme != "nats" or parsed.netloc != self.bucket:
-            raise ValueError(f"{uri} is not in bucket {self.bucket}")
-        info = await (await self._obs()).get_info(parsed.path.lstrip("/"))
+        info = await (await self._obs()).get_info(self._object_name(uri))
         if info.is_link():
             raise ValueError(f"{uri} is an object-store link, not weights")
         if _digest_hex(info.digest) != sha256:
