@@ -7,7 +7,7 @@ in `[run]` and the base model in `[model]`; they are not repeated here.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from offbeat.config import DEFAULT_ROLLBACK_WINDOW, ServiceConfig
 
@@ -50,9 +50,10 @@ class TrainerConfig(ServiceConfig):
     """Drop groups whose advantages are all zero (reason `zero_advantage`) instead of training them."""
     micro_batch_tokens: int = Field(8192, ge=16)
     """Token budget of one packed micro-batch (prompt + completion tokens)."""
-    layout: str = Field("auto", pattern=r"^(auto|packed|padded)$")
-    """Micro-batch layout: `packed` rows (position-id resets; for flash-attention varlen) or
-    `padded` length-sorted rows (for sdpa/eager); `auto` picks by `attn_implementation`."""
+    layout: str = Field("auto", pattern=r"^(auto|packed|padded|shared_prompt)$")
+    """Micro-batch layout: `packed` rows (position-id resets; for flash-attention varlen),
+    `padded` length-sorted rows (for eager), or `shared_prompt` (padded rows of one group each,
+    its prompt computed once; needs `sdpa`); `auto` picks by `attn_implementation`."""
     activation_checkpointing: bool = False
     """Recompute activations in backward (needed for very long sequences)."""
     attn_implementation: str = "sdpa"
@@ -81,3 +82,12 @@ class TrainerConfig(ServiceConfig):
     """Interval of `in_progress` signals on held (not yet acked) scored-trajectory messages."""
     ack_timeout_s: float = Field(5.0, gt=0)
     """Timeout of one synchronous ack after a checkpoint."""
+
+    @model_validator(mode="after")
+    def _layout_fits_the_kernel(self) -> TrainerConfig:
+        if self.layout == "shared_prompt" and self.attn_implementation != "sdpa":
+            raise ValueError(
+                f"trainer.layout: shared_prompt needs a 4-D attention mask, which only "
+                f"attn_implementation = 'sdpa' takes (not {self.attn_implementation!r})"
+            )
+        return self

@@ -9,7 +9,12 @@ Two layouts of the same sequences (prompt + completion ids, never re-tokenized):
 - `padded`: sequences sorted by length and cut into rows of a right-padded [B, Lmax] batch with
   B * Lmax <= budget, so padding is small and attention costs about the sum of squared lengths
   with any kernel (a micro-batch of one sequence needs no mask at all: the causal fast path).
-  The layout for `sdpa`/`eager`, where a packed row would pay for attention across sequences.
+  The layout for `eager`, where a packed row would pay for attention across sequences.
+- `shared_prompt`: like `padded`, but the samples of one group, which share their prompt, share
+  one row: the prompt once, then each completion, with a 4-D mask that lets a completion see the
+  prompt and itself only and position ids that restart each completion after the prompt. A
+  group of n samples costs prompt + n completions tokens instead of n x (prompt + completion):
+  with short answers to longer prompts, most of a padded step. The layout for `sdpa`.
 
 A sequence longer than the budget gets a micro-batch of its own. Only completion tokens carry loss: each micro-batch lists the positions
 whose logits predict a completion token, with that token, its inference log-prob, its advantage
@@ -33,8 +38,8 @@ from offbeat_trainer.batching import Trajectory
 @dataclass
 class MicroBatch:
     input_ids: torch.Tensor  # [B, L] long
-    position_ids: torch.Tensor | None  # [B, L] long (packed layout)
-    attention_mask: torch.Tensor | None  # [B, L] (padded layout with padding)
+    position_ids: torch.Tensor | None  # [B, L] long (packed and shared_prompt layouts)
+    attention_mask: torch.Tensor | None  # [B, L] (padded, with padding); [B, 1, L, L] bool (shared_prompt)
     logit_index: torch.Tensor  # [K] sequence positions whose logits are computed (logits_to_keep)
     rows: torch.Tensor  # [N] row of each completion token's predicting logit
     cols: torch.Tensor  # [N] its index into logit_index
@@ -102,18 +107,99 @@ def plan_padded(lengths: Sequence[int], budget: int) -> list[list[int]]:
 
 
 def pack(
-    samples: Sequence[Trajectory], *, budget: int, normalize: str, layout: str = "packed"
+    samples: Sequence[Trajectory],
+    *,
+    budget: int,
+    normalize: str,
+    layout: str = "packed",
+    skip_zero_advantage: bool = False,
 ) -> list[MicroBatch]:
+    """Micro-batches of the step's samples; loss weights are normalised over all of them. With
+    `skip_zero_advantage`, samples whose advantage is 0 are left out of the micro-batches (their
+    weights still count in the normalisation): exact for losses whose gradient is proportional to
+    the advantage, and on a group-relative step often most of the batch."""
     weights = token_weights(samples, normalize)
-    usable = [i for i, s in enumerate(samples) if s.completion_ids]
+    usable = [
+        i
+        for i, s in enumerate(samples)
+        if s.completion_ids and not (skip_zero_advantage and s.advantage == 0.0)
+    ]
     for i in usable:
         if not samples[i].prompt_ids:
             raise ValueError(f"trajectory {samples[i].trajectory_id} has no prompt tokens")
     lengths = [samples[i].num_tokens for i in usable]
+    if layout == "shared_prompt":
+        units: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+        for i in usable:
+            units.setdefault((samples[i].group_id, tuple(samples[i].prompt_ids)), []).append(i)
+        members = list(units.values())
+        sizes = [
+            len(samples[m[0]].prompt_ids) + sum(len(samples[i].completion_ids) for i in m) for m in members
+        ]
+        return [
+            _shared_micro_batch([[(samples[i], weights[i]) for i in members[u]] for u in b])
+            for b in plan_padded(sizes, budget)
+        ]
     bins = plan(lengths, budget) if layout == "packed" else plan_padded(lengths, budget)
     return [
         _micro_batch([samples[usable[j]] for j in b], [weights[usable[j]] for j in b], layout) for b in bins
     ]
+
+
+def _shared_micro_batch(units: list[list[tuple[Trajectory, float]]]) -> MicroBatch:
+    """One row per group: its prompt, then its completions, each seeing only the prompt and itself."""
+    rows_ids: list[list[int]] = []
+    rows_pos: list[list[int]] = []
+    spans: list[list[tuple[int, int]]] = []  # per row: the prompt's span, then each completion's
+    rows: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    inf: list[float] = []
+    adv: list[float] = []
+    w: list[float] = []
+    for r, unit in enumerate(units):
+        prompt = unit[0][0].prompt_ids
+        p = len(prompt)
+        ids, pos, span = list(prompt), list(range(p)), [(0, p)]
+        for s, sw in unit:
+            start, c = len(ids), len(s.completion_ids)
+            ids += s.completion_ids
+            pos += range(p, p + c)
+            span.append((start, start + c))
+            rows += [r] * c
+            positions += [p - 1, *range(start, start + c - 1)]
+            targets += s.completion_ids
+            inf += s.inference_logprobs
+            adv += [s.advantage] * c
+            w += [sw] * c
+        rows_ids.append(ids)
+        rows_pos.append(pos)
+        spans.append(span)
+    width = max(len(r) for r in rows_ids)
+    mask = torch.zeros((len(rows_ids), 1, width, width), dtype=torch.bool)
+    for r, span in enumerate(spans):
+        (_, p), *completions = span
+        mask[r, 0, :p, :p] = torch.ones((p, p), dtype=torch.bool).tril()
+        for a, b in completions:
+            mask[r, 0, a:b, :p] = True
+            mask[r, 0, a:b, a:b] = torch.ones((b - a, b - a), dtype=torch.bool).tril()
+        mask[r, 0, len(rows_ids[r]) :, 0] = True  # padding queries see something: no NaN in softmax
+    keep = sorted(set(positions))
+    where = {p: k for k, p in enumerate(keep)}
+    return MicroBatch(
+        input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long),
+        position_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows_pos], dtype=torch.long),
+        attention_mask=mask,
+        logit_index=torch.tensor(keep, dtype=torch.long),
+        rows=torch.tensor(rows, dtype=torch.long),
+        cols=torch.tensor([where[p] for p in positions], dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        inference_logp=torch.tensor(inf, dtype=torch.float32),
+        advantages=torch.tensor(adv, dtype=torch.float32),
+        weights=torch.tensor(w, dtype=torch.float32),
+        num_tokens=sum(len(r) for r in rows_ids),
+        num_sequences=sum(len(u) for u in units),
+    )
 
 
 def _micro_batch(seqs: list[Trajectory], weights: list[float], layout: str) -> MicroBatch:

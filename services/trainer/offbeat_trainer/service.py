@@ -59,6 +59,7 @@ FAULT_ENV = "OFFBEAT_TRAINER_FAULT"
 BUS_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, ConnectionError)
 """What a NATS outage raises from a publish or an ack (reconnecting, JetStream not ready yet)."""
 RETRY_BACKOFF_S = (0.2, 0.5, 1.0, 2.0)
+ACKS_IN_FLIGHT = 256
 
 
 def _fault_point(phase: str, step: int) -> None:
@@ -391,14 +392,22 @@ class Trainer:
         )
 
     async def _ack(self, ids: list[str], *, step: int) -> None:
-        for n, tid in enumerate(ids):
-            if n == 1:
-                _fault_point("mid_ack", step)
-            for d in self.held.pop(tid, []):
-                try:
-                    await d.ack(sync=True, timeout_s=self.cfg.ack_timeout_s)
-                except BUS_ERRORS as exc:  # accounted: its redelivery is acked and skipped
-                    log.warning("ack of %s failed (%r); it will be redelivered and skipped", tid, exc)
+        """Ack the step's messages, `ACKS_IN_FLIGHT` round trips at a time (one after another,
+        a step of 1,024 trajectories spent a third of a second here)."""
+
+        async def ack(tid: str, d: Delivery) -> None:
+            try:
+                await d.ack(sync=True, timeout_s=self.cfg.ack_timeout_s)
+            except BUS_ERRORS as exc:  # accounted: its redelivery is acked and skipped
+                log.warning("ack of %s failed (%r); it will be redelivered and skipped", tid, exc)
+
+        held = [(tid, d) for tid in ids for d in self.held.pop(tid, [])]
+        if held:
+            await ack(*held[0])
+        if len(ids) > 1:
+            _fault_point("mid_ack", step)
+        for start in range(1, len(held), ACKS_IN_FLIGHT):
+            await asyncio.gather(*(ack(tid, d) for tid, d in held[start : start + ACKS_IN_FLIGHT]))
 
     async def rollback(self, cmd: policy_pb2.ControlCommand) -> None:
         assert self.core is not None

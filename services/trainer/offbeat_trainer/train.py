@@ -6,7 +6,10 @@ micro-batches (round-robin, padded with zero-weight micro-batches so every rank 
 number of passes); loss weights are global over the step, so the summed gradient does not depend
 on how micro-batches are split. Data parallelism is FSDP2 `fully_shard` (gloo on CPU, NCCL on
 GPU) or DDP. Log-probs are log_softmax(logits / temperature) of the completion tokens, computed
-only at the positions that predict them (`logits_to_keep`).
+only at the positions that predict them (`logits_to_keep`). With the default loss and no KL term,
+samples of advantage 0 (a group all right or all wrong: most of a step early in RL) are not run
+through the model at all, since their gradient is exactly 0; the loss weights still count them,
+so the update is the same, and the step's statistics are means over the tokens trained.
 
 Not covered: tensor/pipeline/context parallelism; reading data (`service.py`, `distributed.py`).
 """
@@ -56,7 +59,9 @@ class CoreSettings:
     def resolved_layout(self) -> str:
         if self.layout != "auto":
             return self.layout
-        return "packed" if self.attn_implementation.startswith("flash") else "padded"
+        if self.attn_implementation.startswith("flash"):
+            return "packed"
+        return "shared_prompt" if self.attn_implementation == "sdpa" else "padded"
 
     @classmethod
     def from_config(cls, cfg: Any) -> CoreSettings:
@@ -111,6 +116,8 @@ class TrainCore:
         self.world = dist.get_world_size() if self.distributed else 1
         self.loss_fn = load_loss(settings.loss)
         self.loss_settings = LossSettings(settings.mask_low, settings.mask_high, settings.kl_coef)
+        # zero-advantage samples add nothing to the default loss's gradient unless a KL term is on
+        self.skips_zero_advantage = settings.loss == CoreSettings.loss and settings.kl_coef == 0
         model.to(self.device)
         if settings.activation_checkpointing:
             if hasattr(model, "activation_checkpointing_enable"):
@@ -169,10 +176,17 @@ class TrainCore:
         """One optimizer step over the whole step batch (every rank passes the same samples)."""
         s = self.settings
         started = time.perf_counter()
-        micro = pack(samples, budget=s.micro_batch_tokens, normalize=s.normalize, layout=s.resolved_layout)
+        micro = pack(
+            samples,
+            budget=s.micro_batch_tokens,
+            normalize=s.normalize,
+            layout=s.resolved_layout,
+            skip_zero_advantage=self.skips_zero_advantage,
+        )
         mine = self.my_micro_batches(micro)
         self.optimizer.zero_grad(set_to_none=True)
-        sums = torch.zeros(6, dtype=torch.float64)  # loss, mismatch_kl, masked, entropy, ratio, tokens
+        # loss, mismatch_kl, masked, entropy, ratio, tokens, weight of the trained tokens
+        sums = torch.zeros(7, dtype=torch.float64)
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if s.autocast_bf16 and self.device.type == "cuda"
@@ -194,6 +208,7 @@ class TrainCore:
                     float((entropy * w).sum()),
                     float(out.stats.get("ratio_mean", torch.zeros(())).detach()),
                     float(mb.num_tokens),
+                    float(w.sum()),
                 ],
                 dtype=torch.float64,
             )
@@ -205,13 +220,15 @@ class TrainCore:
         if self.distributed:
             dist.all_reduce(sums)
         elapsed = time.perf_counter() - started
-        loss, kl, masked, ent, ratio, tokens = sums.tolist()
+        loss, kl, masked, ent, ratio, tokens, trained = sums.tolist()
+        mean = 1.0 / trained if trained > 0 else 0.0  # the statistics: means over the trained tokens
         return {
             "loss": loss,
-            "mismatch_kl": kl,
-            "masked_fraction": masked,
-            "entropy": ent,
-            "ratio_mean": ratio,
+            "mismatch_kl": kl * mean,
+            "masked_fraction": masked * mean,
+            "entropy": ent * mean,
+            "ratio_mean": ratio * mean,
+            "trained_sequences": float(sum(m.num_sequences for m in micro)),
             "grad_norm": float(grad_norm),
             "tokens": tokens,
             "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,

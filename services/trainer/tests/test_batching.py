@@ -136,6 +136,33 @@ def test_micro_batch_logprobs_equal_one_sequence_at_a_time(tiny_model, layout): 
     assert (lp - single).abs().max().item() < 1e-5, f"{layout}: sequences leak into each other"
 
 
+def test_a_group_sharing_its_prompt_in_one_row_gives_each_sample_its_own_logprobs(tiny_model):  # type: ignore[no-untyped-def]
+    model = load_model(str(tiny_model))
+    samples = []
+    for g, (p, lengths) in enumerate([(5, (1, 3, 4, 2)), (3, (6, 2)), (7, (2,))]):
+        for k, c in enumerate(lengths):  # siblings' completions differ: a leak between them shows
+            t = traj(f"g{g}-{k}", f"g{g}", 0.0, p=p, c=c)
+            t.completion_ids = [40 + 7 * k + j for j in range(c)]
+            t.advantage = 0.5 - k
+            samples.append(t)
+    micro = pack(samples, budget=10_000, normalize="sequence", layout="shared_prompt")
+    assert len(micro) == 1 and micro[0].num_sequences == len(samples)
+    assert micro[0].input_ids.shape[0] == 3, "one row per group"
+    assert micro[0].num_tokens == (5 + 10) + (3 + 8) + (7 + 2), "a group's prompt is computed once"
+    with torch.no_grad():
+        shared, _ = completion_logprobs(model, micro[0], temperature=0.8)
+        alone = [
+            completion_logprobs(model, pack([t], budget=10_000, normalize="token")[0], temperature=0.8)[0]
+            for t in samples
+        ]
+    expected = torch.cat(alone)  # rows by size (longest first: as listed), samples in group order
+    assert (shared - expected).abs().max().item() < 1e-5, "a completion sees more than its prompt and itself"
+    per_sample = pack(samples, budget=10_000, normalize="sequence", layout="padded")[0]
+    assert torch.sort(micro[0].weights * micro[0].advantages).values.allclose(
+        torch.sort(per_sample.weights * per_sample.advantages).values
+    )
+
+
 def test_temperature_scales_logits(tiny_model):  # type: ignore[no-untyped-def]
     model = load_model(str(tiny_model))
     mb = pack([traj("a", "g", 0.0)], budget=100, normalize="token")[0]

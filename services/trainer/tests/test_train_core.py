@@ -60,3 +60,38 @@ def test_the_learning_rate_warms_up_then_follows_its_cosine_down_to_the_floor(ti
     for _ in range(3):
         constant.step(_samples())
     assert constant.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+
+
+def test_leaving_zero_advantage_samples_out_of_the_pass_gives_the_same_update(tiny_model):
+    samples = _samples() + [
+        Trajectory(
+            trajectory_id=f"z{i}",
+            group_id="all-right",
+            group_size=2,
+            prompt_ids=[7, 8, 9 + i],
+            completion_ids=[11, 12 + i],
+            inference_logprobs=[-5.5] * 2,
+            reward=1.0,
+            status="ok",
+            oldest_version=0,
+            advantage=0.0,
+        )
+        for i in range(2)
+    ]
+    cores = []
+    for skip in (True, False):
+        core = TrainCore(load_model(str(tiny_model)), CoreSettings(lr=1e-2))
+        assert core.skips_zero_advantage
+        core.skips_zero_advantage = skip
+        cores.append((core, core.step(samples)))
+    (skipping, fast), (full, slow) = cores
+    assert fast["trained_sequences"] == 4 and slow["trained_sequences"] == 6
+    assert fast["loss"] == pytest.approx(slow["loss"], abs=1e-7)
+    for (name, a), b in zip(skipping.module.named_parameters(), full.module.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), f"{name} differs by {(a - b).abs().max().item():.2e}"
+    assert not any(
+        torch.equal(a, b)
+        for a, b in zip(full.module.parameters(), load_model(str(tiny_model)).parameters(), strict=True)
+    ), "nothing trained"
+    with_kl = TrainCore(load_model(str(tiny_model)), CoreSettings(kl_coef=0.1))
+    assert not with_kl.skips_zero_advantage, "the KL term has a gradient at advantage 0"
