@@ -2,7 +2,8 @@
 
 Sequences wait in a queue; between decode steps the engine retires the finished ones (dropping
 their rows from the KV cache) and admits waiting ones up to `capacity` (a batched prefill of the
-new prompts, whose cache is left-padded and merged with the running batch's). Every step then
+new prompts, whose cache is left-padded and merged with the running batch's; a prompt admitted
+for several rows, as the samples of one group are, is computed once). Every step then
 decodes one token for every row. Rows are left-aligned with an attention mask and explicit
 position ids, so a row's log-probs equal a teacher-forced forward pass of the same weights
 (log-prob convention: see `offbeat_inference.engine`). Leading cache columns that only padding
@@ -19,7 +20,7 @@ nothing. The parameters a swap replaces (on the CPU) are kept and the next updat
 them: two copies of the weights stay in memory (what an update needs at its peak anyway), and an
 update does not pay for faulting in fresh memory (here about as much as the read).
 
-Not covered: paged attention, prefix caching, sliding-window or recurrent cache layers (the
+Not covered: paged attention, prefix caching across requests, sliding-window or recurrent cache layers (the
 engine refuses models that use them), tensor parallelism. For throughput on GPUs use vLLM.
 """
 
@@ -465,12 +466,15 @@ class HFEngine(Engine):
         return admitted
 
     def _prefill(self, seqs: list[_Seq]) -> torch.Tensor:
-        width = max(len(s.prompt) for s in seqs)
+        """Prefill the admitted rows; a prompt admitted several times (the samples of one group) is
+        run through the model once and its cache and last logits copied to each of its rows."""
+        unique: dict[tuple[int, ...], int] = {}
+        row_of = [unique.setdefault(tuple(s.prompt), len(unique)) for s in seqs]
+        prompts = list(unique)
+        width = max(len(p) for p in prompts)
         pad = 0
-        ids = torch.tensor([[pad] * (width - len(s.prompt)) + s.prompt for s in seqs], device=self.device)
-        mask = torch.tensor(
-            [[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs], device=self.device
-        )
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         pos = (mask.cumsum(dim=1) - 1).clamp(min=0)
         cache = self._new_cache()
         out = self.model(
@@ -481,13 +485,20 @@ class HFEngine(Engine):
             logits_to_keep=1,
             **{self._cache_kw: cache},
         )
+        logits = out.logits[:, -1]
+        if len(prompts) < len(seqs):
+            index = torch.tensor(row_of, device=self.device)
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, index)
+                layer.values = layer.values.index_select(0, index)
+            mask, logits = mask.index_select(0, index), logits.index_select(0, index)
         now = time.time()
         for s in seqs:
             s.pos = len(s.prompt)
             s.started_at = now
         self._merge(cache, mask)
         self._rows = self._rows + seqs
-        return out.logits[:, -1]  # type: ignore[no-any-return]
+        return logits  # type: ignore[no-any-return]
 
     def _merge(self, cache: Any, mask: torch.Tensor) -> None:
         """Append the new rows' cache to the running one, left-padding the shorter to one width."""

@@ -310,3 +310,35 @@ async def test_updates_are_read_into_the_memory_the_last_swap_freed_never_the_li
         assert len(set(where[:2])) == 2
     finally:
         await engine.close()
+
+
+async def test_a_group_shares_its_prompt_prefill_and_samples_as_if_alone(tiny_model):
+    engine = await started(tiny_model, capacity=8)
+    try:
+        prompt = engine.tokenizer.encode("shared prompt")
+        settings = [Sampling(temperature=1.0, max_tokens=10, seed=s) for s in range(4)]
+        alone = [await engine.generate(prompt, s) for s in settings]
+        prefills: list[int] = []
+        engine.model.register_forward_pre_hook(
+            lambda _m, _a, kw: (
+                prefills.append(kw["input_ids"].shape[0]) if kw["input_ids"].shape[1] > 1 else None
+            ),
+            with_kwargs=True,
+        )
+        with engine._wake:  # the stepping thread waits until all five are queued, as under load
+            tasks = [asyncio.ensure_future(engine.generate(prompt, s)) for s in settings]
+            other = engine.tokenizer.encode("other")
+            tasks.append(
+                asyncio.ensure_future(engine.generate(other, Sampling(temperature=0.0, max_tokens=10)))
+            )
+            await asyncio.sleep(0)
+        together = await asyncio.gather(*tasks)
+        assert prefills == [2], (
+            f"prefill rows {prefills}: five sequences of two prompts, one pass of two rows"
+        )
+        for a, b in zip(alone, together, strict=False):
+            assert b.token_ids == a.token_ids, "a sample changed when its prompt's prefill was shared"
+            assert b.logprobs == pytest.approx(a.logprobs, abs=1e-4)
+        assert len({tuple(g.token_ids) for g in together[:4]}) > 1, "the rows are copies of one sample"
+    finally:
+        await engine.close()
