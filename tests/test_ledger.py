@@ -87,6 +87,43 @@ async def test_terminal_trajectory_refuses_status_change(ledger: Ledger, run_id,
         )
 
 
+async def test_a_sample_failed_for_one_copy_and_trained_from_another_ends_trained(
+    ledger: Ledger, run_id, database_url
+):
+    # a request re-issued after a timeout while its first copy was dead-lettered: the dead letter
+    # marks the sample failed, then the trainer trains the copy; and the mirror order, a late
+    # dead letter of a copy after the sample was trained, leaves it trained and unchanged
+    dead = {"run_id": run_id, "status": "failed", "reason": "dead letter from inference: boom"}
+    trained = {"run_id": run_id, "status": "trained", "consumed_step": 4, "staleness": 1}
+    await ledger.upsert_trajectories([{**dead, "trajectory_id": "a"}, {**trained, "trajectory_id": "b"}])
+    await ledger.upsert_trajectories([{**trained, "trajectory_id": "a"}, {**dead, "trajectory_id": "b"}])
+    await ledger.upsert_trajectories([{**dead, "trajectory_id": "c"}, {**trained, "trajectory_id": "c"}])
+    query = "SELECT trajectory_id, status, consumed_step, reason FROM trajectories WHERE run_id=:r"
+    async with ledger.engine.connect() as conn:
+        rows = {r[0]: tuple(r[1:]) for r in await conn.execute(text(query), {"r": run_id})}
+    assert rows["a"] == ("trained", 4, dead["reason"]), "the failure's reason stays as the row's history"
+    assert rows["b"] == ("trained", 4, None), "a late dead letter changed a trained row"
+    assert rows["c"] == rows["a"], "one batch folds the events as two batches do"
+    await ledger.upsert_trajectories(_rows(run_id, 1, "requested"))
+    await ledger.transition(run_id, "tr-0", "failed", reason="timeout")
+    await ledger.transition(run_id, "tr-0", "trained")
+    with pytest.raises(TerminalStatusError, match="trained"):
+        await ledger.transition(run_id, "tr-0", "failed")
+    dsn = database_url.replace("postgresql+asyncpg", "postgresql")
+    with psycopg.connect(dsn) as conn:
+        conn.execute(
+            "INSERT INTO trajectories (run_id, trajectory_id, status) VALUES (%s, 'e', 'failed')", (run_id,)
+        )
+        conn.execute(
+            "UPDATE trajectories SET status='trained' WHERE run_id=%s AND trajectory_id='e'", (run_id,)
+        )
+        with pytest.raises(psycopg.errors.CheckViolation, match="terminal"):
+            conn.execute(
+                "UPDATE trajectories SET status='discarded_stale' WHERE run_id=%s AND trajectory_id='e'",
+                (run_id,),
+            )
+
+
 async def test_staleness_histogram_and_audit(ledger: Ledger, run_id):
     rows = [
         {"run_id": run_id, "trajectory_id": str(uuid.uuid4()), "status": "trained", "staleness": s}

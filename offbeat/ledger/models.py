@@ -13,6 +13,9 @@ IN_FLIGHT: Final = ("requested", "generated", "scored")
 TERMINAL: Final = ("trained", "discarded_stale", "discarded_rolled_back", "failed", "evaluated")
 STATUSES: Final = IN_FLIGHT + TERMINAL
 STATUS_RANK: Final = {s: i for i, s in enumerate(STATUSES)}
+REVIVED: Final = ("failed", "trained")
+"""The one change a terminal status allows: a sample failed for one copy of its request (a dead
+letter) while a re-issued copy went on to be trained. Training is the fact that stands."""
 
 
 class Base(DeclarativeBase):

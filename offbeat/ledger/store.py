@@ -4,6 +4,10 @@ Trajectory rows are merged, never overwritten: a column keeps its value unless t
 brings one, and the status only moves forward (requested < generated < scored < terminal). Once
 terminal, a status never changes: a batch skips such rows (so replays are harmless) and
 `transition()` raises `TerminalStatusError`; a database trigger refuses it for any other writer.
+A terminal row only fills columns it lacks (events of other subjects arrive in any order), never
+its `reason` or `finished_at`. The one exception is `failed -> trained` (`REVIVED`): a re-issued
+copy of a sample whose first copy was dead-lettered was trained after all; the row keeps the
+failure's reason as its history.
 
 A batch of trajectory rows is upserted by ONE statement over column arrays
 (`INSERT ... SELECT * FROM unnest(:run_id, ...) ON CONFLICT ...`): one round trip and one
@@ -23,6 +27,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from offbeat.ledger.models import (
+    REVIVED,
     STATUS_RANK,
     TERMINAL,
     AdminAction,
@@ -36,6 +41,8 @@ from offbeat.ledger.models import (
 TRAJECTORIES: Table = Trajectory.__table__  # type: ignore[assignment]
 TRAJECTORY_COLUMNS = tuple(c.name for c in TRAJECTORIES.columns)
 KEY = ("run_id", "trajectory_id")
+FIXED_WHEN_TERMINAL = ("reason", "finished_at")
+"""Set by the transition to a terminal status; nothing later replaces them."""
 
 
 class TerminalStatusError(ValueError):
@@ -83,12 +90,18 @@ def merge_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if have is None:
             merged[key] = dict(row)  # columns it lacks are NULL in the upsert (`_columns`)
             continue
-        old_status = have["status"]
+        old_status, new = have["status"], row.get("status")
+        revived = (old_status, new) == REVIVED
+        fixed = old_status in TERMINAL and not revived
         for c, v in row.items():
-            if v is not None and c != "status":
-                have[c] = v
-        new = row.get("status")
-        if new and old_status not in TERMINAL and STATUS_RANK[new] > STATUS_RANK[old_status]:
+            if (
+                v is None
+                or c == "status"
+                or (fixed and (c in FIXED_WHEN_TERMINAL or have.get(c) is not None))
+            ):
+                continue
+            have[c] = v
+        if new and (revived or (old_status not in TERMINAL and STATUS_RANK[new] > STATUS_RANK[old_status])):
             have["status"] = new
     return list(merged.values())
 
@@ -131,7 +144,7 @@ class Ledger:
                 raise UnknownTrajectoryError(trajectory_id)
             if current == status:
                 return
-            if current in TERMINAL:
+            if current in TERMINAL and (current, status) != REVIVED:
                 raise TerminalStatusError(
                     f"trajectory {trajectory_id} is {current}; refusing change to {status}"
                 )
@@ -501,9 +514,10 @@ def _last_by(rows: Sequence[dict[str, Any]], key: tuple[str, ...]) -> list[dict[
 
 def _trajectory_upsert() -> TextClause:
     """Upsert trajectory rows given as one array per column (`_columns`). A row that exists keeps
-    a column unless the new row brings a value; its status moves only forward and never leaves a
-    terminal one. Strings travel as text[] so that the insert itself checks their length (a
-    cast to varchar(n)[] would cut them short silently)."""
+    a column unless the new row brings a value (a terminal row: unless it has none); its status
+    moves only forward and never leaves a terminal one but by `REVIVED`. Strings travel as text[]
+    so that the insert itself checks their length (a cast to varchar(n)[] would cut them short
+    silently)."""
     columns = list(TRAJECTORIES.columns)
 
     def array_type(c: Any) -> str:
@@ -513,16 +527,23 @@ def _trajectory_upsert() -> TextClause:
     names = ", ".join(c.name for c in columns)
     arrays = ", ".join(f"CAST(:{c.name} AS {array_type(c)})" for c in columns)
     rank = "offbeat_status_rank"
+    revived = f"(trajectories.status = '{REVIVED[0]}' AND excluded.status = '{REVIVED[1]}')"
+    fixed = f"({rank}(trajectories.status) >= {STATUS_RANK['trained']} AND NOT {revived})"
     sets = [
-        f"status = CASE WHEN {rank}(trajectories.status) >= {STATUS_RANK['trained']} THEN trajectories.status"
+        f"status = CASE WHEN {revived} THEN excluded.status WHEN {fixed} THEN trajectories.status"
         f" WHEN {rank}(excluded.status) > {rank}(trajectories.status) THEN excluded.status"
         " ELSE trajectories.status END"
     ]
-    sets += [
-        f"{c.name} = COALESCE(excluded.{c.name}, trajectories.{c.name})"
-        for c in columns
-        if c.name not in KEY and c.name != "status"
-    ]
+    for c in columns:
+        if c.name in KEY or c.name == "status":
+            continue
+        kept = f"trajectories.{c.name}"
+        if c.name not in FIXED_WHEN_TERMINAL:
+            kept = f"COALESCE(trajectories.{c.name}, excluded.{c.name})"
+        sets.append(
+            f"{c.name} = CASE WHEN {fixed} THEN {kept}"
+            f" ELSE COALESCE(excluded.{c.name}, trajectories.{c.name}) END"
+        )
     return text(
         f"INSERT INTO trajectories ({names}) SELECT * FROM unnest({arrays})"
         f" ON CONFLICT ({', '.join(KEY)}) DO UPDATE SET {', '.join(sets)}"
