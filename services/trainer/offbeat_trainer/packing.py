@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -146,17 +146,60 @@ def pack(
     ]
 
 
+@dataclass
+class _Completions:
+    """A micro-batch's completion tokens: the row and position of each one's predicting logit, the
+    token, its inference log-prob, advantage and loss weight."""
+
+    rows: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    inf: list[float] = field(default_factory=list)
+    adv: list[float] = field(default_factory=list)
+    w: list[float] = field(default_factory=list)
+
+    def add(self, s: Trajectory, weight: float, row: int, positions: Sequence[int]) -> None:
+        c = len(s.completion_ids)
+        self.rows += [row] * c
+        self.positions += positions
+        self.targets += s.completion_ids
+        self.inf += s.inference_logprobs
+        self.adv += [s.advantage] * c
+        self.w += [weight] * c
+
+    def micro_batch(
+        self,
+        rows_ids: list[list[int]],
+        *,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        num_sequences: int,
+    ) -> MicroBatch:
+        width = max(len(r) for r in rows_ids)
+        keep = sorted(set(self.positions))
+        where = {p: k for k, p in enumerate(keep)}
+        return MicroBatch(
+            input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long),
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            logit_index=torch.tensor(keep, dtype=torch.long),
+            rows=torch.tensor(self.rows, dtype=torch.long),
+            cols=torch.tensor([where[p] for p in self.positions], dtype=torch.long),
+            targets=torch.tensor(self.targets, dtype=torch.long),
+            inference_logp=torch.tensor(self.inf, dtype=torch.float32),
+            advantages=torch.tensor(self.adv, dtype=torch.float32),
+            weights=torch.tensor(self.w, dtype=torch.float32),
+            num_tokens=sum(len(r) for r in rows_ids),
+            num_sequences=num_sequences,
+        )
+
+
 def _shared_micro_batch(units: list[list[tuple[Trajectory, float]]]) -> MicroBatch:
     """One row per group: its prompt, then its completions, each seeing only the prompt and itself."""
     rows_ids: list[list[int]] = []
     rows_pos: list[list[int]] = []
     spans: list[list[tuple[int, int]]] = []  # per row: the prompt's span, then each completion's
-    rows: list[int] = []
-    positions: list[int] = []
-    targets: list[int] = []
-    inf: list[float] = []
-    adv: list[float] = []
-    w: list[float] = []
+    out = _Completions()
     for r, unit in enumerate(units):
         prompt = unit[0][0].prompt_ids
         p = len(prompt)
@@ -166,12 +209,7 @@ def _shared_micro_batch(units: list[list[tuple[Trajectory, float]]]) -> MicroBat
             ids += s.completion_ids
             pos += range(p, p + c)
             span.append((start, start + c))
-            rows += [r] * c
-            positions += [p - 1, *range(start, start + c - 1)]
-            targets += s.completion_ids
-            inf += s.inference_logprobs
-            adv += [s.advantage] * c
-            w += [sw] * c
+            out.add(s, sw, r, [p - 1, *range(start, start + c - 1)])
         rows_ids.append(ids)
         rows_pos.append(pos)
         spans.append(span)
@@ -184,33 +222,18 @@ def _shared_micro_batch(units: list[list[tuple[Trajectory, float]]]) -> MicroBat
             mask[r, 0, a:b, :p] = True
             mask[r, 0, a:b, a:b] = torch.ones((b - a, b - a), dtype=torch.bool).tril()
         mask[r, 0, len(rows_ids[r]) :, 0] = True  # padding queries see something: no NaN in softmax
-    keep = sorted(set(positions))
-    where = {p: k for k, p in enumerate(keep)}
-    return MicroBatch(
-        input_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long),
+    return out.micro_batch(
+        rows_ids,
         position_ids=torch.tensor([r + [0] * (width - len(r)) for r in rows_pos], dtype=torch.long),
         attention_mask=mask,
-        logit_index=torch.tensor(keep, dtype=torch.long),
-        rows=torch.tensor(rows, dtype=torch.long),
-        cols=torch.tensor([where[p] for p in positions], dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        inference_logp=torch.tensor(inf, dtype=torch.float32),
-        advantages=torch.tensor(adv, dtype=torch.float32),
-        weights=torch.tensor(w, dtype=torch.float32),
-        num_tokens=sum(len(r) for r in rows_ids),
         num_sequences=sum(len(u) for u in units),
     )
 
 
 def _micro_batch(seqs: list[Trajectory], weights: list[float], layout: str) -> MicroBatch:
     rows_ids: list[list[int]] = []
-    rows: list[int] = []
-    positions: list[int] = []  # position (in its row) of the logit predicting each completion token
-    targets: list[int] = []
-    inf: list[float] = []
-    adv: list[float] = []
-    w: list[float] = []
     pos_ids: list[int] = []
+    out = _Completions()
     for s, sw in zip(seqs, weights, strict=True):
         p, c = len(s.prompt_ids), len(s.completion_ids)
         if layout == "packed":
@@ -224,34 +247,18 @@ def _micro_batch(seqs: list[Trajectory], weights: list[float], layout: str) -> M
             off = 0
             rows_ids.append(s.prompt_ids + s.completion_ids)
             row = len(rows_ids) - 1
-        rows += [row] * c
-        positions += range(off + p - 1, off + p + c - 1)
-        targets += s.completion_ids
-        inf += s.inference_logprobs
-        adv += [s.advantage] * c
-        w += [sw] * c
+        out.add(s, sw, row, range(off + p - 1, off + p + c - 1))
     width = max(len(r) for r in rows_ids)
     padded = any(len(r) != width for r in rows_ids)
-    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long)
     mask = (
         torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows_ids], dtype=torch.long)
         if padded
         else None
     )
-    keep = sorted(set(positions))
-    where = {p: k for k, p in enumerate(keep)}
-    return MicroBatch(
-        input_ids=ids,
+    return out.micro_batch(
+        rows_ids,
         position_ids=torch.tensor([pos_ids], dtype=torch.long) if layout == "packed" else None,
         attention_mask=mask,
-        logit_index=torch.tensor(keep, dtype=torch.long),
-        rows=torch.tensor(rows, dtype=torch.long),
-        cols=torch.tensor([where[p] for p in positions], dtype=torch.long),
-        targets=torch.tensor(targets, dtype=torch.long),
-        inference_logp=torch.tensor(inf, dtype=torch.float32),
-        advantages=torch.tensor(adv, dtype=torch.float32),
-        weights=torch.tensor(w, dtype=torch.float32),
-        num_tokens=sum(len(r) for r in rows_ids),
         num_sequences=len(seqs),
     )
 
