@@ -308,7 +308,8 @@ async def test_weights_from_the_nats_object_store_the_head_at_start_up_and_a_rol
     await bus.put_head(wv)
     await bus.publish(bus.subjects.policy_weights, wv, msg_id="weights:0:rollback:c1")
     await wait_for(lambda: service.engine.version == 0, timeout_s=30)
-    assert any(x.version == 0 and x.ok for x in lives)
+    # the swap comes before its PolicyLive report is published and reaches this collector
+    await wait_for(lambda: any(x.version == 0 and x.ok for x in lives), timeout_s=10)
     again = request(run_id, tokens=[8, 9], temperature=0.0, max_tokens=12)
     await publish(bus, again)
     await wait_for(lambda: len(completions) == 2, timeout_s=30)
