@@ -91,6 +91,9 @@ def run_sft(args: argparse.Namespace) -> Path:
         loss="offbeat_trainer.loss:sft_loss",
         micro_batch_tokens=args.micro_batch_tokens,
         activation_checkpointing=args.activation_checkpointing,
+        # each example is its own group: nothing to share, so the plain rows (and their numerics,
+        # which the cached warm starts of the examples were measured with)
+        layout="padded",
     )
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     core = TrainCore(model, settings, device=device)
