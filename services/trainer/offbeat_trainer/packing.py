@@ -127,7 +127,6 @@ def pack(
     for i in usable:
         if not samples[i].prompt_ids:
             raise ValueError(f"trajectory {samples[i].trajectory_id} has no prompt tokens")
-    lengths = [samples[i].num_tokens for i in usable]
     if layout == "shared_prompt":
         units: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         for i in usable:
@@ -140,6 +139,7 @@ def pack(
             _shared_micro_batch([[(samples[i], weights[i]) for i in members[u]] for u in b])
             for b in plan_padded(sizes, budget)
         ]
+    lengths = [samples[i].num_tokens for i in usable]
     bins = plan(lengths, budget) if layout == "packed" else plan_padded(lengths, budget)
     return [
         _micro_batch([samples[usable[j]] for j in b], [weights[usable[j]] for j in b], layout) for b in bins
