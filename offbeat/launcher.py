@@ -60,7 +60,20 @@ class WarmStartSpec(Strict):
     data: str = ""
     """Or a JSONL file of prompt/completion pairs instead of an environment."""
     steps: int = Field(150, ge=1)
-    """SFT optimizer steps; stop early, so RL has something left to learn."""
+    """SFT optimizer steps; stop early, so RL has something left to learn (with `target_match`:
+    the most it may take)."""
+    target_match: float | None = Field(None, gt=0, le=1)
+    """Stop at the first check where the mean probability that decoding (`match_temperature`)
+    reproduces a held-out reference exactly reaches this: the same starting point on any
+    machine, where a step count lands wherever the machine's numerics take it."""
+    match_temperature: float = Field(0.0, ge=0)
+    """With `target_match`: 0 checks greedy decoding (what the orchestrator's evals use by
+    default), T > 0 sampling at T."""
+    held_out: int = Field(200, ge=1)
+    """With `target_match`: reference pairs held out of training to check it on (the next ones of
+    the environment's train split; with `data`, the file's last lines)."""
+    check_every: int = Field(10, ge=1)
+    """With `target_match`: SFT steps between checks."""
     extra_args: list[str] = Field(default_factory=list)
     """More arguments for `offbeat-trainer sft` (e.g. ["--lr", "3e-3", "--batch-size", "64"])."""
 
@@ -211,8 +224,19 @@ class Launcher:
             "--steps",
             str(warm.steps),
         ]
-        data = warm.data or str(self._reference_answers(warm, self.state / "models" / f"sft-{wkey}.jsonl"))
-        cmd += ["--data", data]
+        train, held_out = self._warm_start_pairs(warm, self.state / "models" / f"sft-{wkey}")
+        cmd += ["--data", str(train)]
+        if warm.target_match is not None:
+            cmd += [
+                "--held-out",
+                str(held_out),
+                "--target-match",
+                str(warm.target_match),
+                "--check-every",
+                str(warm.check_every),
+                "--match-temperature",
+                str(warm.match_temperature),
+            ]
         cmd += ["--seed", str(self.run_cfg.run.seed), *warm.extra_args]
         self._say(f"warm start: {' '.join(cmd[1:])}")
         log = self.run_dir / "logs" / "sft.log"
@@ -251,8 +275,28 @@ class Launcher:
         finally:
             await ledger.close()
 
-    def _reference_answers(self, warm: WarmStartSpec, path: Path) -> Path:
-        """Write prompt/answer pairs of an environment's train split (with the run's env args) as JSONL."""
+    def _warm_start_pairs(self, warm: WarmStartSpec, stem: Path) -> tuple[Path, Path]:
+        """(training pairs, held-out pairs) as JSONL: `warm.examples` reference answers of an
+        environment's train split (with the run's env args), then `warm.held_out` more, or a
+        user's `data` file with its last `held_out` lines held out when `target_match` is set."""
+        train, held = stem.with_suffix(".jsonl"), stem.with_suffix(".held-out.jsonl")
+        holding = warm.held_out if warm.target_match is not None else 0
+        if warm.data:
+            lines = [line for line in Path(warm.data).read_text().splitlines() if line.strip()]
+            if holding and len(lines) <= holding:
+                raise SystemExit(
+                    f"offbeat run: launcher.warm_start.data has {len(lines)} pairs; holding out "
+                    f"{holding} for target_match leaves none to train on"
+                )
+        else:
+            lines = self._reference_answers(warm, warm.examples + holding)
+        cut = len(lines) - holding
+        train.write_text("\n".join(lines[:cut]) + "\n")
+        held.write_text("\n".join(lines[cut:]) + "\n")
+        return train, held
+
+    def _reference_answers(self, warm: WarmStartSpec, n: int) -> list[str]:
+        """`n` prompt/answer pairs of an environment's train split (with the run's env args), as JSON lines."""
         from offbeat.envs import load
 
         if warm.env_index >= len(self.run_cfg.envs):
@@ -266,10 +310,9 @@ class Launcher:
             if example.answer is not None:
                 completion = warm.completion_template.format(answer=example.answer)
                 lines.append(json.dumps({"prompt": example.prompt, "completion": completion}))
-            if len(lines) >= warm.examples:
+            if len(lines) >= n:
                 break
-        path.write_text("\n".join(lines) + "\n")
-        return path
+        return lines
 
     # --- children ----------------------------------------------------------------------------
 
