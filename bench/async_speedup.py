@@ -95,6 +95,8 @@ HERE = Path(__file__).resolve().parent
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 and __name__ == "__main__" else 24
 SETTINGS = (0, 1, 2, 4)
 STOP = ["!", "#", "$", "%", "&", "*", "+", "="]
+EARLY_VERSIONS = 2
+"""Samples begun under versions 0..EARLY_VERSIONS: the same policy in every setting."""
 
 
 class Digits(Environment):
@@ -202,6 +204,22 @@ def measure(dsn: str, run_id: str) -> dict[str, Any]:
             "WHERE run_id=%s AND status='trained'",
             (run_id,),
         ).fetchone()
+        # selection by finishing order: lengths of what was generated against what was trained,
+        # overall by fate and among the samples of the first policy versions (the same policy
+        # whatever the staleness bound, so a difference there is selection, not learning)
+        by_status = conn.execute(
+            "SELECT status, count(*), percentile_disc(0.5) WITHIN GROUP (ORDER BY completion_tokens) "
+            "FROM trajectories WHERE run_id=%s AND NOT eval AND completion_tokens IS NOT NULL GROUP BY 1",
+            (run_id,),
+        ).fetchall()
+        early = conn.execute(
+            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY completion_tokens), "
+            "percentile_disc(0.5) WITHIN GROUP (ORDER BY completion_tokens) FILTER (WHERE status='trained'), "
+            "count(*), count(*) FILTER (WHERE status='trained') "
+            "FROM trajectories WHERE run_id=%s AND NOT eval AND completion_tokens IS NOT NULL "
+            "AND first_version <= %s",
+            (run_id, EARLY_VERSIONS),
+        ).fetchone()
         (ready,) = conn.execute(
             "SELECT extract(epoch FROM live_at) FROM policy_versions WHERE run_id=%s AND version=0",
             (run_id,),
@@ -250,6 +268,8 @@ def measure(dsn: str, run_id: str) -> dict[str, Any]:
         ]
         if lengths
         else [],
+        "lengths_by_status": {status: [n, p50] for status, n, p50 in by_status},
+        "early_generated_p50_trained_p50_n_trained": list(early),
     }
 
 
@@ -345,6 +365,9 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
         out[f"k{k}_inference_idle"] = round(mean["inference_idle"], 3)
         out[f"k{k}_staleness_mean"] = runs[f"k{k}"]["staleness_mean"]
         out[f"k{k}_eval"] = runs[f"k{k}"]["eval"]
+        out[f"k{k}_early_generated_trained_p50"] = runs[f"k{k}"]["early_generated_p50_trained_p50_n_trained"][
+            :2
+        ]
     ratios = [sp / ideal for sp, ideal in zip(speedups, ideals, strict=True)]
     out["k2_vs_ideal_rounds"] = [round(x, 3) for x in ratios]
     out["k2_vs_ideal"] = round(statistics.fmean(ratios), 3)

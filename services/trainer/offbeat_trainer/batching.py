@@ -2,7 +2,8 @@
 
 - `Trajectory` is the in-process form of a `ScoredTrajectory` (converted at the edge).
 - `GroupBuffer` holds trajectories until their group is complete (`group_size` members by
-  `group_id`), and forms a step from `groups_per_step` complete groups, oldest group first.
+  `group_id`, counting members dropped on arrival), and forms a step from `groups_per_step`
+  complete groups, oldest group first.
 - Staleness of a trajectory trained by the update from step t is `t - step(oldest version)`;
   over `max_staleness` it is dropped (`stale`). `ok` and `parse_error` rewards are judgements
   of the completion and are trained (no parseable answer earns the rubric's reward for none);
@@ -117,12 +118,29 @@ def group_advantages(rewards: list[float], *, std_normalize: bool) -> list[float
 
 @dataclass
 class GroupBuffer:
-    """Trajectories waiting for their group; groups in arrival order of their first member."""
+    """Trajectories waiting for their group; groups in arrival order of their first member.
+
+    A member dropped before its group is taken (stale or from a rolled-back version when it
+    arrives, or removed by a rollback) has *departed*: it still counts towards its group being
+    complete, so the rest of the group is trained (or dropped) like the members of any group
+    with dropped members, instead of waiting for a member that will never come.
+    """
 
     groups: dict[str, dict[str, Trajectory]] = field(default_factory=dict)
+    departed: dict[str, set[str]] = field(default_factory=dict)
+    """Group id -> ids of its members dropped before the group was taken."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Group id -> its `group_size`."""
 
     def add(self, traj: Trajectory) -> None:
         self.groups.setdefault(traj.group_id, {})[traj.trajectory_id] = traj
+        self.sizes[traj.group_id] = traj.group_size
+
+    def depart(self, traj: Trajectory) -> None:
+        """`traj` was dropped before its group was taken; its group counts it as arrived."""
+        self.groups.setdefault(traj.group_id, {}).pop(traj.trajectory_id, None)
+        self.departed.setdefault(traj.group_id, set()).add(traj.trajectory_id)
+        self.sizes[traj.group_id] = traj.group_size
 
     def __contains__(self, trajectory_id: str) -> bool:
         return any(trajectory_id in g for g in self.groups.values())
@@ -134,18 +152,20 @@ class GroupBuffer:
         return [
             gid
             for gid, members in self.groups.items()
-            if members and len(members) >= next(iter(members.values())).group_size
+            if len(members) + len(self.departed.get(gid, ())) >= self.sizes[gid]
         ]
 
     def remove_where(self, predicate: Callable[[Trajectory], bool]) -> list[Trajectory]:
-        removed = []
-        for gid in list(self.groups):
-            members = self.groups[gid]
-            for tid in [t for t, traj in members.items() if predicate(traj)]:
-                removed.append(members.pop(tid))
-            if not members:
-                del self.groups[gid]
+        """Take out the members matching `predicate`; they depart from their groups."""
+        removed = [t for members in self.groups.values() for t in members.values() if predicate(t)]
+        for traj in removed:
+            self.depart(traj)
         return removed
+
+    def _forget(self, gid: str) -> None:
+        del self.groups[gid]
+        self.departed.pop(gid, None)
+        self.sizes.pop(gid, None)
 
     def take_step(
         self,
@@ -167,6 +187,9 @@ class GroupBuffer:
         dropped: list[Dropped] = []
         candidates: list[tuple[str, list[Trajectory], list[Dropped], dict[str, int]]] = []
         for gid in self.complete_groups():
+            if not self.groups[gid]:  # every member departed (and was reported then)
+                self._forget(gid)
+                continue
             group_drops: list[Dropped] = []
             lags: dict[str, int] = {}
             trainable: list[Trajectory] = []
@@ -191,7 +214,7 @@ class GroupBuffer:
                         t.advantage = a
             if not trainable:
                 dropped += group_drops
-                del self.groups[gid]
+                self._forget(gid)
                 continue
             candidates.append((gid, trainable, group_drops, lags))
             if len(candidates) == groups_per_step:
@@ -204,7 +227,7 @@ class GroupBuffer:
             samples += trainable
             dropped += group_drops
             staleness.update(lags)
-            del self.groups[gid]
+            self._forget(gid)
         return StepBatch(
             samples=samples,
             dropped=dropped,

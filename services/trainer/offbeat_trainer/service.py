@@ -255,6 +255,7 @@ class Trainer:
         drop = self._intake_drop(traj)
         if drop is not None:
             self.pending_drops.append(drop)
+            self.buffer.depart(traj)  # its siblings are not held back waiting for it
         else:
             self.buffer.add(traj)
         self.wake.set()

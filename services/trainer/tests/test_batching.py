@@ -94,6 +94,39 @@ def test_fully_dropped_group_does_not_count_towards_a_step():
     assert batch.samples == [] and len(batch.dropped) == 3 and len(buf) == 0
 
 
+def test_a_member_dropped_on_arrival_does_not_hold_its_group_back():
+    """The trainer drops a member that arrives too stale at once; its group must still complete
+    (the rest trained, advantages over them), or it waits forever, holding the scheduler's budget."""
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0))
+    buf.depart(traj("late", "g", 0.0))
+    assert take(buf, 0).samples == []  # 2 of 3 accounted for: still incomplete
+    buf.add(traj("b", "g", 0.0))
+    batch = take(buf, 0)
+    assert [(t.trajectory_id, t.advantage) for t in batch.samples] == [("a", 0.5), ("b", -0.5)]
+    assert batch.dropped == [] and len(buf) == 0 and not buf.departed and not buf.sizes
+
+
+def test_a_group_whose_every_member_departed_is_forgotten_without_a_second_report():
+    buf = GroupBuffer()
+    for k in range(3):
+        buf.depart(traj(f"d{k}", "gone", 0.0))
+    buf.add(traj("x", "next", 1.0))
+    assert take(buf, 0).dropped == []
+    assert list(buf.groups) == ["next"] and not buf.departed
+
+
+def test_members_removed_by_a_rollback_leave_the_rest_of_their_group_trainable():
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0, version=0))
+    buf.add(traj("b", "g", 0.0, version=2))
+    buf.add(traj("c", "g", 0.0, version=0))
+    removed = buf.remove_where(lambda t: 2 in t.versions)
+    assert [t.trajectory_id for t in removed] == ["b"] and "b" not in buf
+    batch = take(buf, 0)
+    assert [(t.trajectory_id, t.advantage) for t in batch.samples] == [("a", 0.5), ("c", -0.5)]
+
+
 def test_zero_advantage_filter():
     buf = GroupBuffer()
     for k in range(3):
