@@ -20,6 +20,12 @@ PAIRS = [
 ]
 
 
+def sft(tiny_model: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`offbeat-trainer sft --model <tiny model> ARGS`, as a user runs it."""
+    cmd = [str(BIN / "offbeat-trainer"), "sft", "--model", str(tiny_model), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
 def test_sft_memorises_pairs_and_output_loads(tiny_model, tmp_path):  # type: ignore[no-untyped-def]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,26 +38,18 @@ def test_sft_memorises_pairs_and_output_loads(tiny_model, tmp_path):  # type: ig
         + "\n"
     )
     out = tmp_path / "sft"
-    run = subprocess.run(
-        [
-            str(BIN / "offbeat-trainer"),
-            "sft",
-            "--model",
-            str(tiny_model),
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--steps",
-            "80",
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "4",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = sft(
+        tiny_model,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--steps",
+        "80",
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "4",
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir())
@@ -76,26 +74,18 @@ def test_sft_from_environment_reference_answers(tiny_model, tmp_path):  # type: 
     examples = [ex for ex, _ in zip(load("math").examples("train"), range(4), strict=False)]
     assert all(ex.answer for ex in examples), "math env examples lack reference answers"
     out = tmp_path / "sft-env"
-    run = subprocess.run(
-        [
-            str(BIN / "offbeat-trainer"),
-            "sft",
-            "--model",
-            str(tiny_model),
-            "--env",
-            "math",
-            "--env-examples",
-            "8",
-            "--steps",
-            "2",
-            "--batch-size",
-            "4",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = sft(
+        tiny_model,
+        "--env",
+        "math",
+        "--env-examples",
+        "8",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--out",
+        str(out),
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step 2/2" in run.stderr
@@ -160,27 +150,19 @@ def test_match_probability_is_each_pairs_own_probability(tiny_model, temperature
 
 def _sft(tiny_model, tmp_path, data, held_out, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict]:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
-    run = subprocess.run(
-        [
-            str(BIN / "offbeat-trainer"),
-            "sft",
-            "--model",
-            str(tiny_model),
-            "--data",
-            str(data),
-            "--held-out",
-            str(held_out),
-            "--out",
-            str(out),
-            "--lr",
-            "3e-3",
-            "--batch-size",
-            "4",
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run = sft(
+        tiny_model,
+        "--data",
+        str(data),
+        "--held-out",
+        str(held_out),
+        "--out",
+        str(out),
+        "--lr",
+        "3e-3",
+        "--batch-size",
+        "4",
+        *extra,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((out / "sft.json").read_text())
@@ -222,21 +204,14 @@ def test_sft_with_an_unreachable_target_runs_every_step_and_says_so(tiny_model, 
 
 
 def test_sft_target_match_needs_held_out_pairs(tiny_model, tmp_path):  # type: ignore[no-untyped-def]
-    run = subprocess.run(
-        [
-            str(BIN / "offbeat-trainer"),
-            "sft",
-            "--model",
-            str(tiny_model),
-            "--env",
-            "math",
-            "--out",
-            str(tmp_path),
-            "--target-match",
-            "0.3",
-        ],
-        capture_output=True,
-        text=True,
+    run = sft(
+        tiny_model,
+        "--env",
+        "math",
+        "--out",
+        str(tmp_path),
+        "--target-match",
+        "0.3",
         timeout=60,
     )
     assert run.returncode == 2 and "--target-match needs --held-out" in run.stderr
