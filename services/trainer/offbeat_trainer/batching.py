@@ -136,11 +136,12 @@ class GroupBuffer:
         self.groups.setdefault(traj.group_id, {})[traj.trajectory_id] = traj
         self.sizes[traj.group_id] = traj.group_size
 
-    def depart(self, traj: Trajectory) -> None:
-        """`traj` was dropped before its group was taken; its group counts it as arrived."""
-        self.groups.setdefault(traj.group_id, {}).pop(traj.trajectory_id, None)
-        self.departed.setdefault(traj.group_id, set()).add(traj.trajectory_id)
-        self.sizes[traj.group_id] = traj.group_size
+    def depart(self, group_id: str, trajectory_id: str, group_size: int) -> None:
+        """A member was dropped (or refused) before its group was taken; the group counts it as
+        arrived. Its `group_size` is believed only until a trained member says otherwise."""
+        self.groups.setdefault(group_id, {}).pop(trajectory_id, None)
+        self.departed.setdefault(group_id, set()).add(trajectory_id)
+        self.sizes.setdefault(group_id, max(1, group_size))
 
     def __contains__(self, trajectory_id: str) -> bool:
         return any(trajectory_id in g for g in self.groups.values())
@@ -159,7 +160,7 @@ class GroupBuffer:
         """Take out the members matching `predicate`; they depart from their groups."""
         removed = [t for members in self.groups.values() for t in members.values() if predicate(t)]
         for traj in removed:
-            self.depart(traj)
+            self.depart(traj.group_id, traj.trajectory_id, traj.group_size)
         return removed
 
     def _forget(self, gid: str) -> None:

@@ -242,7 +242,10 @@ class Trainer:
             raise Reject(f"scored trajectory of run {msg.completion.run_id!r}, expected {self.run.id!r}")
         try:
             traj = Trajectory.from_scored(msg, vocab_size=self.vocab_size)
-        except ValueError as exc:
+        except ValueError as exc:  # dead-lettered; the rest of its group is trained without it
+            c = msg.completion
+            if not c.eval and c.trajectory_id not in self.accounted:
+                self.buffer.depart(c.group_id, c.trajectory_id, c.group_size)
             raise Reject(str(exc)) from None
         tid = traj.trajectory_id
         if traj.eval or tid in self.accounted:
@@ -255,7 +258,7 @@ class Trainer:
         drop = self._intake_drop(traj)
         if drop is not None:
             self.pending_drops.append(drop)
-            self.buffer.depart(traj)  # its siblings are not held back waiting for it
+            self.buffer.depart(traj.group_id, tid, traj.group_size)  # its siblings do not wait for it
         else:
             self.buffer.add(traj)
         self.wake.set()

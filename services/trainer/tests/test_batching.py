@@ -99,7 +99,7 @@ def test_a_member_dropped_on_arrival_does_not_hold_its_group_back():
     (the rest trained, advantages over them), or it waits forever, holding the scheduler's budget."""
     buf = GroupBuffer()
     buf.add(traj("a", "g", 1.0))
-    buf.depart(traj("late", "g", 0.0))
+    buf.depart("g", "late", 3)
     assert take(buf, 0).samples == []  # 2 of 3 accounted for: still incomplete
     buf.add(traj("b", "g", 0.0))
     batch = take(buf, 0)
@@ -110,7 +110,7 @@ def test_a_member_dropped_on_arrival_does_not_hold_its_group_back():
 def test_a_group_whose_every_member_departed_is_forgotten_without_a_second_report():
     buf = GroupBuffer()
     for k in range(3):
-        buf.depart(traj(f"d{k}", "gone", 0.0))
+        buf.depart("gone", f"d{k}", 3)
     buf.add(traj("x", "next", 1.0))
     assert take(buf, 0).dropped == []
     assert list(buf.groups) == ["next"] and not buf.departed

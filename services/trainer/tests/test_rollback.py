@@ -100,6 +100,20 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
         # v0 went when v3 was published, the rolled-back v2 and v3 with v4; v0's weights are not back
         stored = sorted(p.parent.name for p in (state_dir / "weights" / run_id).glob("v*/model.safetensors"))
         assert stored == ["v000001", "v000004"], stored
+
+        # a member dropped on arrival (rolled back) or refused (a NaN log-prob: dead-lettered)
+        # does not hold back the rest of its group, which is trained without it
+        await publish("d0-0", "d0", 1.0, 3)
+        await publish("d0-1", "d0", 0.0, 1)
+        await wait_for(lambda: len(reports) == 5, timeout_s=120)
+        assert list(reports[-1].consumed_trajectory_ids) == ["d0-1"]
+        assert [(d.trajectory_id, d.reason) for d in reports[-1].dropped] == [("d0-0", "rolled_back")]
+        refused = make_scored(run_id, "e0-0", "e0", group_size=2, reward=1.0, version=1)
+        refused.completion.logprobs[0] = float("nan")
+        await bus.publish(bus.subjects.rollout_scored, refused, msg_id="scored:e0-0")
+        await publish("e0-1", "e0", 0.0, 1)
+        await wait_for(lambda: len(reports) == 6, timeout_s=120)
+        assert list(reports[-1].consumed_trajectory_ids) == ["e0-1"] and not reports[-1].dropped
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
