@@ -8,7 +8,8 @@ the scheduler's budget, or with a tight budget the trainer waits for a batch tha
 - every sample came back too stale to train (possible only after the live wait timed out);
 - every sample touched a rolled-back version (dropped `rolled_back`);
 - a sample failed before reaching the trainer (dead-lettered, or no completion after the last
-  attempt), so the group can never be complete;
+  attempt), so the group can never be complete (one the trainer itself refused is the exception:
+  it trains the rest of the group, and counting that group out only lets one more go early);
 - no sample was judged (`ok` or `parse_error`; infrastructure failures are masked);
 - all judged rewards are equal while the trainer filters zero-advantage groups.
 
