@@ -278,9 +278,12 @@ class Launcher:
     def _warm_start_pairs(self, warm: WarmStartSpec, stem: Path) -> tuple[Path, Path]:
         """(training pairs, held-out pairs) as JSONL: `warm.examples` reference answers of an
         environment's train split (with the run's env args), then `warm.held_out` more, or a
-        user's `data` file with its last `held_out` lines held out when `target_match` is set."""
+        user's `data` file (copied without its last `held_out` lines when `target_match` is set;
+        else used as it is, and the held-out path is not written)."""
         train, held = stem.with_suffix(".jsonl"), stem.with_suffix(".held-out.jsonl")
         holding = warm.held_out if warm.target_match is not None else 0
+        if warm.data and not holding:
+            return Path(warm.data), held  # trained on as it is; nothing held out
         if warm.data:
             lines = [line for line in Path(warm.data).read_text().splitlines() if line.strip()]
             if holding and len(lines) <= holding:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from offbeat_trainer.batching import Trajectory
 from offbeat_trainer.checkpoint import Checkpoints, TrainerState, VersionRecord, save_weights
 from offbeat_trainer.packing import pack
-from offbeat_trainer.train import CoreSettings, TrainCore, load_model
+from offbeat_trainer.train import CoreSettings, TrainCore, completion_logits, load_model
 
 log = logging.getLogger("offbeat.trainer.sft")
 
@@ -110,13 +110,7 @@ def match_probability(
         with torch.no_grad():
             for mb in pack(examples, budget=budget, normalize="token", layout="padded"):
                 mb = mb.to(device)
-                out = model(
-                    input_ids=mb.input_ids,
-                    attention_mask=mb.attention_mask,
-                    use_cache=False,
-                    logits_to_keep=mb.logit_index,
-                )
-                logits = out.logits[mb.rows, mb.cols].float()
+                logits = completion_logits(model, mb)
                 if temperature == 0:
                     token = (logits.argmax(-1) == mb.targets).double().log()  # 0 or -inf
                 else:

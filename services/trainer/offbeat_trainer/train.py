@@ -88,10 +88,8 @@ def load_model(path: str, *, dtype: str = "float32", attn_implementation: str = 
     )
 
 
-def completion_logprobs(
-    model: Any, mb: MicroBatch, *, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs of the completion tokens with grad, their entropies without grad)."""
+def completion_logits(model: Any, mb: MicroBatch) -> torch.Tensor:
+    """[N, vocab] float32: the logits predicting each completion token of the micro-batch."""
     out = model(
         input_ids=mb.input_ids,
         position_ids=mb.position_ids,
@@ -99,7 +97,14 @@ def completion_logprobs(
         use_cache=False,
         logits_to_keep=mb.logit_index,
     )
-    logits = out.logits[mb.rows, mb.cols].float() / temperature
+    return out.logits[mb.rows, mb.cols].float()  # type: ignore[no-any-return]
+
+
+def completion_logprobs(
+    model: Any, mb: MicroBatch, *, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the completion tokens with grad, their entropies without grad)."""
+    logits = completion_logits(model, mb) / temperature
     logsm = F.log_softmax(logits, dim=-1)
     logp = logsm.gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
