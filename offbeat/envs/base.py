@@ -33,7 +33,8 @@ Prompt = str | list[dict[str, str]]
 
 
 class RewardStatus(enum.Enum):
-    """How scoring went; the values map one to one onto the proto's `RewardStatus`."""
+    """How scoring went; each maps onto the proto's `RewardStatus`. (The proto's `LOST` is not here:
+    it is the orchestrator's word that a sample never reached scoring, never a score.)"""
 
     OK = "ok"
     """The completion was parsed and judged; the reward is meaningful."""

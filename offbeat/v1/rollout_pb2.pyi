@@ -31,6 +31,11 @@ class _RewardStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewardSt
     REWARD_STATUS_SANDBOX_ERROR: _RewardStatus.ValueType  # 3
     REWARD_STATUS_TIMEOUT: _RewardStatus.ValueType  # 4
     REWARD_STATUS_ERROR: _RewardStatus.ValueType  # 5
+    REWARD_STATUS_LOST: _RewardStatus.ValueType  # 6
+    """No completion of this sample will reach the trainer (it was dead-lettered, or none came after
+    the request's last attempt; the ledger has it `failed`). Published by the orchestrator, with
+    the ids of the sample and no tokens, so the trainer trains the rest of its group without it.
+    """
 
 class RewardStatus(_RewardStatus, metaclass=_RewardStatusEnumTypeWrapper): ...
 
@@ -40,6 +45,11 @@ REWARD_STATUS_PARSE_ERROR: RewardStatus.ValueType  # 2
 REWARD_STATUS_SANDBOX_ERROR: RewardStatus.ValueType  # 3
 REWARD_STATUS_TIMEOUT: RewardStatus.ValueType  # 4
 REWARD_STATUS_ERROR: RewardStatus.ValueType  # 5
+REWARD_STATUS_LOST: RewardStatus.ValueType  # 6
+"""No completion of this sample will reach the trainer (it was dead-lettered, or none came after
+the request's last attempt; the ledger has it `failed`). Published by the orchestrator, with
+the ids of the sample and no tokens, so the trainer trains the rest of its group without it.
+"""
 Global___RewardStatus: _TypeAlias = RewardStatus  # noqa: Y015
 
 @_typing.final

@@ -305,6 +305,8 @@ def to_rows(
     if into is not None and kind == "rollout.completion":
         into.trajectories.append(completion_row(run_id, message, status="generated"))  # type: ignore[arg-type]
         return into
+    if kind == "rollout.scored" and message.status == rollout_pb2.REWARD_STATUS_LOST:  # type: ignore[attr-defined]
+        return Rows() if into is None else into  # the scheduler's notice: the sample is `failed` already
     if into is not None and kind == "rollout.scored":
         row = scored_row(run_id, message)  # type: ignore[arg-type]
         into.trajectories.append(row)

@@ -7,11 +7,12 @@ the scheduler's budget, or with a tight budget the trainer waits for a batch tha
 
 - every sample came back too stale to train (possible only after the live wait timed out);
 - every sample touched a rolled-back version (dropped `rolled_back`);
-- a sample failed before reaching the trainer (dead-lettered, or no completion after the last
-  attempt), so the group can never be complete (one the trainer itself refused is the exception:
-  it trains the rest of the group, and counting that group out only lets one more go early);
 - no sample was judged (`ok` or `parse_error`; infrastructure failures are masked);
 - all judged rewards are equal while the trainer filters zero-advantage groups.
+
+A sample that failed before reaching the trainer (dead-lettered, or no completion after the last
+attempt) is *lost*: the scheduler tells the trainer so (`REWARD_STATUS_LOST` on `rollout.scored`),
+which then trains the rest of the group without it; the rules above look at the rest only.
 
 Not covered: when to dispatch (the scheduler).
 """
@@ -50,8 +51,8 @@ class Group:
     """Trajectory id -> the policy versions that generated it."""
     statuses: dict[str, str] = field(default_factory=dict)
     """Trajectory id -> reward status (`ok`, `parse_error`, ...) of its scored sample."""
-    incomplete: bool = False
-    """A sample failed before reaching the trainer, which only trains complete groups."""
+    lost: set[str] = field(default_factory=set)
+    """Trajectory ids that failed before reaching the trainer (it was told; it trains the rest)."""
 
     @property
     def eval(self) -> bool:
@@ -67,16 +68,18 @@ def never_trained(
     zero_advantage_dropped: bool,
 ) -> bool:
     """Whether the trainer will certainly drop the whole group; see the module docstring."""
-    n = group.request.n
-    if group.incomplete:
+    lost = group.lost
+    n = group.request.n - len(lost)
+    oldest = [s for tid, s in group.oldest_step.items() if tid not in lost]
+    if len(oldest) == n and all(step - s > max_staleness for s in oldest):
         return True
-    if len(group.oldest_step) == n and all(step - s > max_staleness for s in group.oldest_step.values()):
+    versions = [v for tid, v in group.versions.items() if tid not in lost]
+    if len(versions) == n and all(v & rolled_back_versions for v in versions):
         return True
-    if len(group.versions) == n and all(v & rolled_back_versions for v in group.versions.values()):
-        return True
-    if len(group.rewards) < n:
+    rewards = {tid: r for tid, r in group.rewards.items() if tid not in lost}
+    if len(rewards) < n:
         return False
-    judged = [r for tid, r in group.rewards.items() if group.statuses.get(tid) in JUDGED]
+    judged = [r for tid, r in rewards.items() if group.statuses.get(tid) in JUDGED]
     if not judged:
         return True
     return zero_advantage_dropped and max(judged) == min(judged)

@@ -23,6 +23,11 @@
 - No more groups than the remaining `max_steps` need; nothing new once the trainer reports it.
 - Re-issue: a request whose completions have not all arrived after `request_timeout_s` is sent
   again with the same ids and `attempt + 1`; after `max_attempts` its missing samples are `failed`.
+- Lost samples: a training sample failed before it reached the trainer (no completion after the
+  last attempt, or dead-lettered on the way) is announced on `rollout.scored` with status `LOST`
+  (msg id `scored:{trajectory_id}`, so a real score and the notice never both count), and the
+  trainer trains the rest of its group without it instead of holding them for good. A restarted
+  scheduler announces the failed samples of the groups it takes over again (repeats are no-ops).
 - Difficulty filter (optional): a prompt whose group came back all right or all wrong is skipped
   from then on (by env and prompt key).
 - Pause: the KV flag at start, control subjects and the admin API stop dispatch (time-outs too);
@@ -125,6 +130,8 @@ class Scheduler:
         self._eval_cache: list[Any] | None = None
         self._wake = asyncio.Event()
         self._unsent: list[rollout_pb2.RolloutRequest] = []
+        self._lost: list[rollout_pb2.ScoredTrajectory] = []
+        """LOST notices not yet published."""
         self.stall_topups = 0
         """Times the pipeline stalled and one step's worth of groups beyond the bound went out."""
         self._last_progress = time.time()
@@ -248,14 +255,19 @@ class Scheduler:
                 set_prompt(request, source.get(request.prompt_key).prompt)  # type: ignore[union-attr]
                 reissuable = True
             terminal = {m["trajectory_id"] for m in members if m["status"] in TERMINAL}
-            self.groups[gid] = Group(
+            group = Group(
                 request=request,
                 dispatched_at=now,
                 pending={m["trajectory_id"] for m in members if m["status"] == "requested"},
                 open=set(ids) - terminal,
                 reissuable=reissuable,
             )
+            self.groups[gid] = group
             self.by_trajectory.update((tid, gid) for tid in set(ids) - terminal)
+            if not group.eval:  # the previous scheduler may have died before it said so
+                for m in members:
+                    if m["status"] == "failed":
+                        self._lose(group, m["trajectory_id"], m["reason"] or "failed")
         if groups:
             log.info("restored %d groups in flight from the ledger", len(groups))
         return len(groups)
@@ -281,7 +293,7 @@ class Scheduler:
             self._last_progress = now
         if e.kind == "rollout.completion":
             self._completed(m.trajectory_id, m.version_spans)
-        elif e.kind == "rollout.scored":
+        elif e.kind == "rollout.scored" and m.status != rollout_pb2.REWARD_STATUS_LOST:
             tid = m.completion.trajectory_id
             self._completed(tid, m.completion.version_spans)
             self._scored(tid, m.reward, reward_status_name(m.status))
@@ -298,7 +310,8 @@ class Scheduler:
         elif e.kind == "dlq":
             kind = m.subject.removeprefix(self.bus.subjects.root + ".")
             if m.consumer != "ledger":  # the ledger's own refusals do not stop the pipeline
-                self._finish(dead_letter_trajectories(m, kind), failed=True)
+                reason = f"dead letter from {m.consumer or '?'}: {m.reason}"
+                self._finish(dead_letter_trajectories(m, kind), lost=reason)
 
     def _completed(self, tid: str, spans: Sequence[Any] = ()) -> None:
         group = self.groups.get(self.by_trajectory.get(tid, ""))
@@ -324,18 +337,42 @@ class Scheduler:
             if right in (0, group.request.n):
                 self.skip.add((group.request.env, group.request.prompt_key))
 
-    def _finish(self, tids: Sequence[str], *, failed: bool = False) -> None:
-        """These trajectories reached a terminal status; `failed`: one the trainer never receives."""
+    def _finish(self, tids: Sequence[str], *, lost: str = "") -> None:
+        """These trajectories reached a terminal status; `lost` (the reason): failed where the
+        trainer never receives them, so it is told."""
         for tid in tids:
             gid = self.by_trajectory.pop(tid, None)
             group = self.groups.get(gid or "")
             if group is None:
                 continue
-            group.incomplete |= failed
+            if lost and not group.eval:
+                self._lose(group, tid, lost)
             group.open.discard(tid)
             group.pending.discard(tid)
             if not group.open:
                 del self.groups[group.request.group_id]
+
+    def _lose(self, group: Group, tid: str, reason: str) -> None:
+        """Note `tid` as lost and queue its LOST notice for the trainer."""
+        r = group.request
+        group.lost.add(tid)
+        self._lost.append(
+            rollout_pb2.ScoredTrajectory(
+                completion=rollout_pb2.RolloutCompletion(
+                    run_id=r.run_id,
+                    trajectory_id=tid,
+                    request_id=r.request_id,
+                    group_id=r.group_id,
+                    env=r.env,
+                    prompt_key=r.prompt_key,
+                    sample_index=list(r.trajectory_ids).index(tid) if tid in r.trajectory_ids else 0,
+                    group_size=r.n,
+                ),
+                status=rollout_pb2.REWARD_STATUS_LOST,
+                status_reason=reason,
+                scored_at=time.time(),
+            )
+        )
 
     def _live(self, version: int) -> None:
         self.live_version = version
@@ -402,6 +439,7 @@ class Scheduler:
         """One round: re-issue timed-out requests, then dispatch eval and training groups.
         Returns the number of requests published."""
         self.ticks += 1
+        await self._send_lost()
         if self.paused or self.stopped or not self.envs:
             return 0
         now = time.time()
@@ -426,6 +464,20 @@ class Scheduler:
                 self._unsent = out
                 return 0
         return len(out)
+
+    async def _send_lost(self) -> None:
+        """Publish the queued LOST notices (those a NATS outage holds back go next round)."""
+        if not self._lost:
+            return
+        notices, self._lost = self._lost, []
+        try:
+            await self.bus.publish_many(
+                Publication(self.bus.subjects.rollout_scored, n, f"scored:{n.completion.trajectory_id}")
+                for n in notices
+            )
+        except Exception as exc:  # NATS away: keep them and send them again next round
+            log.warning("publishing %d lost-sample notices failed (%s); retrying", len(notices), exc)
+            self._lost = notices + self._lost
 
     def _eval_examples(self) -> list[Any]:
         if self._eval_cache is None:
@@ -504,5 +556,5 @@ class Scheduler:
                         ]
                     )
                 )
-            self._finish(failed, failed=True)
+            self._finish(failed, lost=reason)
         return again

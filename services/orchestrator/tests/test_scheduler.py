@@ -22,6 +22,27 @@ def _cfg(**fields):
     return OrchestratorConfig(**({"tick_s": 0.05, "stall_timeout_s": 600.0} | fields))
 
 
+class LostNotices:
+    """Every LOST notice on rollout.scored, by trajectory id."""
+
+    def __init__(self):
+        self.seen: dict[str, list[rollout_pb2.ScoredTrajectory]] = {}
+
+    async def on(self, msg):
+        if msg.status == rollout_pb2.REWARD_STATUS_LOST:
+            self.seen.setdefault(msg.completion.trajectory_id, []).append(msg)
+
+
+@contextlib.asynccontextmanager
+async def lost_notices(bus):
+    notices = LostNotices()
+    sub = await bus.subscribe(bus.subjects.rollout_scored, rollout_pb2.ScoredTrajectory, notices.on)
+    try:
+        yield notices
+    finally:
+        await sub.unsubscribe()
+
+
 class Requests:
     """Every rollout.request on the bus, as a plain subscription sees it."""
 
@@ -166,7 +187,7 @@ async def test_paused_flag_in_kv_holds_a_scheduler_that_starts_late(bus, writer,
 async def test_timed_out_request_is_reissued_with_the_same_ids_then_failed(bus, ledger, writer, run_id):
     run = RunSection(id=run_id, group_size=2, groups_per_step=2, max_staleness=0, max_steps=3)
     cfg = _cfg(request_timeout_s=1.0, max_attempts=3)
-    async with running(bus, writer, run, cfg) as (_sched, reqs):
+    async with lost_notices(bus) as notices, running(bus, writer, run, cfg) as (_sched, reqs):
         await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
         answered, lost = reqs.groups()
         for i in range(2):  # inference answers the first group only
@@ -193,6 +214,17 @@ async def test_timed_out_request_is_reissued_with_the_same_ids_then_failed(bus, 
         assert sorted(await failed()) == sorted(lost.trajectory_ids)
         assert "no completion after 3 attempts" in rows[lost.trajectory_ids[0]]["reason"]
         assert {rows[t]["status"] for t in answered.trajectory_ids} == {"generated"}
+        # the trainer is told, so nothing waits for them; the ledger keeps the reason it had
+        await wait_for(lambda: set(notices.seen) == set(lost.trajectory_ids), timeout_s=60)
+        for i, tid in enumerate(lost.trajectory_ids):
+            (n,) = notices.seen[tid]
+            c = n.completion
+            assert (c.group_id, c.group_size, c.sample_index, c.run_id) == (lost.group_id, 2, i, run_id)
+            assert "no completion after 3 attempts" in n.status_reason
+        await settle(_sched)
+        rows = await trajectory_rows(ledger, run_id)
+        assert "no completion after 3 attempts" in rows[lost.trajectory_ids[0]]["reason"]
+        assert rows[lost.trajectory_ids[0]]["reward"] is None
 
 
 async def _len(query, n):
@@ -361,11 +393,14 @@ async def test_groups_the_trainer_will_drop_are_left_out_of_the_budget_only_up_t
         assert sched.budget() == 0
 
 
-async def test_a_group_with_a_dead_lettered_sample_stops_holding_the_budget(bus, ledger, writer, run_id):
-    """The trainer trains complete groups only: a group missing a dead-lettered sample never
-    trains, so it must not hold the budget (with k = 0 that would stall the run)."""
+async def test_a_dead_lettered_sample_is_announced_lost_and_its_group_still_holds_the_budget(
+    bus, ledger, writer, run_id
+):
+    """A sample dead-lettered before the trainer would leave its siblings buffered there for good:
+    the scheduler announces it LOST (the trainer then trains the rest of the group), and the group
+    holds the budget until the trainer reports it, as any group it will train."""
     run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
-    async with running(bus, writer, run, _cfg()) as (_, reqs):
+    async with lost_notices(bus) as notices, running(bus, writer, run, _cfg()) as (sched, reqs):
         await announce(bus, run_id, 0, 0)
         await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
         group = reqs.groups()[0]
@@ -380,12 +415,42 @@ async def test_a_group_with_a_dead_lettered_sample_stops_holding_the_budget(bus,
             dead_at=1.0,
         )
         await bus.publish(bus.subjects.dlq, letter, msg_id="dlq:scorer:1")
-        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        await wait_for(lambda: c.trajectory_id in notices.seen, timeout_s=60)
+        (notice,) = notices.seen[c.trajectory_id]
+        assert notice.completion.group_id == group.group_id and notice.completion.group_size == 2
+        assert notice.status_reason == "dead letter from scorer: rubric crashed"
         rows = await trajectory_rows(ledger, run_id)
         assert (rows[c.trajectory_id]["status"], rows[c.trajectory_id]["reason"]) == (
             "failed",
             "dead letter from scorer: rubric crashed",
         )
+        await settle(sched)
+        assert len(reqs.groups()) == 1 and sched.budget() == 0, "the rest of the group will be trained"
+        await report_step(bus, run_id, 1, [group], version=0)
+        await wait_for(lambda: len(reqs.groups()) == 2, timeout_s=60)
+        assert set(notices.seen) == {c.trajectory_id}
+
+
+async def test_a_restarted_scheduler_announces_the_failed_samples_of_the_groups_it_takes_over(
+    bus, ledger, writer, run_id
+):
+    """The scheduler that recorded a sample failed may die before its LOST notice went out."""
+    run = RunSection(id=run_id, group_size=2, groups_per_step=1, max_staleness=0, max_steps=5)
+    async with running(bus, writer, run, _cfg()) as (_, reqs):
+        await wait_for(lambda: len(reqs.groups()) == 1, timeout_s=60)
+    group = reqs.groups()[0]
+    failed, open_ = group.trajectory_ids
+    await wait_for(lambda: _len(lambda: trajectory_rows(ledger, run_id), 2), timeout_s=60)
+    await ledger.upsert_trajectories(
+        [{"run_id": run_id, "trajectory_id": failed, "status": "failed", "reason": "dead letter from x: y"}]
+    )
+    sched = Scheduler(bus, run, _cfg(), [("count", 1.0, CountingEnv())], writer=writer)
+    assert sched.restore(await ledger.unfinished_groups(run_id)) == 1
+    async with lost_notices(bus) as notices:
+        await sched.tick()
+        await wait_for(lambda: failed in notices.seen, timeout_s=60)
+        assert open_ not in notices.seen
+        assert notices.seen[failed][0].status_reason == "dead letter from x: y"
 
 
 async def test_a_stalled_trainer_gets_one_more_step_of_groups_and_no_more(bus, writer, run_id):

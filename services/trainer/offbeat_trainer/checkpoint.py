@@ -8,8 +8,9 @@ the newest complete one is what `--resume` loads. Contents:
 - `model.safetensors`: the full state dict with Hugging Face names (the same file a published
   version's weights come from), `optimizer.pt` (optimizer + scheduler state), `rng.pt`;
 - `state.json`: `TrainerState` (step, versions with their step/parent/uri/sha256/checkpoint,
-  next version id, head, consumed and dropped trajectory ids, ids retired by rollbacks, and the
-  last step's report and announcement so they can be re-published idempotently after a crash).
+  next version id, head, consumed and dropped trajectory ids, ids retired by rollbacks, members
+  that left groups still buffered, and the last step's report and announcement so they can be
+  re-published idempotently after a crash).
 
 Kept: the newest `keep` checkpoints and the checkpoints that produced the newest
 `rollback_window` live published versions (what rollback needs; 0 keeps all of them). Not covered: sharded (distributed) checkpoint files; ranks gather the full
@@ -54,6 +55,10 @@ class TrainerState:
     dropped: dict[str, str] = field(default_factory=dict)
     retired: list[str] = field(default_factory=list)
     """Ids consumed by steps that a rollback undid: never trained again, never counted as lost."""
+    departed: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
+    """Groups still buffered at this step -> (group size, ids of members that left them before
+    they were taken). Those members' messages are acked by then, so after a restart they are not
+    redelivered; this is how their redelivered siblings still make a complete group."""
     last_report: str = ""
     """Hex of the serialized TrainerStep of the newest step (re-published on resume)."""
     last_announcement: str = ""
@@ -76,6 +81,7 @@ class TrainerState:
     def from_json(cls, text: str) -> TrainerState:
         data = json.loads(text)
         data["versions"] = {int(k): VersionRecord(**v) for k, v in data["versions"].items()}
+        data["departed"] = {g: (int(n), list(ids)) for g, (n, ids) in data.get("departed", {}).items()}
         return cls(**data)
 
 

@@ -6,7 +6,8 @@ advantages), train, then make the step durable in this order:
 
 1. weights (if `weights_every` says so) put in the weight store under the next version id;
 2. an atomic checkpoint with the model, optimizer, the version record and the accounting
-   (consumed and dropped trajectory ids), the step report and the announcement;
+   (consumed and dropped trajectory ids, and which members left the groups still buffered), the
+   step report and the announcement;
 3. announce the version on `policy.weights` and put it as the KV head; publish the report;
 4. ack every message of the ids the checkpoint accounts for.
 
@@ -123,6 +124,7 @@ class Trainer:
             await self._load(latest)
             await self._republish()
         self.accounted = set(self.state.consumed) | set(self.state.dropped) | set(self.state.retired)
+        self.buffer.restore(self.state.departed)
         log.info(
             "trainer ready",
             extra={
@@ -264,6 +266,8 @@ class Trainer:
         self.wake.set()
 
     def _intake_drop(self, traj: Trajectory) -> Dropped | None:
+        if traj.status == "lost":  # no completion will come: the group goes on without it
+            return Dropped(traj.trajectory_id, "lost", 0)
         steps = self.state.version_steps()
         if traj.versions & self.state.rolled_back_versions():
             return Dropped(traj.trajectory_id, "rolled_back", 0)
@@ -358,6 +362,7 @@ class Trainer:
         st.step = step
         st.consumed += [t.trajectory_id for t in batch.samples]
         st.dropped.update({d.trajectory_id: d.reason for d in drops})
+        st.departed = self.buffer.departures()
         st.last_report = report.SerializeToString().hex()
         _fault_point("before_checkpoint", step)
         await asyncio.to_thread(
@@ -442,6 +447,7 @@ class Trainer:
         bad = new.rolled_back_versions()
         for traj in self.buffer.remove_where(lambda t: bool(t.versions & bad)):
             self.pending_drops.append(Dropped(traj.trajectory_id, "rolled_back", 0))
+        new.departed = self.buffer.departures()
         msg_id = f"weights:{v}:rollback:{cmd.command_id}"
         self._set_announcement(v, record, msg_id)
         tmp = self.ckpts.root / f".weights-{id(self)}.safetensors"

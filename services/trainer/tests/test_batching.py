@@ -116,6 +116,24 @@ def test_a_group_whose_every_member_departed_is_forgotten_without_a_second_repor
     assert list(buf.groups) == ["next"] and not buf.departed
 
 
+def test_departures_survive_a_restart_through_the_checkpoint_state():
+    """What a checkpoint records of departures gives a fresh buffer the same groups: after a
+    restart, the departed member's message is acked and never comes back, its siblings do."""
+    from offbeat_trainer.checkpoint import TrainerState
+
+    buf = GroupBuffer()
+    buf.add(traj("a", "g", 1.0))
+    buf.depart("g", "lost", 3)
+    state = TrainerState.from_json(TrainerState(departed=buf.departures()).to_json())
+    assert state.departed == {"g": (3, ["lost"])}
+    fresh = GroupBuffer()
+    fresh.restore(state.departed)
+    fresh.add(traj("a", "g", 1.0))
+    fresh.add(traj("b", "g", 0.0))
+    assert [t.trajectory_id for t in take(fresh, 0).samples] == ["a", "b"]
+    assert TrainerState.from_json('{"versions": {}}').departed == {}, "a checkpoint from before departures"
+
+
 def test_members_removed_by_a_rollback_leave_the_rest_of_their_group_trainable():
     buf = GroupBuffer()
     buf.add(traj("a", "g", 1.0, version=0))

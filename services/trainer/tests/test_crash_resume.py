@@ -42,6 +42,14 @@ def _state(state_dir: Path) -> dict:  # type: ignore[type-arg]
     return json.loads((latest / "state.json").read_text())  # type: ignore[no-any-return]
 
 
+def _step(state_dir: Path) -> int:
+    """The newest checkpoint's step; -1 before the first."""
+    root = state_dir / "trainer"
+    if not root.is_dir() or not any(p.name.startswith("ckpt-") for p in root.iterdir()):
+        return -1
+    return int(_state(state_dir)["step"])
+
+
 async def _wait_exit(proc, timeout_s: float = 180) -> int:  # type: ignore[no-untyped-def]
     await wait_for(lambda: proc.poll() is not None, timeout_s=timeout_s, interval_s=0.2)
     return proc.returncode  # type: ignore[no-any-return]
@@ -143,3 +151,62 @@ async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
     head = await bus.get_head()
     assert head is not None and (head.version, head.step, head.parent) == (2, 4, 1)
     assert sorted(int(v) for v in state["versions"]) == [0, 1, 2]
+
+
+async def test_a_member_that_left_its_group_before_a_restart_still_counts_after_it(
+    bus, nats_url, run_id, service_config_file, tiny_model, tmp_path, make_scored, launch_trainer
+):
+    """b-0 is announced LOST (the orchestrator's notice) and dropped; its ack goes out with step 1,
+    so after a SIGKILL it is never redelivered. Its sibling b-1 arrives only after the restart: the
+    group is complete only if the checkpoint remembered that b-0 left it."""
+    scored, start_trainer = make_scored, launch_trainer  # type: ignore[no-untyped-def]
+    from offbeat.v1 import rollout_pb2
+
+    state_dir = tmp_path / "state"
+    sets = [
+        f"run.id={run_id}",
+        f"model.path={tiny_model}",
+        "run.group_size=2",
+        "run.groups_per_step=1",
+        "run.max_steps=3",
+        "run.max_staleness=100",
+        "trainer.heartbeat_s=1.0",
+        "bus.ack_wait_s=3",
+    ]
+    log = tmp_path / "trainer.log"
+    lost = rollout_pb2.ScoredTrajectory(
+        completion=rollout_pb2.RolloutCompletion(
+            run_id=run_id, trajectory_id="b-0", group_id="b", group_size=2
+        ),
+        status=rollout_pb2.REWARD_STATUS_LOST,
+        status_reason="dead letter from scorer: rubric crashed",
+    )
+    first = [lost] + [scored(run_id, f"a-{k}", "a", group_size=2, reward=float(k)) for k in range(2)]
+    for m in first:
+        await bus.publish(bus.subjects.rollout_scored, m, msg_id=f"scored:{m.completion.trajectory_id}")
+
+    async def all_acked() -> bool:
+        return await bus.consumer_pending("trainer") == (0, 0)
+
+    proc = start_trainer(service_config_file, nats_url, sets, log=log)
+    await wait_for(lambda: _step(state_dir) == 1, timeout_s=120)
+    await wait_for(all_acked, timeout_s=60)
+    proc.send_signal(signal.SIGKILL)
+    assert await _wait_exit(proc) == -signal.SIGKILL
+    assert _state(state_dir)["departed"] == {"b": [2, ["b-0"]]}
+
+    sibling = scored(run_id, "b-1", "b", group_size=2, reward=1.0)
+    await bus.publish(bus.subjects.rollout_scored, sibling, msg_id="scored:b-1")
+    proc = start_trainer(service_config_file, nats_url, sets, resume=True, log=log)
+    try:
+        await wait_for(lambda: _step(state_dir) == 2, timeout_s=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await _wait_exit(proc)
+    state = _state(state_dir)
+    assert state["consumed"] == ["a-0", "a-1", "b-1"]
+    assert state["dropped"] == {"b-0": "lost"}
+    assert state["departed"] == {}
+    reports = sorted(await _reports(bus), key=lambda r: r.step)
+    assert [[d.trajectory_id for d in r.dropped] for r in reports] == [["b-0"], []]
+    assert [d.reason for d in reports[0].dropped] == ["lost"]
