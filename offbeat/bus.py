@@ -13,6 +13,11 @@ service at start), so no message is published before the consumers that must see
   the ledger writer): per-message costs are paid once per batch, and the handler says per message
   whether it succeeded, so one bad message is dead-lettered or nak'ed alone and the rest acked.
 - `Bus.publish_many` pipelines a batch of publishes and waits for their acks together.
+- A message delivered `max_deliver` times without an answer (its consumer's process died or hung
+  every time: a poison message) is never delivered again, and the server says so only in an
+  advisory. A second stream keeps the run's advisories, and `Bus.dead_letter_undelivered` (run by
+  the orchestrator) turns each into a dead letter with the message and the reason, so such a
+  message is accounted for like one a handler refused instead of silently going nowhere.
 - Fan-out subjects (policy.weights, control) are also read by plain subscriptions in every replica,
   and the policy head and paused flag live in the run's KV bucket for services that start late.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -103,6 +109,9 @@ class Subjects:
         self.control_all = f"{self.root}.control.*"
         self.sandbox_exec = f"{prefix}.{SANDBOX_EXEC}"
         self.stream = f"OFFBEAT_{prefix}_{run_id}".replace("-", "_").upper()
+        self.advisory_stream = f"{self.stream}_ADVISORIES"
+        self.max_deliveries = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.*"
+        """The server's advisories about the run's messages that ran out of deliveries."""
         self.kv_bucket = f"offbeat_{prefix}_{run_id}".replace("-", "_")
 
     def control(self, command: str) -> str:
@@ -123,6 +132,8 @@ class ConsumerSpec:
     max_deliver: int
     max_ack_pending: int
     description: str
+    stream: str = ""
+    """The stream it reads; empty: the run's stream."""
 
 
 def consumer_specs(cfg: BusConfig, subjects: Subjects) -> dict[str, ConsumerSpec]:
@@ -155,7 +166,20 @@ def consumer_specs(cfg: BusConfig, subjects: Subjects) -> dict[str, ConsumerSpec
             "every event of the run, for the ledger writer",
             max_ack_pending=max(cfg.max_ack_pending, 65536),
         ),
+        "undelivered": ConsumerSpec(
+            durable="undelivered",
+            filter_subject=subjects.max_deliveries,
+            ack_wait_s=cfg.ack_wait_s,
+            max_deliver=-1,  # what reads it must not be able to lose it the same way
+            max_ack_pending=cfg.max_ack_pending,
+            description="messages that ran out of deliveries, for the dead-letter queue",
+            stream=subjects.advisory_stream,
+        ),
     }
+
+
+UNDELIVERED_KEPT: Final = 100_000
+"""Advisories the advisory stream keeps (the oldest go first); each is a few hundred bytes."""
 
 
 class Reject(Exception):
@@ -346,6 +370,28 @@ class Bus:
             num_replicas=cfg.stream_replicas,
         )
 
+    def advisory_stream_config(self) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=self.subjects.advisory_stream,
+            subjects=[self.subjects.max_deliveries],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            discard=api.DiscardPolicy.OLD,
+            max_age=self.cfg.stream_max_age_s,
+            max_msgs=UNDELIVERED_KEPT,
+            max_bytes=-1,  # bounded by max_msgs; reserves none of the server's store
+            num_replicas=self.cfg.stream_replicas,
+        )
+
+    def stream_of(self, consumer: str) -> str:
+        return self.consumers[consumer].stream or self.subjects.stream
+
+    async def delete_streams(self) -> None:
+        """Delete the run's streams (messages, consumers and advisories); missing ones are fine."""
+        for name in (self.subjects.stream, self.subjects.advisory_stream):
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await self.js.delete_stream(name)
+
     async def _add_or_update_stream(self, config: api.StreamConfig) -> None:
         try:
             await self.js.add_stream(config)
@@ -353,7 +399,7 @@ class Bus:
             await self.js.update_stream(config)
 
     async def ensure(self) -> None:
-        """Create (or update to the declared config) the stream, every consumer and the KV bucket."""
+        """Create (or update to the declared config) the streams, every consumer and the KV bucket."""
         config = self.stream_config()
         try:
             await self._add_or_update_stream(config)
@@ -366,9 +412,10 @@ class Bus:
                 "stream_max_bytes, free disk space, or delete old runs' streams "
                 "(`offbeat run OLD.toml --fresh` forgets one)"
             ) from None
+        await self._add_or_update_stream(self.advisory_stream_config())
         for spec in self.consumers.values():
             await self.js.add_consumer(
-                self.subjects.stream,
+                spec.stream or self.subjects.stream,
                 api.ConsumerConfig(
                     durable_name=spec.durable,
                     description=spec.description,
@@ -443,7 +490,10 @@ class Bus:
     async def _pull(self, consumer: str) -> JetStreamContext.PullSubscription:
         spec = self.consumers[consumer]
         return await self.js.pull_subscribe_bind(
-            durable=spec.durable, stream=self.subjects.stream, pending_msgs_limit=-1, pending_bytes_limit=-1
+            durable=spec.durable,
+            stream=self.stream_of(consumer),
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
         )
 
     async def consume(
@@ -540,7 +590,7 @@ class Bus:
         """Fetch up to `size` messages at a time (no more outstanding than `room()` allows, in up
         to `depth` pull requests) and `take` them, until `stop`; then await `busy`."""
         durable = self.consumers[consumer].durable
-        puller = await Puller(self.nc, self.subjects.stream, durable, depth=depth).start()
+        puller = await Puller(self.nc, self.stream_of(consumer), durable, depth=depth).start()
         try:
             while not stop.is_set():
                 want = room()
@@ -656,6 +706,45 @@ class Bus:
         await delivery.nak(backoff[min(delivery.num_delivered, len(backoff)) - 1] if backoff else None)
         return True
 
+    async def dead_letter_undelivered(self, *, stop: asyncio.Event) -> None:
+        """Until `stop`, dead-letter each message of the run that ran out of deliveries (from the
+        server's advisories, kept by the advisory stream): the message as stored, the consumer that
+        never answered, how often it was delivered. Run by one process per run (the orchestrator)."""
+
+        async def handle(batch: list[Received[bytes]]) -> list[Outcome]:
+            return [await self._undelivered(r.message) for r in batch]
+
+        await self.consume_batches("undelivered", None, handle, stop=stop)
+
+    async def _undelivered(self, advisory: bytes) -> Outcome:
+        try:
+            fields = json.loads(advisory)
+            consumer, seq = str(fields["consumer"]), int(fields["stream_seq"])
+            deliveries = int(fields["deliveries"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return Reject(f"not a max-deliveries advisory ({type(exc).__name__}: {exc})")
+        try:
+            stored = await self.js.get_msg(self.subjects.stream, seq)
+        except nats.js.errors.NotFoundError:
+            return None  # acked late after all, or aged out: nothing is left to account for
+        reason = (
+            f"delivered {deliveries} times and never acked: the {consumer} process died or hung "
+            "each time it held this message"
+        )
+        letter = policy_pb2.DeadLetter(
+            subject=stored.subject or "",
+            payload=stored.data or b"",
+            reason=reason,
+            consumer=consumer,
+            deliveries=deliveries,
+            msg_id=(stored.headers or {}).get("Nats-Msg-Id", ""),
+            dead_at=time.time(),
+        )
+        log.error("dead-lettered from %s: %s", consumer, reason)
+        await self.publish(self.subjects.dlq, letter, msg_id=f"dlq:{consumer}:{seq}")
+        HANDLED.labels(consumer, "dead_letter").inc()
+        return None
+
     async def _dead_letter(self, consumer: str, msg: Msg, delivery: Delivery, reason: str) -> None:
         letter = policy_pb2.DeadLetter(
             subject=msg.subject,
@@ -751,5 +840,5 @@ class Bus:
 
     async def consumer_pending(self, consumer: str) -> tuple[int, int]:
         """(messages not yet delivered, delivered but unacked) of a declared consumer."""
-        info = await self.js.consumer_info(self.subjects.stream, self.consumers[consumer].durable)
+        info = await self.js.consumer_info(self.stream_of(consumer), self.consumers[consumer].durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)

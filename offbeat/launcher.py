@@ -261,12 +261,9 @@ class Launcher:
             name="offbeat-run",
         )
         try:
-            for delete, name in (
-                (bus.js.delete_stream, bus.subjects.stream),
-                (bus.js.delete_key_value, bus.subjects.kv_bucket),
-            ):
-                with contextlib.suppress(nats.js.errors.NotFoundError):
-                    await delete(name)
+            await bus.delete_streams()
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await bus.js.delete_key_value(bus.subjects.kv_bucket)
         finally:
             await bus.close()
         ledger = Ledger.connect(database_url, pool_size=1)

@@ -91,7 +91,7 @@ async def bus(bus_config: BusConfig, run_id: str) -> AsyncIterator[object]:
     await b.ensure()
     yield b
     with contextlib.suppress(Exception):
-        await b.js.delete_stream(b.subjects.stream)
+        await b.delete_streams()
     await b.close()
 
 

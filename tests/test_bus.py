@@ -125,6 +125,45 @@ async def test_malformed_and_failing_messages_are_dead_lettered_and_consumption_
     assert await bus.consumer_pending("inference") == (0, 0)
 
 
+async def test_a_message_whose_consumer_dies_holding_it_every_time_is_dead_lettered(
+    bus_config: BusConfig, run_id: str
+):
+    """The server stops delivering a message after `max_deliver` deliveries that were never
+    answered (the consumer's process died each time; the handler never got to fail) and only says
+    so in an advisory: without `dead_letter_undelivered` it would be neither handled nor dead."""
+    cfg = bus_config.model_copy(update={"ack_wait_s": 1.0, "max_deliver": 2})
+    async with await Bus.connect(cfg, f"{run_id}-poison", name="test") as b:
+        await b.ensure()
+        try:
+            stop = asyncio.Event()
+            undelivered = asyncio.create_task(b.dead_letter_undelivered(stop=stop))
+            poison = _request(b.run_id, 1)
+            await b.publish(b.subjects.rollout_request, poison, msg_id="request:req-1:0")
+            await b.publish(b.subjects.rollout_request, _request(b.run_id, 2), msg_id="request:req-2:0")
+            sub = await b.js.pull_subscribe_bind("inference", b.subjects.stream)
+            deliveries = 0
+            while deliveries < 2:  # a consumer that takes it and dies (never acks, never fails)
+                for msg in await sub.fetch(2, timeout=5):
+                    if msg.data == poison.SerializeToString():
+                        deliveries += 1
+                    else:
+                        await msg.ack()
+            with pytest.raises(TimeoutError):  # the server looks at it again when asked for more
+                await sub.fetch(1, timeout=3)
+            letters = await _dead_letters(b, 1, timeout_s=30)
+            stop.set()
+            await undelivered
+            (letter,) = letters
+            assert (letter.consumer, letter.deliveries, letter.msg_id) == ("inference", 2, "request:req-1:0")
+            assert letter.subject == b.subjects.rollout_request
+            assert rollout_pb2.RolloutRequest.FromString(letter.payload) == poison
+            assert "never acked" in letter.reason and "died or hung" in letter.reason
+            assert await b.consumer_pending("inference") == (0, 0)
+            assert await b.consumer_pending("undelivered") == (0, 0)
+        finally:
+            await b.delete_streams()
+
+
 async def test_a_batch_dead_letters_its_bad_messages_alone_and_acks_the_rest(bus: Bus, run_id):
     """One pull holds good messages, garbage, another run's message, one the handler rejects and
     one it fails on: the bad ones are dead-lettered each with its own reason, the good ones acked
@@ -281,7 +320,7 @@ async def test_stream_declares_every_limit(bus: Bus):
     assert info.config.max_msg_size == bus.cfg.max_payload_bytes
     assert info.config.duplicate_window == pytest.approx(bus.cfg.duplicate_window_s)
     for name in bus.consumers:
-        c = (await bus.js.consumer_info(bus.subjects.stream, name)).config
+        c = (await bus.js.consumer_info(bus.stream_of(name), name)).config
         assert c.ack_wait and c.max_deliver and c.max_ack_pending, name
 
 

@@ -1,5 +1,8 @@
 """The orchestrator service's main: migrate, record the run, then writer + scheduler + admin API.
 
+It also turns the run's messages that ran out of deliveries into dead letters
+(`Bus.dead_letter_undelivered`), since the server itself only announces them.
+
 Start-up order: Alembic `upgrade` of the ledger, the run row with the resolved config, the ledger
 writer (so every event is recorded), the scheduler (it reads its trainer step back from the
 ledger, so a restarted orchestrator continues), then the admin API. On SIGTERM the admin API
@@ -74,6 +77,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
         tasks = [
             asyncio.create_task(writer.run(ctx.stop), name="ledger-writer"),
             asyncio.create_task(scheduler.run(ctx.stop), name="scheduler"),
+            asyncio.create_task(ctx.bus.dead_letter_undelivered(stop=ctx.stop), name="undelivered"),
         ]
         await admin.start()
         run_dir = Path(run.run.state_dir) / run_id
