@@ -11,7 +11,8 @@ the stream; none lost, none trained twice.
 The environment scores every completion by running a program in the sandbox (`sandbox_echo` from
 tests/envpkg), so killing the sandbox costs judgements (`failed: reward_failed:sandbox_error`),
 never a silent zero. The full suite runs under `make chaos` (deselected from the default run); a
-smoke variant (SIGKILL the trainer, restart nats-server) runs by default.
+smoke variant (SIGKILL the trainer, restart nats-server) runs by default, and so does a poison
+message: completions whose scoring kills the scorer every time (`poison_echo`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import LiveRun, audit, write_config
+from harness import LiveRun, audit, query, write_config
 
 from offbeat.infra import NatsServer, PostgresServer
 
@@ -130,3 +131,52 @@ def test_run_survives_killed_services_and_restarted_servers(tmp_path, own_server
         restarted=("nats-server", "postgresql"),
         max_steps=60,
     )
+
+
+def test_a_completion_that_kills_the_scorer_every_time_is_dead_lettered_and_its_group_is_not_waited_for(
+    tmp_path, own_servers, envpkg, run_id
+):
+    """A poison message: scoring any completion of one prompt kills the scorer's process (no
+    exception, so the bus's own dead-lettering of failing handlers never sees it). After
+    `max_deliver` deliveries the server stops delivering such a completion and only says so in an
+    advisory; the orchestrator dead-letters it from there, the ledger has it `failed` with the
+    reason, and nothing waits for it: the run reaches max_steps with every trajectory accounted
+    for. (Other completions the scorer held when it died may share that fate: collateral of a
+    poison message, accounted for the same way.)"""
+    from offbeat_testenv import PoisonEcho
+
+    nats, pg = own_servers
+    max_steps = 10
+    config = write_config(
+        tmp_path,
+        run_id,
+        max_steps=max_steps,
+        envs='name = "poison_echo"\nargs = { size = 200, poison_index = 3 }',
+    )
+    sets = (
+        "bus.max_deliver=2",
+        "bus.ack_wait_s=5.0",
+        "launcher.max_restarts=10",
+        "inference.heartbeat_s=1.0",
+    )
+    run = LiveRun(config, run_id=run_id, nats_url=nats.url, database_url=pg.url, pythonpath=envpkg, sets=sets)
+    try:
+        rc = run.finish(timeout_s=600)
+        assert rc == 0, run.output()[-6000:]
+    finally:
+        run.stop()
+    restarts = run.restarts()
+    assert restarts and all("scorer exited 70" in line for line in restarts), restarts
+    poisoned = query(
+        pg.url,
+        "SELECT trajectory_id, status, reason FROM trajectories WHERE run_id=%s AND prompt_key=%s AND NOT eval",
+        run_id,
+        PoisonEcho(size=200, poison_index=3).poison_key,
+    )
+    assert len(poisoned) == 4, poisoned
+    for tid, status, reason in poisoned:
+        assert status == "failed" and "delivered 2 times and never acked" in reason, (tid, status, reason)
+    result = audit(run)
+    print("poison counts:", json.dumps(result.counts() | {"restarts": len(restarts)}, indent=2))
+    assert result.steps == list(range(1, max_steps + 1)), f"steps in the ledger: {result.steps}"
+    result.check_balanced()

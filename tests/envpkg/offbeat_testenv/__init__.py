@@ -1,10 +1,13 @@
 """A user's environments: repeat a number (with a group reward that sees the whole group), a
-slow variant whose scoring takes `delay_s` (for ack-deadline tests), and a variant judged by running
-a program in the sandbox service (so every score needs a sandbox: the chaos suite kills it)."""
+slow variant whose scoring takes `delay_s` (for ack-deadline tests), a variant judged by running
+a program in the sandbox service (so every score needs a sandbox: the chaos suite kills it), and
+one prompt whose scoring kills the scorer's process (a poison message: the chaos suite's)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import random
 from collections.abc import Iterator, Sequence
 
@@ -92,3 +95,21 @@ class SandboxEcho(EchoNumber):
             name = sandbox_pb2.ExecStatus.Name(result.status)
             return Reward.failed(RewardStatus.SANDBOX_ERROR, f"sandbox answered {name}: {result.error}")
         return await super().score(example, result.stdout.decode("utf-8", errors="replace"))
+
+
+class PoisonEcho(EchoNumber):
+    """Repeat the number; scoring any completion of the `poison_index`-th training prompt (in the
+    order of `examples("train", seed)`, which is the order a run with that seed draws them) kills
+    the scoring process at once, as a rubric that crashes the interpreter or runs out of memory
+    would: no exception, no answer, every time it is delivered."""
+
+    group_reward = False
+
+    def __init__(self, *, size: int = 200, poison_index: int = 3, seed: int = 0) -> None:
+        super().__init__(size=size)
+        self.poison_key = next(itertools.islice(self.examples("train", seed), poison_index, None)).key
+
+    async def score(self, example: Example, completion: str) -> Reward:
+        if example.key == self.poison_key:
+            os._exit(70)
+        return await super().score(example, completion)
