@@ -25,9 +25,9 @@
   again with the same ids and `attempt + 1`; after `max_attempts` its missing samples are `failed`.
 - Lost samples: a training sample failed before it reached the trainer (no completion after the
   last attempt, or dead-lettered on the way) is announced on `rollout.scored` with status `LOST`
-  (msg id `scored:{trajectory_id}`, so a real score and the notice never both count), and the
-  trainer trains the rest of its group without it instead of holding them for good. A restarted
-  scheduler announces the failed samples of the groups it takes over again (repeats are no-ops).
+  (msg id `lost:{trajectory_id}`), and the trainer trains the rest of its group without it instead
+  of holding them for good. A restarted scheduler announces the failed samples of the groups it
+  takes over again (repeats are no-ops).
 - Difficulty filter (optional): a prompt whose group came back all right or all wrong is skipped
   from then on (by env and prompt key).
 - Pause: the KV flag at start, control subjects and the admin API stop dispatch (time-outs too);
@@ -472,7 +472,7 @@ class Scheduler:
         notices, self._lost = self._lost, []
         try:
             await self.bus.publish_many(
-                Publication(self.bus.subjects.rollout_scored, n, f"scored:{n.completion.trajectory_id}")
+                Publication(self.bus.subjects.rollout_scored, n, f"lost:{n.completion.trajectory_id}")
                 for n in notices
             )
         except Exception as exc:  # NATS away: keep them and send them again next round

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 from offbeat.v1 import rollout_pb2
 
+FINISHED_KEPT = 100_000
+"""Group ids a buffer remembers as finished (about 10 MB)."""
 JUDGED = frozenset({"ok", "parse_error"})
 """Reward statuses that judge the completion itself, so they are trained with their reward."""
 
@@ -132,6 +134,10 @@ class GroupBuffer:
     """Group id -> ids of its members dropped before the group was taken."""
     sizes: dict[str, int] = field(default_factory=dict)
     """Group id -> its `group_size`."""
+    finished: dict[str, None] = field(default_factory=dict)
+    """Ids of the newest `FINISHED_KEPT` groups taken or dropped whole (an ordered set): a member
+    reported departed after its group is gone (a LOST notice for a member refused earlier) must
+    not start a group that can never complete."""
 
     def add(self, traj: Trajectory) -> None:
         self.groups.setdefault(traj.group_id, {})[traj.trajectory_id] = traj
@@ -140,6 +146,8 @@ class GroupBuffer:
     def depart(self, group_id: str, trajectory_id: str, group_size: int) -> None:
         """A member was dropped (or refused) before its group was taken; the group counts it as
         arrived. Its `group_size` is believed only until a trained member says otherwise."""
+        if group_id in self.finished:
+            return
         self.groups.setdefault(group_id, {}).pop(trajectory_id, None)
         self.departed.setdefault(group_id, set()).add(trajectory_id)
         self.sizes.setdefault(group_id, max(1, group_size))
@@ -178,6 +186,9 @@ class GroupBuffer:
         del self.groups[gid]
         self.departed.pop(gid, None)
         self.sizes.pop(gid, None)
+        self.finished[gid] = None
+        if len(self.finished) > FINISHED_KEPT:
+            del self.finished[next(iter(self.finished))]
 
     def take_step(
         self,

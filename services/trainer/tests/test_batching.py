@@ -134,6 +134,18 @@ def test_departures_survive_a_restart_through_the_checkpoint_state():
     assert TrainerState.from_json('{"versions": {}}').departed == {}, "a checkpoint from before departures"
 
 
+def test_a_departure_reported_after_its_group_was_taken_starts_no_group():
+    """A LOST notice may come for a member the trainer refused long ago, after the rest of its
+    group was trained: it must not leave a group behind that can never complete."""
+    buf = GroupBuffer()
+    buf.depart("g", "refused", 3)
+    buf.add(traj("a", "g", 1.0))
+    buf.add(traj("b", "g", 0.0))
+    assert len(take(buf, 0).samples) == 2
+    buf.depart("g", "refused", 3)
+    assert not buf.groups and not buf.departed and buf.departures() == {}
+
+
 def test_members_removed_by_a_rollback_leave_the_rest_of_their_group_trainable():
     buf = GroupBuffer()
     buf.add(traj("a", "g", 1.0, version=0))
