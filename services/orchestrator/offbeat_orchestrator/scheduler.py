@@ -454,30 +454,31 @@ class Scheduler:
         out = self._unsent + out
         self._unsent = []
         if out:
-            try:
-                await self.bus.publish_many(
-                    Publication(self.bus.subjects.rollout_request, r, f"request:{r.request_id}:{r.attempt}")
-                    for r in out
-                )
-            except Exception as exc:  # NATS away: keep them and send them again next round
-                log.warning("publishing %d requests failed (%s); retrying", len(out), exc)
+            subject = self.bus.subjects.rollout_request
+            sent = [Publication(subject, r, f"request:{r.request_id}:{r.attempt}") for r in out]
+            if not await self._publish(sent, "requests"):
                 self._unsent = out
                 return 0
         return len(out)
 
     async def _send_lost(self) -> None:
-        """Publish the queued LOST notices (those a NATS outage holds back go next round)."""
+        """Publish the queued LOST notices."""
         if not self._lost:
             return
         notices, self._lost = self._lost, []
-        try:
-            await self.bus.publish_many(
-                Publication(self.bus.subjects.rollout_scored, n, f"lost:{n.completion.trajectory_id}")
-                for n in notices
-            )
-        except Exception as exc:  # NATS away: keep them and send them again next round
-            log.warning("publishing %d lost-sample notices failed (%s); retrying", len(notices), exc)
+        subject = self.bus.subjects.rollout_scored
+        sent = [Publication(subject, n, f"lost:{n.completion.trajectory_id}") for n in notices]
+        if not await self._publish(sent, "lost-sample notices"):
             self._lost = notices + self._lost
+
+    async def _publish(self, items: list[Publication[Any]], what: str) -> bool:
+        """Publish `items`; False when NATS is away (the caller keeps them for the next round)."""
+        try:
+            await self.bus.publish_many(items)
+        except Exception as exc:  # NATS away: sent again next round (msg ids make repeats no-ops)
+            log.warning("publishing %d %s failed (%s); retrying", len(items), what, exc)
+            return False
+        return True
 
     def _eval_examples(self) -> list[Any]:
         if self._eval_cache is None:
