@@ -184,4 +184,19 @@ class Progress:
         lines = [f"{k}: {v}" for k, v in describe(snap, self.run.run.max_steps)[:-1]]
         if len(snap.evals) >= 2:
             lines.append(f"eval reward rose by {snap.evals[-1][2] - snap.evals[0][2]:+.3f}")
+        reasons = await self.ledger.not_trained_reasons(self.run.run.id, limit=SUMMARY_REASONS)
+        if reasons:
+            lines.append(f"not trained, most common: {not_trained(reasons)}")
         return "\n  ".join(["summary:", *lines])
+
+
+SUMMARY_REASONS = 3
+"""Reasons the closing summary names for samples that were not trained."""
+
+
+def not_trained(reasons: list[tuple[str, str, int]], *, width: int = 90) -> str:
+    """`Ledger.not_trained_reasons` as one line: `12 failed (reason); 3 discarded_stale (stale)`."""
+    return "; ".join(
+        f"{n} {status} ({reason if len(reason) <= width else reason[: width - 1] + '…'})"
+        for status, reason, n in reasons
+    )

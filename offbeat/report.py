@@ -1,7 +1,8 @@
 """`offbeat report RUN`: PNG plots and one HTML page for a run, from the ledger alone.
 
 Plots: reward per trainer step with eval reward per policy version, the staleness histogram of
-trained trajectories, throughput (trajectories scored per minute), and trajectory fates.
+trained trajectories, throughput (trajectories scored per minute), and trajectory fates, with
+the most common reasons samples were not trained.
 `--wandb` also logs the run's steps and eval rewards to Weights & Biases (`offbeat.wandb_sink`),
 with the `[wandb]` section of the run's stored config (`--wandb-project` for a run without one).
 Not covered: live metrics (that is `offbeat run`'s progress and each service's /metrics).
@@ -19,6 +20,7 @@ from typing import Any
 from sqlalchemy import text
 
 from offbeat.ledger import Ledger
+from offbeat.progress import not_trained
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,6 +129,7 @@ async def _fetch(ledger: Ledger, run_id: str) -> dict[str, Any]:
         ).scalar()
     q["staleness"] = await ledger.staleness_histogram(run_id)
     q["fates"] = await ledger.trajectory_fates(run_id)
+    q["not_trained"] = await ledger.not_trained_reasons(run_id)
     return q
 
 
@@ -202,6 +205,7 @@ async def write_report(database_url: str, run_id: str, out: Path) -> Path:
             " -> ".join(f"{e:.3f} (v{v})" for v, _, e in (evals[:1] + evals[-1:])) if evals else "-",
         ),
         ("trajectories", ", ".join(f"{k}: {v}" for k, v in sorted(q["fates"].items()))),
+        ("not trained, most common", not_trained(q["not_trained"], width=200) or "-"),
     ]
     body = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     imgs = "\n".join(f'<img src="{name}" alt="{name}">' for name in images)
@@ -216,7 +220,14 @@ async def write_report(database_url: str, run_id: str, out: Path) -> Path:
     )
     (out / "summary.json").write_text(
         json.dumps(
-            {"run": run_id, "fates": q["fates"], "evals": evals, "staleness": q["staleness"]}, indent=2
+            {
+                "run": run_id,
+                "fates": q["fates"],
+                "not_trained": [{"status": st, "reason": r, "count": n} for st, r, n in q["not_trained"]],
+                "evals": evals,
+                "staleness": q["staleness"],
+            },
+            indent=2,
         )
     )
     return page

@@ -37,3 +37,24 @@ async def test_the_final_eval_is_waited_for_until_no_eval_sample_is_on_its_way(
     started = time.monotonic()
     await progress.wait_final_eval(timeout_s=30)
     assert time.monotonic() - started < 5, "kept waiting after the eval was whole"
+
+
+async def test_the_summary_says_why_samples_were_not_trained_most_common_first(
+    ledger: Ledger, run_id: str
+) -> None:
+    await ledger.upsert_run(run_id, config={})
+    rows = [("trained", None)] * 5 + [("discarded_stale", "stale")] * 2
+    rows += [("failed", "dead letter from scorer: delivered 5 times and never acked")] * 3
+    rows += [("failed", "reward_failed:sandbox_error")] + [("evaluated", None)] * 4
+    await ledger.upsert_trajectories(
+        [
+            {"run_id": run_id, "trajectory_id": f"{run_id}-{i}", "group_id": "g", "status": s, "reason": r}
+            for i, (s, r) in enumerate(rows)
+        ]
+    )
+    progress = Progress(RunConfig(run=RunSection(id=run_id, max_steps=2)), ledger, None, live=False)
+    summary = await progress.summary()
+    assert (
+        "not trained, most common: 3 failed (dead letter from scorer: delivered 5 times and never acked); "
+        "2 discarded_stale (stale); 1 failed (reward_failed:sandbox_error)"
+    ) in summary, summary

@@ -222,6 +222,21 @@ class Ledger:
             )
             return {status: int(n) for status, n in rows}
 
+    async def not_trained_reasons(self, run_id: str, *, limit: int = 10) -> list[tuple[str, str, int]]:
+        """(status, reason, count) of the samples that ended neither trained nor evaluated
+        (discarded stale or rolled back, failed), the most common reason first."""
+        t = TRAJECTORIES.c
+        ended = [s for s in TERMINAL if s not in ("trained", "evaluated")]
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.status, t.reason, func.count().label("n"))
+                .where(t.run_id == run_id, t.status.in_(ended))
+                .group_by(t.status, t.reason)
+                .order_by(func.count().desc(), t.status, t.reason)
+                .limit(limit)
+            )
+            return [(status, reason or "", int(n)) for status, reason, n in rows]
+
     async def staleness_histogram(self, run_id: str, *, status: str = "trained") -> dict[int, int]:
         async with self.engine.connect() as conn:
             rows = await conn.execute(
