@@ -23,7 +23,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,9 @@ class TrainerState:
         return {v for v, r in self.versions.items() if r.rolled_back}
 
     def to_json(self) -> str:
-        data = asdict(self)
-        data["versions"] = {str(k): v for k, v in data["versions"].items()}
+        # not `asdict`: it deep-copies every id list, ~0.45 s a checkpoint by 500k trained ids
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        data["versions"] = {str(k): asdict(v) for k, v in self.versions.items()}
         return json.dumps(data)
 
     @classmethod
