@@ -694,9 +694,10 @@ class Bus:
 
     async def _failed(self, consumer: str, delivery: Delivery, exc: BaseException) -> bool:
         """A handler failed on this message: nak it with backoff (True), or dead-letter it at its
-        last delivery (False)."""
+        last delivery (False; never for a consumer without a limit)."""
         reason = f"{type(exc).__name__}: {exc}"
-        if delivery.num_delivered >= self.consumers[consumer].max_deliver:
+        limit = self.consumers[consumer].max_deliver  # -1: no limit, retried until it succeeds
+        if 0 < limit <= delivery.num_delivered:
             await self._dead_letter(
                 consumer, delivery._msg, delivery, f"failed {delivery.num_delivered} times; last: {reason}"
             )

@@ -164,6 +164,43 @@ async def test_a_message_whose_consumer_dies_holding_it_every_time_is_dead_lette
             await b.delete_streams()
 
 
+async def test_a_consumer_without_a_delivery_limit_retries_a_failing_handler_until_it_succeeds(
+    bus_config: BusConfig, run_id: str
+):
+    """`max_deliver = -1` (the advisory consumer's): a handler that fails more often than the
+    default limit is retried, never dead-lettered, so what it reads is never dropped."""
+    from offbeat.bus import ConsumerSpec
+
+    async with await Bus.connect(bus_config, f"{run_id}-nolimit", name="test") as b:
+        b.consumers["retry"] = ConsumerSpec(
+            durable="retry",
+            filter_subject=b.subjects.rollout_request,
+            ack_wait_s=5.0,
+            max_deliver=-1,
+            max_ack_pending=16,
+            description="test",
+        )
+        await b.ensure()
+        try:
+            await b.publish(b.subjects.rollout_request, _request(b.run_id, 1), msg_id="r1")
+            attempts: list[int] = []
+            stop = asyncio.Event()
+
+            async def handle(req: rollout_pb2.RolloutRequest, delivery: Delivery) -> None:
+                attempts.append(delivery.num_delivered)
+                if len(attempts) <= b.cfg.max_deliver + 2:
+                    raise RuntimeError("not yet")
+                stop.set()
+
+            await asyncio.wait_for(b.consume("retry", rollout_pb2.RolloutRequest, handle, stop=stop), 60)
+            assert attempts == list(range(1, b.cfg.max_deliver + 4))
+            info = await b.js.stream_info(b.subjects.stream, subjects_filter=b.subjects.dlq)
+            assert not info.state.subjects, "dead-lettered"
+            assert await b.consumer_pending("retry") == (0, 0)
+        finally:
+            await b.delete_streams()
+
+
 async def test_a_batch_dead_letters_its_bad_messages_alone_and_acks_the_rest(bus: Bus, run_id):
     """One pull holds good messages, garbage, another run's message, one the handler rejects and
     one it fails on: the bad ones are dead-lettered each with its own reason, the good ones acked
