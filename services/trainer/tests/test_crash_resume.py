@@ -189,9 +189,11 @@ async def test_a_member_that_left_its_group_before_a_restart_still_counts_after_
         return await bus.consumer_pending("trainer") == (0, 0)
 
     proc = start_trainer(service_config_file, nats_url, sets, log=log)
-    await wait_for(lambda: _step(state_dir) == 1, timeout_s=120)
-    await wait_for(all_acked, timeout_s=60)
-    proc.send_signal(signal.SIGKILL)
+    try:
+        await wait_for(lambda: _step(state_dir) == 1, timeout_s=120)
+        await wait_for(all_acked, timeout_s=60)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # also when a wait failed: no trainer outlives the test
     assert await _wait_exit(proc) == -signal.SIGKILL
     assert _state(state_dir)["departed"] == {"b": [2, ["b-0"]]}
 
