@@ -66,7 +66,7 @@ async def offbeat_round(url: str) -> float:
         )
     await bus.consume("inference", rollout_pb2.RolloutRequest, handle, stop=stop)
     elapsed = time.perf_counter() - started
-    await bus.js.delete_stream(bus.subjects.stream)
+    await bus.delete_streams()
     await bus.close()
     return N / elapsed
 

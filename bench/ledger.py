@@ -130,7 +130,7 @@ async def writer_round(nats_url: str, db_url: str) -> float:
     await task
     assert await ledger.count_trajectories(run_id) == N
     await ledger.close()
-    await bus.js.delete_stream(bus.subjects.stream)
+    await bus.delete_streams()
     await bus.close()
     return total / elapsed
 

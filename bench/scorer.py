@@ -230,7 +230,7 @@ async def service_rate(
             name = rollout_pb2.RewardStatus.Name(scored.status).removeprefix("REWARD_STATUS_").lower()
             statuses[name] = statuses.get(name, 0) + 1
             await msg.ack()
-    await bus.js.delete_stream(bus.subjects.stream)
+    await bus.delete_streams()
     await bus.close()
     if len(stamps) != len(items):
         raise SystemExit(f"{env_name}: {len(stamps)} scored of {len(items)}")

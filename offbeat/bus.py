@@ -413,9 +413,9 @@ class Bus:
                 "(`offbeat run OLD.toml --fresh` forgets one)"
             ) from None
         await self._add_or_update_stream(self.advisory_stream_config())
-        for spec in self.consumers.values():
+        for name, spec in self.consumers.items():
             await self.js.add_consumer(
-                spec.stream or self.subjects.stream,
+                self.stream_of(name),
                 api.ConsumerConfig(
                     durable_name=spec.durable,
                     description=spec.description,

@@ -365,7 +365,7 @@ class Scheduler:
                     group_id=r.group_id,
                     env=r.env,
                     prompt_key=r.prompt_key,
-                    sample_index=list(r.trajectory_ids).index(tid) if tid in r.trajectory_ids else 0,
+                    sample_index=next((i for i, t in enumerate(r.trajectory_ids) if t == tid), 0),
                     group_size=r.n,
                 ),
                 status=rollout_pb2.REWARD_STATUS_LOST,

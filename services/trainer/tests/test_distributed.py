@@ -101,7 +101,7 @@ async def test_service_under_torchrun_matches_single_process_service(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=60)
-            await b.js.delete_stream(b.subjects.stream)
+            await b.delete_streams()
             await b.close()
         assert proc.returncode == 0, log.read_text()[-3000:]
         want = '"wrapper": "fsdp", "world": 2' if ranks == 2 else '"wrapper": "none", "world": 1'
