@@ -2,7 +2,10 @@
 
 A service's `__main__` parses its arguments, then calls `run_service(...)` with an async `main`
 that receives a `ServiceContext` (the run config, its own section, the bus, a stop event, and a
-health flag). SIGTERM/SIGINT set the stop event; the service drains and returns.
+health flag). SIGTERM/SIGINT set the stop event; the service drains and returns. A service that
+has not exited `shutdown_timeout_s + HARD_EXIT_GRACE_S` after the signal (a cleanup awaiting a
+server that is gone, a thread that never returns) is ended by a watchdog thread, as is one whose
+event loop is blocked; a second signal ends it at once.
 
 Not covered: the service's own loop (that is the service's package) or supervision (the launcher).
 """
@@ -13,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -28,6 +32,10 @@ from offbeat.config import ConfigError, RunConfig, ServiceConfig, load_run_confi
 
 C = TypeVar("C", bound=ServiceConfig)
 log = logging.getLogger("offbeat.service")
+
+HARD_EXIT_GRACE_S = 10.0
+"""Beyond `shutdown_timeout_s`, time for closing the bus and the health server after a signal."""
+HARD_EXIT_CODE = 70
 
 _RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -156,6 +164,35 @@ def run_service(
     asyncio.run(_run(name, run, config, main, connect_bus=connect_bus))
 
 
+def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, deadline_s: float) -> None:
+    """SIGTERM/SIGINT set `stop`; the process exits by `deadline_s` after the first signal whatever
+    it is doing, and at once on a second. A plain `signal.signal` handler (not the loop's) runs
+    even while the event loop is blocked, so the watchdog is armed in every case."""
+    signals: list[int] = []
+
+    def hard_exit(reason: str) -> None:
+        log.error("%s; exiting now (exit code %d)", reason, HARD_EXIT_CODE)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(HARD_EXIT_CODE)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        signals.append(signum)
+        if len(signals) > 1:
+            hard_exit(f"second signal ({signal.Signals(signum).name})")
+        loop.call_soon_threadsafe(stop.set)
+        watchdog = threading.Timer(
+            deadline_s,
+            hard_exit,
+            args=(f"still running {deadline_s:.0f}s after {signal.Signals(signum).name}",),
+        )
+        watchdog.daemon = True
+        watchdog.start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
 async def _run(
     name: str,
     run: RunConfig,
@@ -165,9 +202,7 @@ async def _run(
     connect_bus: bool,
 ) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    _stop_on_signals(asyncio.get_running_loop(), stop, config.shutdown_timeout_s + HARD_EXIT_GRACE_S)
     ctx: ServiceContext[C]
     details: dict[str, Any] = {}
     health = HealthServer(config.health_host, config.health_port, lambda: details)
