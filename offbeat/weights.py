@@ -5,7 +5,9 @@ A version is published only after its file is completely written and checksummed
 local path and verifies the checksum (a mismatch raises `ChecksumError` and leaves nothing behind).
 
 - `FileWeightStore` (`file:///root/...`): a shared filesystem path, what a cluster mounts
-  (ReadWriteMany). Files are written under a temporary name and renamed into place.
+  (ReadWriteMany). Files are written under a temporary name and renamed into place; on the
+  put file's own filesystem the store's file is a hard link to it, not a copy (the trainer never
+  writes a weights file again once it is put, and neither may any other caller).
 - `NatsObjectWeightStore` (`nats://bucket/name`): the NATS object store, zero extra
   infrastructure for small models; reads stream into a file (hashed as they are written), never
   into memory.
@@ -97,7 +99,11 @@ class FileWeightStore(WeightStore):
     def _put(local: Path, target: Path) -> StoredWeights:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".partial")
-        shutil.copyfile(local, tmp)
+        tmp.unlink(missing_ok=True)
+        try:  # the trainer's file is final once put: a second name costs no copy
+            os.link(local, tmp)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(local, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(tmp)

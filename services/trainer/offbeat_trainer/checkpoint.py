@@ -7,13 +7,20 @@ the newest complete one is what `--resume` loads. Contents:
 
 - `model.safetensors`: the full state dict with Hugging Face names (the same file a published
   version's weights come from), `optimizer.pt` (optimizer + scheduler state), `rng.pt`;
+- or, in a *light* checkpoint (`[trainer] optimizer_every` > 1, between the steps that save the
+  optimizer), `scheduler.pt` and `optimizer_from` (the name of the newest full checkpoint of the
+  lineage) instead of `optimizer.pt`: the optimizer state, as large as the model twice over for
+  AdamW, is written every `optimizer_every` steps. Loading a light checkpoint takes the model, the
+  accounting and the schedule from it, and the AdamW moments from that full checkpoint, at most
+  `optimizer_every - 1` steps older than the weights;
 - `state.json`: `TrainerState` (step, versions with their step/parent/uri/sha256/checkpoint,
   next version id, head, consumed and dropped trajectory ids, ids retired by rollbacks, members
   that left groups still buffered, and the last step's report and announcement so they can be
   re-published idempotently after a crash).
 
 Kept: the newest `keep` checkpoints and the checkpoints that produced the newest
-`rollback_window` live published versions (what rollback needs; 0 keeps all of them). Not covered: sharded (distributed) checkpoint files; ranks gather the full
+`rollback_window` live published versions (what rollback needs; 0 keeps all of them), and the full
+checkpoints those take their optimizer state from. Not covered: sharded (distributed) checkpoint files; ranks gather the full
 state and rank 0 writes it.
 """
 
@@ -31,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "ckpt-"
+OPTIMIZER_FROM = "optimizer_from"
 
 
 @dataclass
@@ -106,6 +114,16 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+def load_optimizer(directory: str | Path) -> dict[str, Any]:
+    """{"optimizer", "scheduler"} of a checkpoint directory, full or light (see the module doc)."""
+    d = Path(directory)
+    if (d / "optimizer.pt").is_file():
+        return torch.load(d / "optimizer.pt", weights_only=False)  # type: ignore[no-any-return]
+    base = d.parent / (d / OPTIMIZER_FROM).read_text().strip()
+    optimizer = torch.load(base / "optimizer.pt", weights_only=False)["optimizer"]
+    return {"optimizer": optimizer, **torch.load(d / "scheduler.pt", weights_only=False)}
+
+
 class Checkpoints:
     def __init__(self, root: Path, *, keep: int = 2, rollback_window: int = 0) -> None:
         self.root = root
@@ -130,12 +148,14 @@ class Checkpoints:
         state: TrainerState,
         *,
         weights_file: Path,
-        optimizer: dict[str, Any],
+        optimizer: dict[str, Any] | None,
         scheduler: dict[str, Any],
         name: str | None = None,
     ) -> str:
-        """Write a checkpoint atomically; `weights_file` (a finished safetensors file) is moved in."""
+        """Write a checkpoint atomically; `weights_file` (a finished safetensors file) is moved in.
+        Without `optimizer` it is a light checkpoint on the newest full one (there must be one)."""
         name = name or self.next_name()
+        base = None if optimizer is not None else self.optimizer_source(self.latest() or "")
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -143,7 +163,12 @@ class Checkpoints:
             os.replace(weights_file, tmp / "model.safetensors")
         else:
             shutil.copyfile(weights_file, tmp / "model.safetensors")
-        torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save({"optimizer": optimizer, "scheduler": scheduler}, tmp / "optimizer.pt")
+        else:
+            assert base is not None
+            torch.save({"scheduler": scheduler}, tmp / "scheduler.pt")
+            (tmp / OPTIMIZER_FROM).write_text(base.name)
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(state.to_json())
         for f in tmp.iterdir():
@@ -154,12 +179,21 @@ class Checkpoints:
         self.prune(state)
         return name
 
+    def optimizer_source(self, name: str) -> Path:
+        """The directory whose `optimizer.pt` holds the optimizer state of checkpoint `name`."""
+        d = self.root / name
+        if (d / "optimizer.pt").is_file():
+            return d
+        if (d / OPTIMIZER_FROM).is_file():
+            return self.root / (d / OPTIMIZER_FROM).read_text().strip()
+        raise FileNotFoundError(f"no full checkpoint (with optimizer.pt) under {self.root} for {name!r}")
+
     def load(self, name: str) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any]]:
         """(state, model state dict, {"optimizer", "scheduler"}); restores the RNG states."""
         d = self.root / name
         state = TrainerState.from_json((d / "state.json").read_text())
         model = load_file(str(d / "model.safetensors"))
-        opt = torch.load(d / "optimizer.pt", weights_only=False)
+        opt = load_optimizer(d)
         rng = torch.load(d / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -182,8 +216,11 @@ class Checkpoints:
         return live[-self.rollback_window :] if self.rollback_window else live
 
     def prune(self, state: TrainerState) -> None:
-        needed = {state.versions[v].checkpoint for v in self.rollback_targets(state)}
         names = self.names()
+        needed = {state.versions[v].checkpoint for v in self.rollback_targets(state)} | set(
+            names[-self.keep :]
+        )
+        needed |= {self.optimizer_source(n).name for n in needed if (self.root / n).is_dir()}
         for name in names[: -self.keep]:
             if name not in needed:
                 shutil.rmtree(self.root / name, ignore_errors=True)

@@ -5,7 +5,8 @@ deferred), form the batch of the update from step t (staleness filter, masked fa
 advantages), train, then make the step durable in this order:
 
 1. weights (if `weights_every` says so) put in the weight store under the next version id;
-2. an atomic checkpoint with the model, optimizer, the version record and the accounting
+2. an atomic checkpoint with the model, optimizer (every `optimizer_every` steps; see
+   `checkpoint.py` for the light ones between), the version record and the accounting
    (consumed and dropped trajectory ids, and which members left the groups still buffered), the
    step report and the announcement;
 3. announce the version on `policy.weights` and put it as the KV head; publish the report;
@@ -340,7 +341,11 @@ class Trainer:
         st = self.state
         drops, self.pending_drops = self.pending_drops, []
         step = st.step + 1
-        model_sd, opt_sd = await asyncio.to_thread(self._call, "full_state")
+        opt_sd: dict[str, Any] | None = None
+        if step % self.cfg.optimizer_every == 0 or step >= self.run.max_steps:
+            model_sd, opt_sd = await asyncio.to_thread(self._call, "full_state")
+        else:  # a light checkpoint: the optimizer state is neither gathered nor written
+            model_sd = await asyncio.to_thread(self._call, "model_state")
         tmp = await asyncio.to_thread(
             save_weights, model_sd, self.ckpts.root / f".weights-{id(self)}.safetensors"
         )

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from offbeat_trainer.batching import Trajectory
+from offbeat_trainer.checkpoint import load_optimizer
 from offbeat_trainer.loss import LossSettings, load_loss
 from offbeat_trainer.packing import MicroBatch, dummy_micro_batch, pack
 
@@ -267,11 +268,20 @@ class TrainCore:
                         state["step"] = 0
         return model_sd, optim_sd  # type: ignore[return-value]
 
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """Full (unsharded, CPU) model state dict, without gathering the optimizer's."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(  # type: ignore[return-value]
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
     def load_checkpoint(self, directory: str) -> None:
-        """Load model, optimizer and schedule from a checkpoint directory (every rank reads it)."""
+        """Load model, optimizer and schedule from a checkpoint directory (every rank reads it;
+        a light one takes the optimizer state from its full checkpoint)."""
         from safetensors.torch import load_file
 
-        opt = torch.load(f"{directory}/optimizer.pt", weights_only=False)
+        opt = load_optimizer(directory)
         self.load_full_state(load_file(f"{directory}/model.safetensors"), opt["optimizer"])
         self.scheduler.load_state_dict(opt["scheduler"])
 

@@ -55,12 +55,24 @@ async def _wait_exit(proc, timeout_s: float = 180) -> int:  # type: ignore[no-un
     return proc.returncode  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("optimizer_every", [1, 3], ids=["full", "light"])
 async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
-    bus, nats_url, run_id, service_config_file, tiny_model, tmp_path, make_scored, launch_trainer
+    bus,
+    nats_url,
+    run_id,
+    service_config_file,
+    tiny_model,
+    tmp_path,
+    make_scored,
+    launch_trainer,
+    optimizer_every,
 ):
+    """With `optimizer_every = 3`, the checkpoints of steps 1, 2 and 4 are light: the resume after
+    the first kill starts from one (step 2, optimizer state of step 0's)."""
     scored, start_trainer = make_scored, launch_trainer  # type: ignore[no-untyped-def]
     state_dir = tmp_path / "state"
     sets = [
+        f"trainer.optimizer_every={optimizer_every}",
         f"run.id={run_id}",
         f"model.path={tiny_model}",
         "run.group_size=2",
@@ -92,6 +104,8 @@ async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
     )
     assert await _wait_exit(proc) == -signal.SIGKILL, log.read_text()[-3000:]
     assert _state(state_dir)["step"] == 2
+    latest = sorted((state_dir / "trainer").glob("ckpt-*"))[-1]
+    assert (latest / "optimizer.pt").is_file() == (optimizer_every == 1)
 
     # 2. resume: the held messages come back and must be skipped; then killed by an external
     #    SIGKILL while waiting for data (between steps)

@@ -23,12 +23,23 @@ def _state(state_dir: Path) -> dict:  # type: ignore[type-arg]
     return json.loads((_latest(state_dir) / "state.json").read_text())  # type: ignore[no-any-return]
 
 
+@pytest.mark.parametrize("optimizer_every", [1, 2], ids=["full", "light"])
 async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
-    bus, nats_url, run_id, service_config_file, tiny_model, tmp_path, make_scored, launch_trainer
+    bus,
+    nats_url,
+    run_id,
+    service_config_file,
+    tiny_model,
+    tmp_path,
+    make_scored,
+    launch_trainer,
+    optimizer_every,
 ):  # type: ignore[no-untyped-def]
+    """With `optimizer_every = 2` the target (v1, step 1) has a light checkpoint."""
     state_dir = tmp_path / "state"
     log = tmp_path / "trainer.log"
     sets = [
+        f"trainer.optimizer_every={optimizer_every}",
         f"run.id={run_id}",
         f"model.path={tiny_model}",
         "run.group_size=2",

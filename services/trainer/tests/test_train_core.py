@@ -95,3 +95,36 @@ def test_leaving_zero_advantage_samples_out_of_the_pass_gives_the_same_update(ti
     ), "nothing trained"
     with_kl = TrainCore(load_model(str(tiny_model)), CoreSettings(kl_coef=0.1))
     assert not with_kl.skips_zero_advantage, "the KL term has a gradient at advantage 0"
+
+
+def test_a_light_checkpoint_restores_the_weights_and_schedule_exactly_and_older_moments(tiny_model, tmp_path):
+    from offbeat_trainer.checkpoint import Checkpoints, TrainerState, save_weights
+
+    ckpts = Checkpoints(tmp_path, keep=3)
+    core = TrainCore(load_model(str(tiny_model)), CoreSettings(lr=1e-2))
+    core.step(_samples())
+    model_sd, optim_sd = core.full_state()
+    moments_at_1 = {k: v["exp_avg"].clone() for k, v in optim_sd["state"].items()}
+    w = save_weights(model_sd, tmp_path / ".w.safetensors")
+    ckpts.save(
+        TrainerState(step=1), weights_file=w, optimizer=optim_sd, scheduler=core.scheduler.state_dict()
+    )
+    for _ in range(2):
+        core.step(_samples())
+    light_sd = core.model_state()
+    assert light_sd.keys() == core.full_state()[0].keys()
+    w = save_weights(light_sd, tmp_path / ".w.safetensors")
+    name = ckpts.save(
+        TrainerState(step=3), weights_file=w, optimizer=None, scheduler=core.scheduler.state_dict()
+    )
+
+    resumed = TrainCore(load_model(str(tiny_model)), CoreSettings(lr=1e-2))
+    resumed.load_checkpoint(str(tmp_path / name))
+    for (key, a), b in zip(core.module.named_parameters(), resumed.module.parameters(), strict=True):
+        assert torch.equal(a, b), key
+    assert resumed.scheduler.last_epoch == core.scheduler.last_epoch == 3
+    restored = resumed.full_state()[1]["state"]
+    now = core.full_state()[1]["state"]
+    assert not all(torch.equal(now[k]["exp_avg"], m) for k, m in moments_at_1.items())
+    assert all(torch.equal(restored[k]["exp_avg"], m) for k, m in moments_at_1.items())
+    assert all(int(s["step"]) == 1 for s in restored.values())
