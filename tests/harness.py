@@ -376,10 +376,12 @@ async def stream_ids(nats_url: str, run_id: str, prefix: str = "offbeat") -> tup
 
 
 def trainer_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The trainer's newest checkpoint state (`state.json`): its own record of what it trained."""
+    """The trainer's newest checkpoint state with its accounting: its own record of what it trained."""
+    from offbeat_trainer.checkpoint import read_state
+
     names = sorted((run_dir / "trainer").glob("ckpt-*/state.json"))
     assert names, f"no trainer checkpoint under {run_dir / 'trainer'}"
-    return json.loads(names[-1].read_text())  # type: ignore[no-any-return]
+    return json.loads(read_state(names[-1].parent).to_json())  # type: ignore[no-any-return]
 
 
 def audit(run: LiveRun) -> Audit:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from offbeat_trainer.checkpoint import Checkpoints, TrainerState, VersionRecord, save_weights
+from offbeat_trainer.checkpoint import (
+    JOURNAL,
+    Checkpoints,
+    TrainerState,
+    VersionRecord,
+    read_state,
+    save_weights,
+)
 
 
 def _save(ckpts: Checkpoints, state: TrainerState) -> str:
@@ -68,3 +76,62 @@ def test_a_light_checkpoint_needs_a_full_one(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no full checkpoint"):
         _light(ckpts, TrainerState(step=1), {})
     assert ckpts.names() == []
+
+
+def test_the_accounting_is_journaled_once_and_every_checkpoint_reads_its_own(tmp_path: Path) -> None:
+    ckpts = Checkpoints(tmp_path, keep=10)
+    state = TrainerState()
+    names, expected = [], []
+    for step in range(1, 4):
+        state.step = step
+        state.consumed += [f"s{step}-{i}" for i in range(1000)]
+        state.dropped[f"d{step}"] = "stale"
+        names.append(_save(ckpts, state))
+        expected.append(json.loads(state.to_json()))
+    for name, want in zip(names, expected, strict=True):
+        assert json.loads(read_state(tmp_path / name).to_json()) == want
+        assert "s1-0" not in (tmp_path / name / "state.json").read_text()  # the ids are not rewritten
+    assert len((tmp_path / JOURNAL).read_text().splitlines()) == 3  # each id once
+
+    # a rollback to the first checkpoint: consumed cut back to its prefix, the undone ids retired
+    old = read_state(tmp_path / names[0])
+    state = TrainerState(step=1, consumed=old.consumed, dropped=state.dropped, retired=state.consumed[1000:])
+    rolled = _save(ckpts, state)
+    assert json.loads(read_state(tmp_path / rolled).to_json()) == json.loads(state.to_json())
+    assert json.loads(read_state(tmp_path / names[2]).to_json()) == expected[2]  # still as it was
+
+
+def test_a_journal_tail_that_no_checkpoint_recorded_is_cut_by_the_next_save(tmp_path: Path) -> None:
+    ckpts = Checkpoints(tmp_path)
+    state = TrainerState(step=1, consumed=["a", "b"])
+    _save(ckpts, state)
+    state.step, state.consumed = 2, [*state.consumed, "lost-with-the-crash"]
+    ckpts._append(state)  # the journal entry is durable, then the process dies before the rename
+    restarted = Checkpoints(tmp_path)
+    resumed = read_state(tmp_path / (restarted.latest() or ""))
+    assert resumed.consumed == ["a", "b"]
+    resumed.step, resumed.consumed = 2, [*resumed.consumed, "c"]
+    name = _save(restarted, resumed)
+    assert read_state(tmp_path / name).consumed == ["a", "b", "c"]
+    assert "lost-with-the-crash" not in (tmp_path / JOURNAL).read_text()
+
+
+def test_a_checkpoint_from_before_the_journal_resumes_with_all_its_accounting(tmp_path: Path) -> None:
+    legacy = TrainerState(step=1, consumed=["a"], dropped={"b": "stale"}, retired=["c"])
+    name = _save(Checkpoints(tmp_path), legacy)
+    (tmp_path / name / "state.json").write_text(legacy.to_json())  # the accounting in state.json
+    (tmp_path / JOURNAL).unlink()
+    assert read_state(tmp_path / name) == legacy
+    ckpts = Checkpoints(tmp_path)
+    legacy.step, legacy.consumed = 2, ["a", "d"]
+    assert read_state(tmp_path / _save(ckpts, legacy)) == legacy
+
+
+def test_a_damaged_journal_is_a_clear_error(tmp_path: Path) -> None:
+    ckpts = Checkpoints(tmp_path)
+    name = _save(ckpts, TrainerState(step=1, consumed=["a", "b"]))
+    (tmp_path / JOURNAL).write_bytes((tmp_path / JOURNAL).read_bytes()[:-5])
+    with pytest.raises(ValueError, match="does not hold what the checkpoint recorded"):
+        read_state(tmp_path / name)
+    with pytest.raises(ValueError, match="shorter than its newest checkpoint"):
+        _save(ckpts, TrainerState(step=2, consumed=["a", "b", "c"]))

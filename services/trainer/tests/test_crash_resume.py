@@ -15,6 +15,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from offbeat_trainer.checkpoint import read_state
 
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2
@@ -39,7 +40,7 @@ async def _reports(bus) -> list[policy_pb2.TrainerStep]:  # type: ignore[no-unty
 def _state(state_dir: Path) -> dict:  # type: ignore[type-arg]
     root = state_dir / "trainer"
     latest = sorted(p for p in root.iterdir() if p.name.startswith("ckpt-"))[-1]
-    return json.loads((latest / "state.json").read_text())  # type: ignore[no-any-return]
+    return json.loads(read_state(latest).to_json())  # type: ignore[no-any-return]
 
 
 def _step(state_dir: Path) -> int:

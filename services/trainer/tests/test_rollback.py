@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
+from offbeat_trainer.checkpoint import read_state
 
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2
@@ -20,7 +21,7 @@ def _latest(state_dir: Path) -> Path:
 
 
 def _state(state_dir: Path) -> dict:  # type: ignore[type-arg]
-    return json.loads((_latest(state_dir) / "state.json").read_text())  # type: ignore[no-any-return]
+    return json.loads(read_state(_latest(state_dir)).to_json())  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize("optimizer_every", [1, 2], ids=["full", "light"])
