@@ -197,7 +197,12 @@ async def run_weights(tmp: Path, *, hidden: int, layers: int, repeats: int) -> d
         )
         for i in range(CAPACITY)
     ]
-    await wait_for(lambda: len(engine._rows) == CAPACITY, timeout_s=600, interval_s=0.01)
+    # every busy sequence admitted; one that sampled EOS meanwhile is done (a random model may)
+    await wait_for(
+        lambda: not engine._waiting and len(engine._rows) + sum(t.done() for t in busy) == CAPACITY,
+        timeout_s=600,
+        interval_s=0.01,
+    )
     applies, lives = [], []
     for i in range(repeats):
         applied = await engine.update_weights(files[i % 2], i + 1)

@@ -12,7 +12,8 @@ service at start), so no message is published before the consumers that must see
 - `Bus.consume_batches` is the same loop for handlers that take a whole pull at once (the scorer,
   the ledger writer): per-message costs are paid once per batch, and the handler says per message
   whether it succeeded, so one bad message is dead-lettered or nak'ed alone and the rest acked.
-- `Bus.publish_many` pipelines a batch of publishes and waits for their acks together.
+- `Bus.publish_many` pipelines a batch of publishes and waits for their acks together;
+  `BatchPublisher` coalesces the publishes of many tasks into such batches.
 - A message delivered `max_deliver` times without an answer (its consumer's process died or hung
   every time: a poison message) is never delivered again, and the server says so only in an
   advisory. A second stream keeps the run's advisories, and `Bus.dead_letter_undelivered` (run by
@@ -843,3 +844,77 @@ class Bus:
         """(messages not yet delivered, delivered but unacked) of a declared consumer."""
         info = await self.js.consumer_info(self.stream_of(consumer), self.consumers[consumer].durable)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+
+class BatchPublisher:
+    """Coalesces publishes from many tasks into pipelined batches (`Bus.publish_many`): whatever
+    is added while the previous batch goes out is published together, up to `max_batch` at a time
+    and `in_flight` batches awaiting their acks at once. Each publication's `done` callback learns
+    whether the server stored it (None) or why not, so its sender acts only on a stored message.
+
+    One JetStream publish through `Bus.publish` costs a request inbox, a future and a timeout of
+    its own; a completion a replica publishes as soon as it is sampled costs a dictionary entry
+    here. `run()` must be running; after `close()` it publishes what is pending, then returns."""
+
+    def __init__(self, bus: Bus, *, max_batch: int = 512, in_flight: int = 4) -> None:
+        self.bus = bus
+        self.max_batch = max_batch
+        self.in_flight = in_flight
+        self.pending: list[tuple[Publication[Any], Callable[[BaseException | None], None]]] = []
+        self.wakeup = asyncio.Event()
+        self.closing = False
+
+    def add(self, publication: Publication[Any], done: Callable[[BaseException | None], None]) -> None:
+        self.pending.append((publication, done))
+        if not self.wakeup.is_set():
+            self.wakeup.set()
+
+    async def publish(self, publication: Publication[Any]) -> None:
+        """Publish one message with the next batch; raises what refused it."""
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(error: BaseException | None) -> None:
+            if stored.done():  # the sender was cancelled meanwhile
+                return
+            if error is None:
+                stored.set_result(None)
+            else:
+                stored.set_exception(error)
+
+        self.add(publication, done)
+        await stored
+
+    async def run(self) -> None:
+        flying: set[asyncio.Task[None]] = set()
+        while not (self.closing and not self.pending):
+            await self.wakeup.wait()
+            self.wakeup.clear()
+            while self.pending:
+                if len(flying) >= self.in_flight:
+                    await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
+                task = asyncio.create_task(self._publish(batch))
+                flying.add(task)
+                task.add_done_callback(flying.discard)
+        if flying:
+            await asyncio.gather(*flying)
+
+    async def _publish(
+        self, batch: list[tuple[Publication[Any], Callable[[BaseException | None], None]]]
+    ) -> None:
+        try:
+            await self.bus.publish_many(p for p, _ in batch)
+        except PublishError as exc:  # those refused fail; the rest were stored
+            for j, (_, done) in enumerate(batch):
+                done(exc.errors.get(j))
+        except Exception as exc:  # no answer: none is known stored
+            for _, done in batch:
+                done(exc)
+        else:
+            for _, done in batch:
+                done(None)
+
+    def close(self) -> None:
+        self.closing = True
+        self.wakeup.set()

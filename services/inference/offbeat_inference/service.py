@@ -4,8 +4,9 @@ Start-up: load the engine (version 0 = `[model] path`), subscribe to `policy.wei
 with the KV head, subscribe to `control.*` and read the paused flag, then report healthy and pull
 from the `inference` consumer with at most `max_requests_in_flight` requests held at once. Each
 request's n samples go to the engine together; each finished sample is published at once as a
-`RolloutCompletion` (msg id `completion:{trajectory_id}`), and the request is acked when all n
-are published. A redelivered request is generated again; the server's dedup drops the repeats.
+`RolloutCompletion` (msg id `completion:{trajectory_id}`; samples that finish together, of any
+request, go out in one pipelined batch, `BatchPublisher`), and the request is acked when the
+server has stored all n. A redelivered request is generated again; the server's dedup drops the repeats.
 
 Requests that can never succeed (n < 1, trajectory ids that do not match n, no prompt, a prompt
 that does not fit the context length, prompt token ids outside the vocabulary, a temperature that
@@ -29,7 +30,7 @@ from typing import Any
 
 from prometheus_client import Counter
 
-from offbeat.bus import Bus, Delivery, Reject
+from offbeat.bus import BatchPublisher, Bus, Delivery, Publication, Reject
 from offbeat.config import RunConfig
 from offbeat.service import ServiceContext
 from offbeat.v1 import policy_pb2, rollout_pb2
@@ -131,6 +132,8 @@ class InferenceService:
         self.requests_in_flight = 0
         self.failure: str | None = None
         self._subs: list[Any] = []
+        self.publisher = BatchPublisher(self.bus)
+        """Completions finish one by one across requests; they go out together in batches."""
 
     async def run(self) -> None:
         ctx = self.ctx
@@ -150,12 +153,15 @@ class InferenceService:
         await self.follower.start()
         follower = asyncio.create_task(self.follower.run(ctx.stop))
         refresher = asyncio.create_task(self._refresh_details())
+        publishing = asyncio.create_task(self.publisher.run())
         ctx.set_healthy()
         try:
             await self._pull_until_stopped()
         finally:
             ctx.set_healthy(False)
             refresher.cancel()
+            self.publisher.close()  # after the consumer returned: no sample is waiting on it any more
+            await asyncio.gather(publishing, return_exceptions=True)
             for sub in self._subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -285,8 +291,10 @@ class InferenceService:
         if gen.finish_reason == "abort":
             raise RuntimeError(f"engine aborted sample {index} of request {request.request_id}")
         completion = to_completion(request, index, prompt, gen, replica=self.config.replica)
-        await self.bus.publish(
-            self.bus.subjects.rollout_completion, completion, msg_id=f"completion:{completion.trajectory_id}"
+        await self.publisher.publish(
+            Publication(
+                self.bus.subjects.rollout_completion, completion, f"completion:{completion.trajectory_id}"
+            )
         )
         COMPLETIONS.labels(gen.finish_reason).inc()
         TOKENS.inc(len(gen.token_ids))

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import logging
 import time
 from collections.abc import Sequence
-from typing import Final
 
-from offbeat.bus import Bus, Delivery, Outcome, Publication, PublishError, Received
+from offbeat.bus import BatchPublisher, Delivery, Outcome, Publication, Received
 from offbeat.envs import EnvContext
 from offbeat.service import ServiceContext
 from offbeat.v1 import rollout_pb2
@@ -33,9 +33,6 @@ from offbeat_scorer.config import ScorerConfig
 from offbeat_scorer.scoring import Scorer
 
 log = logging.getLogger("offbeat.scorer")
-
-IN_FLIGHT_PUBLISHES: Final = 4
-"""Publish batches awaiting their acks at once."""
 
 
 class Settled:
@@ -58,65 +55,6 @@ class Settled:
             self._done = asyncio.get_running_loop().create_future()
             await self._done
         return self.outcomes
-
-
-class BatchPublisher:
-    """Coalesces scored trajectories into pipelined batches (`Bus.publish_many`): whatever is
-    ready when the previous publish returns goes out together, and each trajectory's `Settled`
-    learns whether the server acked it (so its completion is acked only after its score is stored)."""
-
-    def __init__(self, bus: Bus, *, max_batch: int) -> None:
-        self.bus = bus
-        self.max_batch = max_batch
-        self.pending: list[tuple[Publication[rollout_pb2.ScoredTrajectory], Settled, int]] = []
-        self.wakeup = asyncio.Event()
-        self.closing = False
-
-    def add(
-        self, publication: Publication[rollout_pb2.ScoredTrajectory], settled: Settled, index: int
-    ) -> None:
-        settled.publishing += 1
-        self.pending.append((publication, settled, index))
-        if not self.wakeup.is_set():
-            self.wakeup.set()
-
-    async def run(self) -> None:
-        """Publish until `close()`; whatever is pending then is still published. Up to
-        `IN_FLIGHT_PUBLISHES` batches wait for their acks at once, so the next batch goes out
-        while the server stores the last one."""
-        flying: set[asyncio.Task[None]] = set()
-        while not (self.closing and not self.pending):
-            await self.wakeup.wait()
-            self.wakeup.clear()
-            while self.pending:
-                if len(flying) >= IN_FLIGHT_PUBLISHES:
-                    await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
-                task = asyncio.create_task(self._publish(batch))
-                flying.add(task)
-                task.add_done_callback(flying.discard)
-        if flying:
-            await asyncio.gather(*flying)
-
-    async def _publish(
-        self, batch: list[tuple[Publication[rollout_pb2.ScoredTrajectory], Settled, int]]
-    ) -> None:
-        try:
-            await self.bus.publish_many(p for p, _, _ in batch)
-        except PublishError as exc:  # those refused fail (nak, redelivery, dedup); the rest stand
-            for j, (_, settled, index) in enumerate(batch):
-                settled.published(index, exc.errors.get(j))
-        except Exception as exc:  # no answer: every one fails
-            for _, settled, index in batch:
-                settled.published(index, exc)
-        else:
-            for _, settled, index in batch:
-                settled.published(index, None)
-
-    def close(self) -> None:
-        self.closing = True
-        self.wakeup.set()
 
 
 class Keepalive:
@@ -169,7 +107,10 @@ async def serve(ctx: ServiceContext[ScorerConfig]) -> None:
 
             def emit(index: int, data: bytes) -> None:
                 msg_id = f"scored:{completions[index].trajectory_id}"
-                publisher.add(Publication(subject, None, msg_id, data), settled, index)
+                settled.publishing += 1
+                publisher.add(
+                    Publication(subject, None, msg_id, data), functools.partial(settled.published, index)
+                )
 
             outcomes = await scorer.score_batch(completions, emit, payloads=[r.delivery.data for r in batch])
             for i, outcome in enumerate(outcomes):
