@@ -27,8 +27,8 @@ rollback's checkpoint keeps a prefix of the consumed ids, which its entry says (
 
 Kept: the newest `keep` checkpoints and the checkpoints that produced the newest
 `rollback_window` live published versions (what rollback needs; 0 keeps all of them), and the full
-checkpoints those take their optimizer state from. Not covered: sharded (distributed) checkpoint files; ranks gather the full
-state and rank 0 writes it.
+checkpoints those take their optimizer state from. Not covered: sharded (distributed) checkpoint
+files; ranks gather the full state and rank 0 writes it.
 """
 
 from __future__ import annotations
@@ -178,14 +178,23 @@ def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
     return path
 
 
+def optimizer_dir(directory: Path) -> Path:
+    """The checkpoint directory whose `optimizer.pt` holds the optimizer state of `directory`'s."""
+    if (directory / "optimizer.pt").is_file():
+        return directory
+    if (directory / OPTIMIZER_FROM).is_file():
+        return directory.parent / (directory / OPTIMIZER_FROM).read_text().strip()
+    raise FileNotFoundError(f"no full checkpoint (with optimizer.pt) for {directory}")
+
+
 def load_optimizer(directory: str | Path) -> dict[str, Any]:
     """{"optimizer", "scheduler"} of a checkpoint directory, full or light (see the module doc)."""
     d = Path(directory)
-    if (d / "optimizer.pt").is_file():
-        return torch.load(d / "optimizer.pt", weights_only=False)  # type: ignore[no-any-return]
-    base = d.parent / (d / OPTIMIZER_FROM).read_text().strip()
-    optimizer = torch.load(base / "optimizer.pt", weights_only=False)["optimizer"]
-    return {"optimizer": optimizer, **torch.load(d / "scheduler.pt", weights_only=False)}
+    full = optimizer_dir(d)
+    saved = torch.load(full / "optimizer.pt", weights_only=False)
+    if full == d:
+        return saved  # type: ignore[no-any-return]
+    return {"optimizer": saved["optimizer"], **torch.load(d / "scheduler.pt", weights_only=False)}
 
 
 class Checkpoints:
@@ -255,7 +264,7 @@ class Checkpoints:
         """Write a checkpoint atomically; `weights_file` (a finished safetensors file) is moved in.
         Without `optimizer` it is a light checkpoint on the newest full one (there must be one)."""
         name = name or self.next_name()
-        base = None if optimizer is not None else self.optimizer_source(self.latest() or "")
+        base = None if optimizer is not None else optimizer_dir(self.root / (self.latest() or ""))
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -280,15 +289,6 @@ class Checkpoints:
         self.mark = mark
         self.prune(state)
         return name
-
-    def optimizer_source(self, name: str) -> Path:
-        """The directory whose `optimizer.pt` holds the optimizer state of checkpoint `name`."""
-        d = self.root / name
-        if (d / "optimizer.pt").is_file():
-            return d
-        if (d / OPTIMIZER_FROM).is_file():
-            return self.root / (d / OPTIMIZER_FROM).read_text().strip()
-        raise FileNotFoundError(f"no full checkpoint (with optimizer.pt) under {self.root} for {name!r}")
 
     def load(self, name: str) -> tuple[TrainerState, dict[str, torch.Tensor], dict[str, Any]]:
         """(state, model state dict, {"optimizer", "scheduler"}); restores the RNG states."""
@@ -322,7 +322,7 @@ class Checkpoints:
         needed = {state.versions[v].checkpoint for v in self.rollback_targets(state)} | set(
             names[-self.keep :]
         )
-        needed |= {self.optimizer_source(n).name for n in needed if (self.root / n).is_dir()}
+        needed |= {optimizer_dir(self.root / n).name for n in needed if (self.root / n).is_dir()}
         for name in names[: -self.keep]:
             if name not in needed:
                 shutil.rmtree(self.root / name, ignore_errors=True)
