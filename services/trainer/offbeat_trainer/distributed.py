@@ -4,7 +4,8 @@
 `python -m ...` for one process) initialises the process group (gloo on CPU, NCCL on CUDA),
 builds `TrainCore` (FSDP2 `fully_shard` or DDP over the ranks), trains `--steps` steps on
 deterministic synthetic groups that every rank generates identically, and rank 0 writes the full
-parameters to a safetensors file. Equal files from 1 and N processes show the data-parallel path
+parameters to a safetensors file (gathered as a light checkpoint gathers them, and checked equal
+to what the full state dict, optimizer included, gathers). Equal files from 1 and N processes show the data-parallel path
 computes the same update.
 
 Not covered: reading from the bus (the service trains in one process).
@@ -89,10 +90,14 @@ def main(argv: list[str] | None = None) -> None:
                 f"loss={metrics['loss']:.6f} micro_batches={int(metrics['micro_batches'])}",
                 flush=True,
             )
-    model_sd, _ = core.full_state()
+    model_sd = core.model_state()  # what a light checkpoint gathers: the model without the optimizer
+    full_sd, _ = core.full_state()
     if core.rank == 0:
         from pathlib import Path
 
+        assert model_sd.keys() == full_sd.keys() and all(
+            torch.equal(model_sd[k], full_sd[k]) for k in model_sd
+        )
         save_weights(model_sd, Path(args.out))
     if world > 1:
         dist.barrier()
