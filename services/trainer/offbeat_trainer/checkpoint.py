@@ -101,7 +101,7 @@ class TrainerState:
         if journal is not None:
             for name in ACCOUNTING:
                 del data[name]
-            data["journal"] = {"bytes": journal.bytes, "counts": list(journal.counts)}
+            data["journal"] = journal.to_dict()
         return json.dumps(data)
 
     @classmethod
@@ -114,7 +114,7 @@ class TrainerState:
         if mark is not None:
             if journal_file is None:
                 raise ValueError("this state keeps its accounting in the journal; pass journal_file")
-            replay(state, journal_file, JournalMark(mark["bytes"], tuple(mark["counts"])))  # type: ignore[arg-type]
+            replay(state, journal_file, JournalMark.from_dict(mark))
         return state
 
 
@@ -125,6 +125,14 @@ class JournalMark:
     bytes: int = 0
     counts: tuple[int, int, int] = (0, 0, 0)
     """(consumed, dropped, retired) after replaying it up to `bytes`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes": self.bytes, "counts": list(self.counts)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JournalMark:
+        n_consumed, n_dropped, n_retired = data["counts"]
+        return cls(int(data["bytes"]), (int(n_consumed), int(n_dropped), int(n_retired)))
 
 
 def replay(state: TrainerState, journal_file: Path, mark: JournalMark) -> None:
@@ -212,7 +220,7 @@ class Checkpoints:
             return JournalMark()
         mark = json.loads((self.root / name / "state.json").read_text()).get("journal")
         # a checkpoint from before the journal holds all its accounting: the next entry has it all
-        return JournalMark(mark["bytes"], tuple(mark["counts"])) if mark else JournalMark()
+        return JournalMark.from_dict(mark) if mark else JournalMark()
 
     def _append(self, state: TrainerState) -> JournalMark:
         """Journal what changed since `self.mark` (consumed ids may have been cut back to a prefix
