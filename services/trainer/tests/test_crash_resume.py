@@ -158,7 +158,8 @@ async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
     assert "eval-0" not in consumed
 
     reports = await _reports(bus)
-    assert sorted(r.step for r in reports) == [1, 2, 3, 4], [r.step for r in reports]
+    # in step order: a step's report goes out while the next step trains, never after its report
+    assert [r.step for r in reports] == [1, 2, 3, 4], [r.step for r in reports]
     trained = [t for r in reports for t in r.consumed_trajectory_ids]
     assert sorted(trained) == sorted(consumed)
     assert [d.trajectory_id for r in reports for d in r.dropped] == ["g3-1"]
