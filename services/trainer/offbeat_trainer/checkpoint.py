@@ -179,9 +179,10 @@ def clone_for_save(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save_weights(state: dict[str, torch.Tensor], path: Path) -> Path:
+def save_weights(state: dict[str, torch.Tensor], path: Path, *, cloned: bool = False) -> Path:
+    """Write and fsync a safetensors file; `cloned`: `state` came from `clone_for_save` already."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(clone_for_save(state), str(path), metadata={"format": "pt"})
+    save_file(state if cloned else clone_for_save(state), str(path), metadata={"format": "pt"})
     _fsync(path)
     return path
 
@@ -268,9 +269,11 @@ class Checkpoints:
         optimizer: dict[str, Any] | None,
         scheduler: dict[str, Any],
         name: str | None = None,
+        rng: dict[str, Any] | None = None,
     ) -> str:
         """Write a checkpoint atomically; `weights_file` (a finished safetensors file) is moved in.
-        Without `optimizer` it is a light checkpoint on the newest full one (there must be one)."""
+        Without `optimizer` it is a light checkpoint on the newest full one (there must be one).
+        `rng`: {"torch", "python"} states taken when the step ended (default: the current ones)."""
         name = name or self.next_name()
         base = None if optimizer is not None else optimizer_dir(self.root / (self.latest() or ""))
         tmp = self.root / f".tmp-{name}-{os.getpid()}"
@@ -286,7 +289,8 @@ class Checkpoints:
             assert base is not None
             torch.save({"scheduler": scheduler}, tmp / "scheduler.pt")
             (tmp / OPTIMIZER_FROM).write_text(base.name)
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        rng = rng or {"torch": torch.get_rng_state(), "python": random.getstate()}
+        torch.save(rng, tmp / "rng.pt")
         mark = self._append(state)
         (tmp / "state.json").write_text(state.to_json(journal=mark))
         for f in tmp.iterdir():

@@ -78,6 +78,10 @@ class TrainerConfig(ServiceConfig):
     state of the newest full one, so a resume or rollback to them restarts AdamW from moments up
     to `optimizer_every - 1` steps old (the weights and the accounting stay exact). AdamW's state
     is twice the model in size: for large models 10-50 cuts what a step writes by about 3x."""
+    overlap_commit: bool = True
+    """Make a step durable (weights, checkpoint, announcement, acks) while the next step trains,
+    from a snapshot in CPU memory: a copy of the model's state (and the optimizer's on a full
+    checkpoint) held until it is written. Off: each step waits for its own checkpoint."""
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept besides those of published versions (needed for rollback)."""
     rollback_window: int = Field(DEFAULT_ROLLBACK_WINDOW, ge=0)

@@ -12,10 +12,14 @@ advantages), train, then make the step durable in this order:
 3. announce the version on `policy.weights` and put it as the KV head; publish the report;
 4. ack every message of the ids the checkpoint accounts for.
 
-3 and 4 (the step's *tail*) run while the next step trains: they only send what the checkpoint
-already holds. The next commit, a rollback and the end of the loop wait for the tail first, so
-announcements, reports and acks keep the order of the steps, and the state is never changed under
-a tail. In the demo the tail was 0.08 s of a 0.6 s step (1,024 acks, each confirmed).
+1 to 4 run while the next step trains (`overlap_commit`), on a snapshot taken before it starts:
+the weights (and optimizer state) gathered to CPU memory of their own, the schedule, the RNG
+states and the accounting. An id counts as accounted (its redelivery acked and skipped) only once
+its checkpoint is durable; until then its messages stay held and heartbeated. The next commit, a
+rollback and the end of the loop wait for the one in flight first, so checkpoints, announcements,
+reports and acks keep the order of the steps and the state is never changed under them. What it
+hides is the commit's waiting (fsyncs, a network store, acks' round trips); its CPU work still
+competes with a CPU-bound step (`bench/trainer_overlap.py`).
 
 A NATS outage during 3 or 4 is waited out: announcements and reports are retried until published
 (their msg ids make repeats no-ops), an ack that fails is left to redelivery (the id is accounted,
@@ -39,8 +43,10 @@ Not covered: rank 0 failing over; if any rank dies the job dies and is resumed a
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
+import random
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -102,8 +108,8 @@ class Trainer:
         self.vocab_size: int | None = None
         """Rows of the model's input embedding: token ids of a trajectory must be below it."""
         self.driver: Driver | None = None
-        self.tail: asyncio.Task[None] | None = None
-        """The last step's announcement, report and acks, sent while the next step trains."""
+        self.committing: asyncio.Task[None] | None = None
+        """The last step's checkpoint, announcement, report and acks, while the next step trains."""
         torch.manual_seed(self.run.seed)
         if self.cfg.torch_threads:
             torch.set_num_threads(self.cfg.torch_threads)
@@ -315,10 +321,10 @@ class Trainer:
         assert self.core is not None
         waiting_since = time.perf_counter()
         while not self.ctx.stop.is_set() and self.state.step < self.run.max_steps:
-            if self.tail is not None and self.tail.done():
-                await self._finish_tail()
+            if self.committing is not None and self.committing.done():
+                await self._finish_commit()
             while not self.rollbacks.empty():
-                await self._finish_tail()
+                await self._finish_commit()
                 await self.rollback(self.rollbacks.get_nowait())
             batch = self.buffer.take_step(
                 step=self.state.step,
@@ -344,35 +350,30 @@ class Trainer:
             metrics["wait_for_batch_s"] = wait_s
             await self.commit(batch, metrics, started_at)
             waiting_since = time.perf_counter()
-        await self._finish_tail()
+        await self._finish_commit()
         log.info("trainer finished", extra={"step": self.state.step})
 
-    async def _finish_tail(self) -> None:
-        """Wait for the last step's tail; its failure (a stop during an outage) is raised here."""
-        tail, self.tail = self.tail, None
-        if tail is not None:
-            await tail
+    async def _finish_commit(self) -> None:
+        """Wait for the last step's commit; its failure (a full disk, a stop during an outage) is
+        raised here."""
+        committing, self.committing = self.committing, None
+        if committing is not None:
+            await committing
 
     async def commit(self, batch: StepBatch, metrics: dict[str, float], started_at: float) -> None:
+        """Snapshot what the step's checkpoint needs, then make it durable and send it in the
+        background (`_durable`) while the next step trains."""
         assert self.core is not None
-        await self._finish_tail()
+        await self._finish_commit()
         st = self.state
         drops, self.pending_drops = self.pending_drops, []
         step = st.step + 1
-        opt_sd: dict[str, Any] | None = None
-        if step % self.cfg.optimizer_every == 0 or step >= self.run.max_steps:
-            model_sd, opt_sd = await asyncio.to_thread(self._call, "full_state")
-        else:  # a light checkpoint: the optimizer state is neither gathered nor written
-            model_sd = await asyncio.to_thread(self._call, "model_state")
-        tmp = await asyncio.to_thread(
-            save_weights, model_sd, self.ckpts.root / f".weights-{id(self)}.safetensors"
-        )
+        full = step % self.cfg.optimizer_every == 0 or step >= self.run.max_steps
+        model_sd, opt_sd = await asyncio.to_thread(self._call, "snapshot", full)
+        scheduler = copy.deepcopy(self.core.scheduler.state_dict())
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         name = self.ckpts.next_name()
-        version = 0
-        if step % self.cfg.weights_every == 0:
-            version = st.next_version
-            record = await self._store_version(tmp, version, step=step, parent=st.head, checkpoint=name)
-            self._set_announcement(version, record, f"weights:{version}")
+        version = st.next_version if step % self.cfg.weights_every == 0 else 0
         report = step_report(
             run_id=self.run.id,
             step=step,
@@ -387,32 +388,59 @@ class Trainer:
         st.dropped.update({d.trajectory_id: d.reason for d in drops})
         st.departed = self.buffer.departures()
         st.last_report = report.SerializeToString().hex()
+        done = [t.trajectory_id for t in batch.samples] + [d.trajectory_id for d in drops]
+        durable = self._durable(
+            step,
+            name,
+            version,
+            report,
+            done,
+            model_sd=model_sd,
+            opt_sd=opt_sd,
+            scheduler=scheduler,
+            rng=rng,
+        )
+        self.committing = asyncio.create_task(durable)
+        self.committing.add_done_callback(lambda _: self.wake.set())  # a failure is raised promptly
+        if not self.cfg.overlap_commit:
+            await self._finish_commit()
+
+    async def _durable(
+        self,
+        step: int,
+        name: str,
+        version: int,
+        report: policy_pb2.TrainerStep,
+        done: list[str],
+        *,
+        model_sd: dict[str, torch.Tensor],
+        opt_sd: dict[str, Any] | None,
+        scheduler: dict[str, Any],
+        rng: dict[str, Any],
+    ) -> None:
+        """Steps 1 to 4 of the module doc for one step, from its snapshot."""
+        st = self.state
+        tmp = await asyncio.to_thread(
+            save_weights, model_sd, self.ckpts.root / f".weights-{id(self)}.safetensors", cloned=True
+        )
+        wv = None
+        if version:
+            record = await self._store_version(tmp, version, step=step, parent=st.head, checkpoint=name)
+            self._set_announcement(version, record, f"weights:{version}")
+            wv = weight_version(self.run.id, version, record)
         _fault_point("before_checkpoint", step)
         await asyncio.to_thread(
             self.ckpts.save,
             st,
             weights_file=tmp,
             optimizer=opt_sd,
-            scheduler=self.core.scheduler.state_dict(),
+            scheduler=scheduler,
             name=name,
+            rng=rng,
         )
         _fault_point("after_checkpoint", step)
-        done = [t.trajectory_id for t in batch.samples] + [d.trajectory_id for d in drops]
         self.accounted.update(done)
-        wv = weight_version(self.run.id, version, st.versions[version]) if version else None
-        self.tail = asyncio.create_task(self._tail(step, wv, report, done))
-        self.tail.add_done_callback(lambda _: self.wake.set())  # a failed tail is raised promptly
-
-    async def _tail(
-        self,
-        step: int,
-        wv: policy_pb2.WeightVersion | None,
-        report: policy_pb2.TrainerStep,
-        done: list[str],
-    ) -> None:
-        """Send what the step's checkpoint holds: the announcement, the report, then the acks."""
         if wv is not None:
-            version = wv.version
             await self._until_sent(
                 "announcement",
                 lambda: self.bus.publish(self.bus.subjects.policy_weights, wv, msg_id=f"weights:{version}"),
@@ -454,6 +482,7 @@ class Trainer:
             await asyncio.gather(*(ack(tid, d) for tid, d in held[start : start + ACKS_IN_FLIGHT]))
 
     async def rollback(self, cmd: policy_pb2.ControlCommand) -> None:
+        """Called with no commit in flight (the loop waits for it first)."""
         assert self.core is not None
         v = cmd.version
         st = self.state
@@ -523,9 +552,9 @@ async def serve(ctx: ServiceContext[TrainerConfig], *, resume: bool = False) -> 
     finally:
         consume_stop.set()
         beat.cancel()
-        if trainer.tail is not None:  # the loop failed: unsent acks are redelivered, then skipped
-            trainer.tail.cancel()
-        await asyncio.gather(consumer, beat, *filter(None, [trainer.tail]), return_exceptions=True)
+        if trainer.committing is not None:  # the loop failed: what is not durable is redone
+            trainer.committing.cancel()
+        await asyncio.gather(consumer, beat, *filter(None, [trainer.committing]), return_exceptions=True)
         await control.unsubscribe()
         if trainer.driver is not None:
             await asyncio.to_thread(trainer.driver.stop)

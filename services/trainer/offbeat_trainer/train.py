@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
 from offbeat_trainer.batching import Trajectory
-from offbeat_trainer.checkpoint import load_optimizer
+from offbeat_trainer.checkpoint import clone_for_save, load_optimizer
 from offbeat_trainer.loss import LossSettings, load_loss
 from offbeat_trainer.packing import MicroBatch, dummy_micro_batch, pack
 
@@ -275,6 +276,17 @@ class TrainCore:
         return get_model_state_dict(  # type: ignore[return-value]
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
+
+    def snapshot(self, full: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """What a checkpoint of this step holds, in CPU memory that later steps do not change:
+        the model's state and, if `full`, the optimizer's. The gathered state dicts share storage
+        with the live tensors that are on the CPU already (all of them for a CPU model, AdamW's
+        step counts on a GPU), so every tensor is copied."""
+        if not full:  # a light checkpoint: the optimizer state is neither gathered nor written
+            return clone_for_save(self.model_state()), None
+        model_sd, opt_sd = self.full_state()
+        opt_sd = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, opt_sd)
+        return clone_for_save(model_sd), opt_sd
 
     def load_checkpoint(self, directory: str) -> None:
         """Load model, optimizer and schedule from a checkpoint directory (every rank reads it;

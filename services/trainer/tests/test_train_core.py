@@ -128,3 +128,31 @@ def test_a_light_checkpoint_restores_the_weights_and_schedule_exactly_and_older_
     assert not all(torch.equal(now[k]["exp_avg"], m) for k, m in moments_at_1.items())
     assert all(torch.equal(restored[k]["exp_avg"], m) for k, m in moments_at_1.items())
     assert all(int(s["step"]) == 1 for s in restored.values())
+
+
+@pytest.mark.parametrize("full", [True, False], ids=["full", "light"])
+def test_a_snapshot_keeps_its_step_while_the_next_step_trains(tiny_model, full):
+    # the trainer writes step N's checkpoint from the snapshot while step N+1 updates the live
+    # tensors in place; a snapshot that shared their storage would save a mix of the two steps
+    core = TrainCore(load_model(str(tiny_model)), CoreSettings(lr=1e-2))
+    core.step(_samples())
+    model_sd, optim_sd = core.snapshot(full)
+    expected_model = {k: v.clone() for k, v in core.model_state().items()}
+    expected_state = {
+        k: {n: t.clone() for n, t in s.items()} for k, s in core.full_state()[1]["state"].items()
+    }
+    core.step(_samples())
+    assert not torch.equal(core.model_state()["lm_head.weight"], expected_model["lm_head.weight"])
+    assert model_sd.keys() == expected_model.keys()
+    for key, value in model_sd.items():
+        assert torch.equal(value, expected_model[key]), f"{key} changed under the snapshot"
+    if not full:
+        assert optim_sd is None
+        return
+    assert optim_sd is not None
+    for key, state in optim_sd["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(expected_state[key][name])), (
+                key,
+                name,
+            )
