@@ -17,6 +17,7 @@ Not covered: tensor/pipeline/context parallelism; reading data (`service.py`, `d
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -26,7 +27,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils._pytree import tree_map
 
 from offbeat_trainer.batching import Trajectory
 from offbeat_trainer.checkpoint import clone_for_save, load_optimizer
@@ -285,8 +285,7 @@ class TrainCore:
         if not full:  # a light checkpoint: the optimizer state is neither gathered nor written
             return clone_for_save(self.model_state()), None
         model_sd, opt_sd = self.full_state()
-        opt_sd = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, opt_sd)
-        return clone_for_save(model_sd), opt_sd
+        return clone_for_save(model_sd), copy.deepcopy(opt_sd)  # deepcopy clones tensors
 
     def load_checkpoint(self, directory: str) -> None:
         """Load model, optimizer and schedule from a checkpoint directory (every rank reads it;
