@@ -78,10 +78,12 @@ class TrainerConfig(ServiceConfig):
     state of the newest full one, so a resume or rollback to them restarts AdamW from moments up
     to `optimizer_every - 1` steps old (the weights and the accounting stay exact). AdamW's state
     is twice the model in size: for large models 10-50 cuts what a step writes by about 3x."""
-    overlap_commit: bool = True
+    overlap_commit: bool = False
     """Make a step durable (weights, checkpoint, announcement, acks) while the next step trains,
     from a snapshot in CPU memory: a copy of the model's state (and the optimizer's on a full
-    checkpoint) held until it is written. Off: each step waits for its own checkpoint."""
+    checkpoint) held until it is written. It hides the commit's waiting (fsyncs, a network weight
+    store, ack round trips), not its CPU work; announcements come one step's commit later, so
+    more samples can exceed `max_staleness`. Off: each step waits for its own checkpoint."""
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept besides those of published versions (needed for rollback)."""
     rollback_window: int = Field(DEFAULT_ROLLBACK_WINDOW, ge=0)

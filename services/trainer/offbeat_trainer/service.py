@@ -12,14 +12,15 @@ advantages), train, then make the step durable in this order:
 3. announce the version on `policy.weights` and put it as the KV head; publish the report;
 4. ack every message of the ids the checkpoint accounts for.
 
-1 to 4 run while the next step trains (`overlap_commit`), on a snapshot taken before it starts:
+With `overlap_commit`, 1 to 4 run while the next step trains, on a snapshot taken before it starts:
 the weights (and optimizer state) gathered to CPU memory of their own, the schedule, the RNG
 states and the accounting. An id counts as accounted (its redelivery acked and skipped) only once
 its checkpoint is durable; until then its messages stay held and heartbeated. The next commit, a
 rollback and the end of the loop wait for the one in flight first, so checkpoints, announcements,
 reports and acks keep the order of the steps and the state is never changed under them. What it
 hides is the commit's waiting (fsyncs, a network store, acks' round trips); its CPU work still
-competes with a CPU-bound step (`bench/trainer_overlap.py`).
+competes with a CPU-bound step (`bench/trainer_overlap.py`). Without it the same task is awaited
+at once.
 
 A NATS outage during 3 or 4 is waited out: announcements and reports are retried until published
 (their msg ids make repeats no-ops), an ack that fails is left to redelivery (the id is accounted,
@@ -369,7 +370,7 @@ class Trainer:
         drops, self.pending_drops = self.pending_drops, []
         step = st.step + 1
         full = step % self.cfg.optimizer_every == 0 or step >= self.run.max_steps
-        model_sd, opt_sd = await asyncio.to_thread(self._call, "snapshot", full)
+        model_sd, opt_sd = await asyncio.to_thread(self._call, "snapshot", full, self.cfg.overlap_commit)
         scheduler = copy.deepcopy(self.core.scheduler.state_dict())
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         name = self.ckpts.next_name()

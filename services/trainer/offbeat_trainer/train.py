@@ -277,15 +277,18 @@ class TrainCore:
             self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
-    def snapshot(self, full: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """What a checkpoint of this step holds, in CPU memory that later steps do not change:
-        the model's state and, if `full`, the optimizer's. The gathered state dicts share storage
-        with the live tensors that are on the CPU already (all of them for a CPU model, AdamW's
-        step counts on a GPU), so every tensor is copied."""
+    def snapshot(
+        self, full: bool, keep: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """What a checkpoint of this step holds: the model's state (copied, as safetensors wants)
+        and, if `full`, the optimizer's. `keep`: in CPU memory that later steps do not change, for
+        a checkpoint written while the next step trains; the gathered optimizer state shares
+        storage with the live tensors on the CPU (all of them for a CPU model, AdamW's step counts
+        on a GPU), so it is copied too."""
         if not full:  # a light checkpoint: the optimizer state is neither gathered nor written
             return clone_for_save(self.model_state()), None
         model_sd, opt_sd = self.full_state()
-        return clone_for_save(model_sd), copy.deepcopy(opt_sd)  # deepcopy clones tensors
+        return clone_for_save(model_sd), copy.deepcopy(opt_sd) if keep else opt_sd
 
     def load_checkpoint(self, directory: str) -> None:
         """Load model, optimizer and schedule from a checkpoint directory (every rank reads it;

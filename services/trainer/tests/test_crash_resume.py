@@ -56,7 +56,9 @@ async def _wait_exit(proc, timeout_s: float = 180) -> int:  # type: ignore[no-un
     return proc.returncode  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("optimizer_every", [1, 3], ids=["full", "light"])
+@pytest.mark.parametrize(
+    ("optimizer_every", "overlap"), [(1, True), (3, False)], ids=["full-overlapped", "light"]
+)
 async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
     bus,
     nats_url,
@@ -67,13 +69,16 @@ async def test_sigkill_mid_step_and_between_steps_then_resume_trains_each_once(
     make_scored,
     launch_trainer,
     optimizer_every,
+    overlap,
 ):
     """With `optimizer_every = 3`, the checkpoints of steps 1, 2 and 4 are light: the resume after
-    the first kill starts from one (step 2, optimizer state of step 0's)."""
+    the first kill starts from one (step 2, optimizer state of step 0's). With `overlap_commit`,
+    the kills land while the commit runs beside the next step."""
     scored, start_trainer = make_scored, launch_trainer  # type: ignore[no-untyped-def]
     state_dir = tmp_path / "state"
     sets = [
         f"trainer.optimizer_every={optimizer_every}",
+        f"trainer.overlap_commit={str(overlap).lower()}",
         f"run.id={run_id}",
         f"model.path={tiny_model}",
         "run.group_size=2",

@@ -24,7 +24,9 @@ def _state(state_dir: Path) -> dict:  # type: ignore[type-arg]
     return json.loads(read_state(_latest(state_dir)).to_json())  # type: ignore[no-any-return]
 
 
-@pytest.mark.parametrize("optimizer_every", [1, 2], ids=["full", "light"])
+@pytest.mark.parametrize(
+    ("optimizer_every", "overlap"), [(1, False), (2, True)], ids=["full", "light-overlapped"]
+)
 async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
     bus,
     nats_url,
@@ -35,12 +37,14 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
     make_scored,
     launch_trainer,
     optimizer_every,
+    overlap,
 ):  # type: ignore[no-untyped-def]
     """With `optimizer_every = 2` the target (v1, step 1) has a light checkpoint."""
     state_dir = tmp_path / "state"
     log = tmp_path / "trainer.log"
     sets = [
         f"trainer.optimizer_every={optimizer_every}",
+        f"trainer.overlap_commit={str(overlap).lower()}",
         f"run.id={run_id}",
         f"model.path={tiny_model}",
         "run.group_size=2",
