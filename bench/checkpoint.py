@@ -69,11 +69,8 @@ def dir_bytes(path: Path) -> int:
 
 def commit(core: TrainCore, ckpts: Checkpoints, store: FileWeightStore, version: int, *, full: bool) -> float:
     started = time.perf_counter()
-    if full:
-        model_sd, opt_sd = core.full_state()
-    else:
-        model_sd, opt_sd = core.model_state(), None
-    tmp = save_weights(model_sd, ckpts.root / ".weights-bench.safetensors")
+    model_sd, opt_sd = core.snapshot(full, keep=False)  # as the trainer's commit takes it
+    tmp = save_weights(model_sd, ckpts.root / ".weights-bench.safetensors", cloned=True)
     asyncio.run(store.put(tmp, run_id="bench", version=version))
     ckpts.save(
         TrainerState(step=version), weights_file=tmp, optimizer=opt_sd, scheduler=core.scheduler.state_dict()

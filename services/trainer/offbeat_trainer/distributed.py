@@ -5,8 +5,8 @@
 builds `TrainCore` (FSDP2 `fully_shard` or DDP over the ranks), trains `--steps` steps on
 deterministic synthetic groups that every rank generates identically, and rank 0 writes the full
 parameters to a safetensors file (gathered as a light checkpoint gathers them, and checked equal
-to what the full state dict, optimizer included, gathers). Equal files from 1 and N processes show the data-parallel path
-computes the same update.
+to what the full state dict, optimizer included, gathers). Equal files from 1 and N processes
+show the data-parallel path computes the same update.
 
 Not covered: reading from the bus (the service trains in one process).
 """

@@ -153,9 +153,9 @@ class Trainer:
     async def _fresh(self) -> None:
         assert self.core is not None
         self.state = TrainerState(step=0, head=0, next_version=1)
-        model_sd, opt_sd = await asyncio.to_thread(self._call, "full_state")
+        model_sd, opt_sd = await asyncio.to_thread(self._call, "snapshot", True, False)
         tmp = await asyncio.to_thread(
-            save_weights, model_sd, self.ckpts.root / f".weights-{id(self)}.safetensors"
+            save_weights, model_sd, self.ckpts.root / f".weights-{id(self)}.safetensors", cloned=True
         )
         name = self.ckpts.next_name()
         record = await self._store_version(tmp, 0, step=0, parent=-1, checkpoint=name)
