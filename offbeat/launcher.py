@@ -72,6 +72,10 @@ class WarmStartSpec(Strict):
     held_out: int = Field(200, ge=1)
     """With `target_match`: reference pairs held out of training to check it on (the next ones of
     the environment's train split; with `data`, the file's last lines)."""
+    match_on_train: bool = False
+    """With `target_match`: check it on (the first `held_out` of) the training pairs instead of
+    holding any out. For a small fixed dataset (the `code` environment's 18 functions), where
+    the point is to reproduce the references and a held-out one could never be learnt."""
     check_every: int = Field(10, ge=1)
     """With `target_match`: SFT steps between checks."""
     extra_args: list[str] = Field(default_factory=list)
@@ -278,18 +282,29 @@ class Launcher:
         user's `data` file (copied without its last `held_out` lines when `target_match` is set;
         else used as it is, and the held-out path is not written)."""
         train, held = stem.with_suffix(".jsonl"), stem.with_suffix(".held-out.jsonl")
+        if warm.target_match is not None and warm.match_on_train:
+            lines = (
+                [line for line in Path(warm.data).read_text().splitlines() if line.strip()]
+                if warm.data
+                else self._reference_answers(warm, warm.examples)
+            )
+            train.write_text("\n".join(lines) + "\n")
+            held.write_text("\n".join(lines[: warm.held_out]) + "\n")
+            return train, held
         holding = warm.held_out if warm.target_match is not None else 0
         if warm.data and not holding:
             return Path(warm.data), held  # trained on as it is; nothing held out
         if warm.data:
             lines = [line for line in Path(warm.data).read_text().splitlines() if line.strip()]
-            if holding and len(lines) <= holding:
-                raise SystemExit(
-                    f"offbeat run: launcher.warm_start.data has {len(lines)} pairs; holding out "
-                    f"{holding} for target_match leaves none to train on"
-                )
+            source = "launcher.warm_start.data"
         else:
             lines = self._reference_answers(warm, warm.examples + holding)
+            source = f"[[envs]][{warm.env_index}]'s train split"
+        if holding and len(lines) <= holding:
+            raise SystemExit(
+                f"offbeat run: {source} has {len(lines)} pairs; holding out {holding} for target_match "
+                "leaves none to train on (launcher.warm_start.match_on_train checks on training pairs)"
+            )
         cut = len(lines) - holding
         train.write_text("\n".join(lines[:cut]) + "\n")
         held.write_text("\n".join(lines[cut:]) + "\n")

@@ -57,3 +57,23 @@ def test_target_match_is_a_probability(tmp_path):  # type: ignore[no-untyped-def
 
     with pytest.raises(ValidationError, match="target_match"):
         WarmStartSpec(target_match=1.5)
+
+
+def test_match_on_train_checks_the_first_training_pairs_and_holds_none_out(tmp_path):  # type: ignore[no-untyped-def]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": f"c{i}"}) + "\n" for i in range(5)))
+    warm = WarmStartSpec(data=str(data), target_match=0.5, held_out=3, match_on_train=True)
+    train, held = launcher(tmp_path, warm)._warm_start_pairs(warm, tmp_path / "sft-e")
+    assert [json.loads(line)["prompt"] for line in lines(train)] == ["p0", "p1", "p2", "p3", "p4"]
+    assert [json.loads(line)["prompt"] for line in lines(held)] == ["p0", "p1", "p2"]
+
+
+def test_a_small_environment_cannot_give_up_all_its_pairs_to_the_check(tmp_path):  # type: ignore[no-untyped-def]
+    run = RunConfig.model_validate(
+        {"run": {"state_dir": str(tmp_path / "state")}, "envs": [{"name": "code"}]}
+    )
+    warm = WarmStartSpec(examples=100, target_match=0.2, held_out=18)
+    with pytest.raises(SystemExit, match=r"\[\[envs\]\]\[0\]'s train split has 18 pairs; holding out 18"):
+        Launcher(run, LauncherConfig(warm_start=warm), argparse.Namespace(set=[]))._warm_start_pairs(
+            warm, tmp_path / "sft-f"
+        )
