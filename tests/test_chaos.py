@@ -78,13 +78,19 @@ def chaos(
         run.wait(lambda: run.step() >= step + 2, timeout_s=RECOVERY_S, what=f"progress after {what}")
         run.wait(lambda: run.scored_ok_since(at), timeout_s=RECOVERY_S, what=f"a judged score after {what}")
         timeline.append(f"{what} at step {step}: recovered at step {run.step()}")
-        assert run.step() < max_steps, f"the run ended before the chaos did: {timeline}"
+
+    def live() -> int:
+        """The step to inject the next fault at: two steps must be left to recover in (the last
+        fault's recovery may take the run to its end; a score after it shows it recovered)."""
+        step = run.step()
+        assert step + 2 <= max_steps, f"the run ended before the chaos did: {timeline}"
+        return step
 
     try:
         run.wait(lambda: run.step() >= 2, timeout_s=300, what="step 2")
         run.wait(lambda: len(run.pids()) == 5, timeout_s=60, what="five services")
         for service in killed:
-            old, step, at = run.pid(service), run.step(), time.time()
+            old, step, at = run.pid(service), live(), time.time()
             assert old is not None, f"no {service} process: {run.pids()}"
             os.kill(old, signal.SIGKILL)
             run.wait(
@@ -92,7 +98,7 @@ def chaos(
             )
             recovered(step, at, f"SIGKILL {service}")
         for server in restarted:
-            before, step, at = run.pids(), run.step(), time.time()
+            before, step, at = run.pids(), live(), time.time()
             restart[server]()
             recovered(step, at, f"restarting {server}")
             assert run.pids() == before, (
