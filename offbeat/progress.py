@@ -184,6 +184,7 @@ class Progress:
         lines = [f"{k}: {v}" for k, v in describe(snap, self.run.run.max_steps)[:-1]]
         if len(snap.evals) >= 2:
             lines.append(f"eval reward rose by {snap.evals[-1][2] - snap.evals[0][2]:+.3f}")
+        lines += train_trend(snap.history)
         reasons = await self.ledger.not_trained_reasons(self.run.run.id, limit=SUMMARY_REASONS)
         if reasons:
             lines.append(f"not trained, most common: {not_trained(reasons)}")
@@ -192,6 +193,32 @@ class Progress:
 
 SUMMARY_REASONS = 3
 """Reasons the closing summary names for samples that were not trained."""
+
+
+def train_trend(history: list[tuple[int, int, dict[str, Any]]]) -> list[str]:
+    """The summary's lines on training: the mean train reward of the first steps against the last
+    ones (one step's reward is noisy), and the steps that trained nothing because every group's
+    rewards were equal (a policy collapsed to all-wrong, or a task all right or all wrong)."""
+    steps = [(step, m) for step, _, m in history if "reward_mean" in m]
+    if not steps:
+        return []
+    k = min(10, max(1, len(steps) // 6))
+    first, last = steps[:k], steps[-k:]
+
+    def mean(rows: list[tuple[int, dict[str, Any]]]) -> float:
+        return sum(float(m["reward_mean"]) for _, m in rows) / len(rows)
+
+    def span(rows: list[tuple[int, dict[str, Any]]]) -> str:
+        return f"step {rows[0][0]}" if len(rows) == 1 else f"steps {rows[0][0]}-{rows[-1][0]}"
+
+    lines = [f"train reward: {mean(first):.3f} ({span(first)}) -> {mean(last):.3f} ({span(last)})"]
+    idle = [step for step, m in steps if m.get("consumed", 0) and not m.get("trained_sequences", 1)]
+    if idle:
+        lines.append(
+            f"no gradient in {len(idle)} of {len(steps)} steps (every group's rewards equal), "
+            f"the last at step {idle[-1]}"
+        )
+    return lines
 
 
 def not_trained(reasons: list[tuple[str, str, int]], *, width: int = 90) -> str:

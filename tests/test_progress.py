@@ -58,3 +58,19 @@ async def test_the_summary_says_why_samples_were_not_trained_most_common_first(
         "not trained, most common: 3 failed (dead letter from scorer: delivered 5 times and never acked); "
         "2 discarded_stale (stale); 1 failed (reward_failed:sandbox_error)"
     ) in summary, summary
+
+
+def test_the_summary_compares_first_and_last_train_rewards_and_counts_steps_without_gradient() -> None:
+    from offbeat.progress import train_trend
+
+    rewards = [0.2, 0.3, 0.25, 0.0, 0.0, 0.0, 0.5, 0.6, 0.55, 0.0, 0.0, 0.0]
+    history = [
+        (step, step, {"reward_mean": r, "consumed": 64.0, "trained_sequences": 0.0 if r == 0 else 40.0})
+        for step, r in enumerate(rewards, start=1)
+    ]
+    assert train_trend(history) == [
+        "train reward: 0.250 (steps 1-2) -> 0.000 (steps 11-12)",
+        "no gradient in 6 of 12 steps (every group's rewards equal), the last at step 12",
+    ]
+    assert train_trend(history[:3]) == ["train reward: 0.200 (step 1) -> 0.250 (step 3)"]
+    assert train_trend([(1, 1, {})]) == []
