@@ -212,7 +212,11 @@ def train_trend(history: list[tuple[int, int, dict[str, Any]]]) -> list[str]:
         return f"step {rows[0][0]}" if len(rows) == 1 else f"steps {rows[0][0]}-{rows[-1][0]}"
 
     lines = [f"train reward: {mean(first):.3f} ({span(first)}) -> {mean(last):.3f} ({span(last)})"]
-    idle = [step for step, m in steps if m.get("consumed", 0) and not m.get("trained_sequences", 1)]
+    idle = [  # samples kept, none trained: their groups' advantages were all zero
+        step
+        for step, m in steps
+        if m.get("consumed", 0) > m.get("dropped", 0) and not m.get("trained_sequences", 1)
+    ]
     if idle:
         lines.append(
             f"no gradient in {len(idle)} of {len(steps)} steps (every group's rewards equal), "

@@ -72,5 +72,9 @@ def test_the_summary_compares_first_and_last_train_rewards_and_counts_steps_with
         "train reward: 0.250 (steps 1-2) -> 0.000 (steps 11-12)",
         "no gradient in 6 of 12 steps (every group's rewards equal), the last at step 12",
     ]
+    all_dropped = [
+        (13, 13, {"reward_mean": 0.0, "consumed": 64.0, "dropped": 64.0, "trained_sequences": 0.0})
+    ]
+    assert train_trend(history + all_dropped)[1].startswith("no gradient in 6 of 13 steps")
     assert train_trend(history[:3]) == ["train reward: 0.200 (step 1) -> 0.250 (step 3)"]
     assert train_trend([(1, 1, {})]) == []
