@@ -213,8 +213,7 @@ class Launcher:
         warm = self.cfg.warm_start
         if warm is None:
             return str(base)
-        wkey = hashlib.sha256((key + warm.model_dump_json()).encode()).hexdigest()[:10]
-        out = self.state / "models" / f"sft-{wkey}"
+        out = self.state / "models" / f"sft-{self._warm_start_key(key, warm)}"
         if (out / "config.json").exists():
             self._say(f"warm start cached: {out}")
             return str(out)
@@ -228,7 +227,7 @@ class Launcher:
             "--steps",
             str(warm.steps),
         ]
-        train, held_out = self._warm_start_pairs(warm, self.state / "models" / f"sft-{wkey}")
+        train, held_out = self._warm_start_pairs(warm, out)
         cmd += ["--data", str(train)]
         if warm.target_match is not None:
             cmd += [
@@ -275,6 +274,19 @@ class Launcher:
             await ledger.forget_run(self.run_cfg.run.id)
         finally:
             await ledger.close()
+
+    def _warm_start_key(self, base_key: str, warm: WarmStartSpec) -> str:
+        """The warm start's cache key: everything its result depends on. The base model, the spec,
+        the run's seed (SFT's example order), and what it trains on: the data file's bytes, or the
+        environment entry (name and args) whose reference answers it takes."""
+        digest = hashlib.sha256(f"{base_key}\n{warm.model_dump_json()}\n{self.run_cfg.run.seed}\n".encode())
+        if warm.data:
+            if not Path(warm.data).is_file():
+                raise SystemExit(f"offbeat run: launcher.warm_start.data {warm.data!r} is not a file")
+            digest.update(Path(warm.data).read_bytes())
+        elif warm.env_index < len(self.run_cfg.envs):
+            digest.update(self.run_cfg.envs[warm.env_index].model_dump_json(exclude={"weight"}).encode())
+        return digest.hexdigest()[:10]
 
     def _warm_start_pairs(self, warm: WarmStartSpec, stem: Path) -> tuple[Path, Path]:
         """(training pairs, held-out pairs) as JSONL: `warm.examples` reference answers of an

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +78,35 @@ def test_a_small_environment_cannot_give_up_all_its_pairs_to_the_check(tmp_path)
         Launcher(run, LauncherConfig(warm_start=warm), argparse.Namespace(set=[]))._warm_start_pairs(
             warm, tmp_path / "sft-f"
         )
+
+
+def test_the_cache_key_changes_with_what_the_warm_start_trains_on(tmp_path):  # type: ignore[no-untyped-def]
+    # a cached warm start was reused after the environment's args or the seed changed
+    warm = WarmStartSpec(examples=40)
+    key = launcher(tmp_path, warm)._warm_start_key("base", warm)
+    assert launcher(tmp_path, warm)._warm_start_key("base", warm) == key
+    assert launcher(tmp_path, warm)._warm_start_key("other-base", warm) != key
+    more = WarmStartSpec(examples=41)
+    assert launcher(tmp_path, more)._warm_start_key("base", more) != key
+
+    def keyed(envs: list[dict[str, Any]], **run: Any) -> str:
+        cfg = RunConfig.model_validate({"run": {"state_dir": str(tmp_path / "state"), **run}, "envs": envs})
+        return Launcher(cfg, LauncherConfig(warm_start=warm), argparse.Namespace(set=[]))._warm_start_key(
+            "base", warm
+        )
+
+    assert keyed([ENV.model_dump()]) == key
+    assert keyed([{**ENV.model_dump(), "weight": 3.0}]) == key  # the mixture weight is not trained on
+    other_args = {**ENV.args, "config": {**ENV.args["config"], "max_digits": 3}}
+    assert keyed([{**ENV.model_dump(), "args": other_args}]) != key
+    assert keyed([ENV.model_dump()], seed=1) != key
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    from_file = WarmStartSpec(data=str(data))
+    first = launcher(tmp_path, from_file)._warm_start_key("base", from_file)
+    data.write_text(json.dumps({"prompt": "p", "completion": "d"}) + "\n")
+    assert launcher(tmp_path, from_file)._warm_start_key("base", from_file) != first
+    missing = WarmStartSpec(data=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(SystemExit, match=r"nope\.jsonl' is not a file"):
+        launcher(tmp_path, missing)._warm_start_key("base", missing)
