@@ -292,19 +292,13 @@ class Launcher:
         """(training pairs, held-out pairs) as JSONL: `warm.examples` reference answers of an
         environment's train split (with the run's env args), then `warm.held_out` more, or a
         user's `data` file (copied without its last `held_out` lines when `target_match` is set;
-        else used as it is, and the held-out path is not written)."""
+        else used as it is, and the held-out path is not written). With `match_on_train` nothing
+        is held out: the check takes the first `held_out` training pairs."""
         train, held = stem.with_suffix(".jsonl"), stem.with_suffix(".held-out.jsonl")
-        if warm.target_match is not None and warm.match_on_train:
-            lines = (
-                [line for line in Path(warm.data).read_text().splitlines() if line.strip()]
-                if warm.data
-                else self._reference_answers(warm, warm.examples)
-            )
-            train.write_text("\n".join(lines) + "\n")
-            held.write_text("\n".join(lines[: warm.held_out]) + "\n")
-            return train, held
-        holding = warm.held_out if warm.target_match is not None else 0
-        if warm.data and not holding:
+        checking = warm.target_match is not None
+        on_train = checking and warm.match_on_train
+        holding = warm.held_out if checking and not on_train else 0
+        if warm.data and not checking:
             return Path(warm.data), held  # trained on as it is; nothing held out
         if warm.data:
             lines = [line for line in Path(warm.data).read_text().splitlines() if line.strip()]
@@ -319,7 +313,7 @@ class Launcher:
             )
         cut = len(lines) - holding
         train.write_text("\n".join(lines[:cut]) + "\n")
-        held.write_text("\n".join(lines[cut:]) + "\n")
+        held.write_text("\n".join(lines[: warm.held_out] if on_train else lines[cut:]) + "\n")
         return train, held
 
     def _reference_answers(self, warm: WarmStartSpec, n: int) -> list[str]:
