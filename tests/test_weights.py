@@ -11,7 +11,14 @@ import nats
 import pytest
 
 from offbeat.infra import NatsServer
-from offbeat.weights import ChecksumError, FileWeightStore, NatsObjectWeightStore
+from offbeat.weights import (
+    ChecksumError,
+    FileWeightStore,
+    NatsObjectWeightStore,
+    chunk_digests,
+    file_digests,
+    verify_chunks,
+)
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
@@ -132,3 +139,40 @@ async def test_deleted_versions_are_gone_and_their_storage_freed(js, run_id: str
     assert info.state.bytes < 4 * MIB, f"the deleted object's chunks still take {info.state.bytes} bytes"
     with pytest.raises(ValueError):
         await stores[0].delete((tmp_path / "elsewhere" / "model.safetensors").as_uri())
+
+
+def test_chunk_digests_are_each_chunks_sha256_and_catch_any_changed_byte(tmp_path: Path) -> None:
+    source = random_file(tmp_path / "w.safetensors", 5 * MIB + 12345)
+    data = source.read_bytes()
+    whole, chunks = file_digests(source, MIB)
+    assert whole == hashlib.sha256(data).hexdigest()
+    assert chunks.chunk_bytes == MIB and len(chunks.digests) == 6
+    assert list(chunks.digests) == [
+        hashlib.sha256(data[i : i + MIB]).digest() for i in range(0, len(data), MIB)
+    ]
+    verify_chunks(source, chunks)
+
+    for at, chunk in ((0, 0), (3 * MIB + 1, 3), (len(data) - 1, 5)):
+        changed = bytearray(data)
+        changed[at] ^= 0x01
+        source.write_bytes(bytes(changed))
+        with pytest.raises(ChecksumError, match=f"chunk {chunk} has sha256"):
+            verify_chunks(source, chunks)
+    for size in (5 * MIB, 6 * MIB + 1):  # one chunk fewer, one more
+        source.write_bytes(data[:size] + os.urandom(max(0, size - len(data))))
+        with pytest.raises(ChecksumError, match="has 6 chunk digests"):
+            verify_chunks(source, chunks)
+    source.write_bytes(data + b"x")  # same chunk count, one byte longer
+    with pytest.raises(ChecksumError, match="chunk 5 has sha256"):
+        verify_chunks(source, chunks)
+
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert chunk_digests(empty, MIB).digests == (hashlib.sha256(b"").digest(),)
+
+
+async def test_both_stores_put_the_chunk_digests_of_what_they_stored(js, run_id: str, tmp_path: Path) -> None:
+    source = random_file(tmp_path / "w.safetensors", 3 * MIB + 5)
+    for store in (FileWeightStore(tmp_path / "store"), NatsObjectWeightStore(js, f"w_{run_id}")):
+        stored = await store.put(source, run_id=run_id, version=1)
+        assert stored.chunks == chunk_digests(source), type(store).__name__

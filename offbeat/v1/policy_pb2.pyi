@@ -55,6 +55,8 @@ class WeightVersion(_message.Message):
     FORMAT_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     PUBLISHED_AT_FIELD_NUMBER: _builtins.int
+    CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    CHUNK_SHA256_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     version: _builtins.int
     step: _builtins.int
@@ -67,6 +69,12 @@ class WeightVersion(_message.Message):
     """"safetensors" """
     size_bytes: _builtins.int
     published_at: _builtins.float
+    chunk_bytes: _builtins.int
+    """The sha256 of each consecutive chunk_bytes of the file (the last chunk may be shorter), so a
+    reader verifies a large file on all its cores at once; 0 and none: verify by sha256 alone.
+    """
+    @_builtins.property
+    def chunk_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
     def __init__(
         self,
         *,
@@ -79,10 +87,12 @@ class WeightVersion(_message.Message):
         format: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         published_at: _builtins.float = ...,
+        chunk_bytes: _builtins.int = ...,
+        chunk_sha256: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "parent", b"parent", "published_at", b"published_at", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "step", b"step", "uri", b"uri", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "chunk_sha256", b"chunk_sha256", "format", b"format", "parent", b"parent", "published_at", b"published_at", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes", "step", b"step", "uri", b"uri", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

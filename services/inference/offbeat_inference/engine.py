@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offbeat.weights import ChunkDigests
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -104,11 +106,14 @@ class Engine(ABC):
         """Sample one completion of `prompt_ids`; waits in the queue when the engine is full."""
 
     @abstractmethod
-    async def update_weights(self, path: Path, version: int, *, sha256: str | None = None) -> WeightsApplied:
+    async def update_weights(
+        self, path: Path, version: int, *, sha256: str | None = None, chunks: ChunkDigests | None = None
+    ) -> WeightsApplied:
         """Apply a safetensors file between decode steps. With `sha256` (the announced digest) the
         file is verified before the version goes live, `offbeat.weights.ChecksumError` if it is not
-        that file; None: the caller has verified it. Raises `WeightLoadError` when it does not fit
-        the model. Either way the old weights stay live."""
+        that file; with `chunks` (the announced chunk digests) it is verified by those instead, on
+        every core; neither: the caller has verified it. Raises `WeightLoadError` when it does not
+        fit the model. Either way the old weights stay live."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from offbeat.weights import ChecksumError
+from offbeat.weights import ChecksumError, ChunkDigests
 from offbeat_inference.engine import (
     Engine,
     Generation,
@@ -252,11 +252,13 @@ class HFEngine(Engine):
             seq.cancelled = True
             raise
 
-    async def update_weights(self, path: Path, version: int, *, sha256: str | None = None) -> WeightsApplied:
+    async def update_weights(
+        self, path: Path, version: int, *, sha256: str | None = None, chunks: ChunkDigests | None = None
+    ) -> WeightsApplied:
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         update = _Update(version=version, started=started, loop=loop, future=loop.create_future())
-        await asyncio.to_thread(self._stage, path, sha256, update)
+        await asyncio.to_thread(self._stage, path, sha256, chunks, update)
         await update.future  # resolved by whichever thread swapped it in, between two steps
         return WeightsApplied(
             version=version,
@@ -278,12 +280,12 @@ class HFEngine(Engine):
 
     # --- weights ------------------------------------------------------------------------------
 
-    def _stage(self, path: Path, sha256: str | None, update: _Update) -> None:
+    def _stage(self, path: Path, sha256: str | None, chunks: ChunkDigests | None, update: _Update) -> None:
         """Read, verify and check the file, then hand it to be swapped in (reading thread)."""
         with self._wake:  # this update's alone: a concurrent one reads into new memory
             spare, self._spare = self._spare, {}
         try:
-            state = read_safetensors(path, sha256=sha256, reuse=spare)
+            state = read_safetensors(path, sha256=sha256, chunks=chunks, reuse=spare)
         except ChecksumError:
             self._give_back(spare)
             raise

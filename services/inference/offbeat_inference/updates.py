@@ -7,7 +7,8 @@ next (the ones in between would be live for no step). A version equal to the one
 re-applied. Re-announcements after a rollback carry an older id and are applied like any other.
 
 Fetching: `file://` uris are read in place by the engine, which hashes the bytes as it reads them
-and refuses them unless they are the announced sha256 (`Engine.update_weights(sha256=...)`);
+and refuses them unless they are the announced ones (`Engine.update_weights(sha256=..., chunks=...)`:
+the chunk digests where the announcement has them, verified in parallel, else the sha256);
 `nats://bucket/name` uris are streamed into a file under `weights_dir`, hashed as they are
 written (the store refuses a mismatch), applied and then deleted.
 Every outcome is published as a `PolicyLive` (msg id `live:{replica}:{version}:{apply count}`):
@@ -40,7 +41,7 @@ from prometheus_client import Counter, Histogram
 
 from offbeat.bus import Bus
 from offbeat.v1 import policy_pb2
-from offbeat.weights import NatsObjectWeightStore
+from offbeat.weights import ChunkDigests, NatsObjectWeightStore
 from offbeat_inference.engine import Engine
 
 log = logging.getLogger("offbeat.inference.weights")
@@ -149,9 +150,12 @@ class WeightFollower:
                 raise ValueError(f"format {wv.format!r} is not supported (safetensors only)")
             path, fetched = await self._fetch(wv)
             # a fetched copy was verified as it was received; a file read in place is verified by
-            # the engine as it reads it
-            sha256 = None if fetched is not None else wv.sha256
-            applied = await self.engine.update_weights(path, wv.version, sha256=sha256)
+            # the engine as it reads it, by its chunk digests where the announcement has them
+            if fetched is not None:
+                applied = await self.engine.update_weights(path, wv.version)
+            else:
+                chunks = ChunkDigests(wv.chunk_bytes, tuple(wv.chunk_sha256)) if wv.chunk_bytes else None
+                applied = await self.engine.update_weights(path, wv.version, sha256=wv.sha256, chunks=chunks)
         except Exception as exc:  # any failure is reported as data; the old weights keep serving
             error = f"{type(exc).__name__}: {exc}"
             log.error("version %d refused: %s", wv.version, error)

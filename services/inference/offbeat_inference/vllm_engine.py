@@ -36,7 +36,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from offbeat.weights import verify
+from offbeat.weights import ChunkDigests, verify, verify_chunks
 from offbeat_inference.engine import (
     Engine,
     Generation,
@@ -241,11 +241,16 @@ class VLLMEngine(Engine):
             )
         return len(shapes)
 
-    async def update_weights(self, path: Path, version: int, *, sha256: str | None = None) -> WeightsApplied:
+    async def update_weights(
+        self, path: Path, version: int, *, sha256: str | None = None, chunks: ChunkDigests | None = None
+    ) -> WeightsApplied:
         started = time.perf_counter()
         checking = asyncio.ensure_future(asyncio.to_thread(self._check_file, path))
         try:
-            if sha256 is not None:  # a file that is not the announced one is refused as such
+            # a file that is not the announced one is refused as such
+            if chunks is not None:
+                await asyncio.to_thread(verify_chunks, path, chunks)
+            elif sha256 is not None:
                 await asyncio.to_thread(verify, path, sha256)
         except BaseException:
             checking.cancel()

@@ -5,11 +5,15 @@ tensors can become the model's parameters without another copy. When given the a
 a second thread hashes each piece as soon as it is read (hashlib and file reads release the GIL)
 while the reading thread goes on reading; the digest is of exactly the bytes that the tensors
 hold, so a file changed after it was hashed cannot slip in.
+Given the announced chunk digests instead (`offbeat.weights.ChunkDigests`), each chunk is handed
+to the hash pool as soon as it has been read, so the chunks are verified on every core at once
+while the reading goes on.
 A digest that differs raises `offbeat.weights.ChecksumError`, before (and instead of) any error
 about the file's contents: a file that is not the announced one is refused as such.
 
-Costs: about one hash pass over the file (the read overlaps it) and, for the duration of an update,
-a second copy of the weights in memory (the staging buffer next to the live parameters).
+Costs: about one hash pass over the file (the read overlaps it; with chunk digests, that pass
+divided among the cores) and, for the duration of an update, a second copy of the weights in
+memory (the staging buffer next to the live parameters).
 
 Not covered: formats other than safetensors, and what the tensors must look like to fit a model
 (the engine checks names and shapes).
@@ -29,7 +33,7 @@ from typing import Final
 
 import torch
 
-from offbeat.weights import ChecksumError
+from offbeat.weights import ChecksumError, ChunkDigests, check_chunk_count, check_chunks, hash_pool
 
 READ_CHUNK_BYTES: Final = 1024 * 1024
 """Largest read: the hasher starts on a large tensor while the rest of it is read."""
@@ -57,12 +61,18 @@ _DTYPES = {
 
 
 def read_safetensors(
-    path: Path, *, sha256: str | None = None, reuse: Mapping[str, torch.Tensor] | None = None
+    path: Path,
+    *,
+    sha256: str | None = None,
+    chunks: ChunkDigests | None = None,
+    reuse: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, read once into memory, each into a tensor of its own.
 
     With `sha256`, every byte of the file is hashed (in file order, on a second thread for a large
-    file) while the rest is read; `ChecksumError` if they are not the announced ones. `ValueError`
+    file) while the rest is read; `ChecksumError` if they are not the announced ones. With `chunks`
+    (which then take the place of `sha256`), every chunk is verified on the hash pool as soon as it
+    has been read. `ValueError`
     (or `OSError`) for a file that is not safetensors: the header is checked completely (dtypes,
     shapes against byte ranges, ranges inside the file) before any tensor is read.
 
@@ -72,7 +82,11 @@ def read_safetensors(
     """
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        hashing = _Hashing(sha256, inline=size < THREAD_HASH_BYTES)
+        hashing: _Hashing | _ChunkHashing
+        if chunks is not None:
+            hashing = _ChunkHashing(path, chunks, size)
+        else:
+            hashing = _Hashing(sha256, inline=size < THREAD_HASH_BYTES)
         try:
             try:
                 tensors = _read(f, size, hashing, reuse or {})
@@ -85,15 +99,14 @@ def read_safetensors(
                     hashing.feed(data)
         finally:
             hashing.wait()  # the hasher is done with every buffer before this returns or raises
-    if sha256 is not None and (actual := hashing.hexdigest()) != sha256:
-        raise ChecksumError(f"{path}: sha256 {actual[:12]}… does not match the announced {sha256[:12]}…")
+    hashing.check(path)
     if problem is not None:
         raise problem
     return tensors
 
 
 def _read(
-    f: io.FileIO, size: int, hashing: _Hashing, reuse: Mapping[str, torch.Tensor]
+    f: io.FileIO, size: int, hashing: _Hashing | _ChunkHashing, reuse: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     head = _read_exact(f, 8, hashing)
     if len(head) < 8:
@@ -137,7 +150,7 @@ def _read(
     return tensors
 
 
-def _read_exact(f: io.FileIO, n: int, hashing: _Hashing) -> bytes:
+def _read_exact(f: io.FileIO, n: int, hashing: _Hashing | _ChunkHashing) -> bytes:
     data = f.read(n) if n else b""
     while len(data) < n and (more := f.read(n - len(data))):
         data += more
@@ -145,7 +158,7 @@ def _read_exact(f: io.FileIO, n: int, hashing: _Hashing) -> bytes:
     return data
 
 
-def _read_into(f: io.FileIO, view: memoryview, hashing: _Hashing) -> None:
+def _read_into(f: io.FileIO, view: memoryview, hashing: _Hashing | _ChunkHashing) -> None:
     pos = 0
     while pos < len(view):
         n = f.readinto(view[pos : pos + READ_CHUNK_BYTES])
@@ -162,6 +175,7 @@ class _Hashing:
     files of many small tensors, and the hasher still starts long before the reading ends."""
 
     def __init__(self, sha256: str | None, *, inline: bool = False) -> None:
+        self.sha256 = sha256
         self.active = sha256 is not None
         self.inline = inline
         self._digest = hashlib.sha256()
@@ -195,5 +209,54 @@ class _Hashing:
         if self._last is not None:
             self._last.result()
 
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
+    def check(self, path: Path) -> None:
+        if self.sha256 is not None and (actual := self._digest.hexdigest()) != self.sha256:
+            raise ChecksumError(
+                f"{path}: sha256 {actual[:12]}… does not match the announced {self.sha256[:12]}…"
+            )
+
+
+class _ChunkHashing:
+    """Each chunk's sha256 on the hash pool, submitted as soon as all of it has been fed."""
+
+    def __init__(self, path: Path, chunks: ChunkDigests, size: int) -> None:
+        check_chunk_count(path, size, chunks)
+        self.active = True
+        self.chunks = chunks
+        self._pieces: list[memoryview] = []
+        self._filled = 0
+        self._hashed: list[Future[bytes]] = []
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        size = self.chunks.chunk_bytes
+        while len(view):
+            piece, view = view[: size - self._filled], view[size - self._filled :]
+            self._pieces.append(piece)
+            self._filled += len(piece)
+            if self._filled == size:
+                self._submit()
+
+    def _submit(self) -> None:
+        pieces, self._pieces, self._filled = self._pieces, [], 0
+
+        def run() -> bytes:
+            digest = hashlib.sha256()
+            for piece in pieces:
+                digest.update(piece)
+            return digest.digest()
+
+        self._hashed.append(hash_pool().submit(run))
+
+    def wait(self) -> None:
+        if self._pieces or not self._hashed:  # the short last chunk (or the one of an empty file)
+            self._submit()
+        for future in self._hashed:
+            future.exception()  # wait without raising: check() reports
+
+    def check(self, path: Path) -> None:
+        if len(self._hashed) != len(self.chunks.digests):
+            raise ChecksumError(
+                f"{path}: read {len(self._hashed)} chunks, the announcement has {len(self.chunks.digests)}"
+            )
+        check_chunks(path, [f.result() for f in self._hashed], self.chunks.digests)

@@ -15,7 +15,7 @@ from offbeat_inference.hf_engine import HFEngine
 from offbeat_inference.weightfile import read_safetensors
 
 from offbeat.testing import wait_for
-from offbeat.weights import ChecksumError, sha256_file
+from offbeat.weights import ChecksumError, chunk_digests, sha256_file
 
 
 async def started(path: Path, **kwargs: object) -> HFEngine:
@@ -199,33 +199,42 @@ async def test_weights_swap_between_steps_and_bad_files_change_nothing(tiny_mode
         await engine.close()
 
 
-async def test_a_file_that_is_not_the_announced_one_never_serves(tiny_model, tiny_model_v1, tmp_path):
+@pytest.mark.parametrize("checked_by", ["sha256", "chunk digests"])
+async def test_a_file_that_is_not_the_announced_one_never_serves(
+    tiny_model, tiny_model_v1, tmp_path, checked_by
+):
     # the hash runs alongside the read, so the bytes must still be refused before they serve: a
     # flipped byte inside a tensor (the file loads fine) and a cut file (it does not) are both
-    # reported as not the announced file, while a long generation goes on under version 0
+    # reported as not the announced file, while a long generation goes on under version 0. With
+    # chunk digests (64 KiB chunks here: ~40 of them, hashed in parallel) a flip in the first
+    # chunk and one in the last are both caught, and so is a cut in the middle of a chunk.
     good = tmp_path / "v1.safetensors"
     shutil.copyfile(tiny_model_v1 / "model.safetensors", good)
     sha256 = sha256_file(good)
-    data = bytearray(good.read_bytes())
-    data[-100] ^= 0xFF
-    flipped = tmp_path / "flipped.safetensors"
-    flipped.write_bytes(bytes(data))
+    chunks = chunk_digests(good, 64 * 1024) if checked_by == "chunk digests" else None
+    bad_files = []
+    for at in (-100, 5000):
+        data = bytearray(good.read_bytes())
+        data[at] ^= 0xFF
+        bad_files.append(tmp_path / f"flipped{at}.safetensors")
+        bad_files[-1].write_bytes(bytes(data))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:-100])
+    bad_files.append(cut)
     engine = await started(tiny_model, capacity=4)
     try:
         prompt = engine.tokenizer.encode("weights")
         before = await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=10))
         long = asyncio.ensure_future(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=600)))
         await wait_for(lambda: engine.steps >= 3, timeout_s=30)  # updates meet a busy stepping thread
-        for bad in (flipped, cut):
-            with pytest.raises(ChecksumError, match="does not match the announced"):
-                await engine.update_weights(bad, 1, sha256=sha256)
+        for bad in bad_files:
+            with pytest.raises(ChecksumError, match="chunk" if chunks else "does not match the announced"):
+                await engine.update_weights(bad, 1, sha256=sha256, chunks=chunks)
         assert engine.version == 0
         assert (await engine.generate(prompt, Sampling(temperature=0.0, max_tokens=10))).token_ids == (
             before.token_ids
         )
-        applied = await engine.update_weights(good, 1, sha256=sha256)
+        applied = await engine.update_weights(good, 1, sha256=sha256, chunks=chunks)
         assert applied.version == engine.version == 1
         switched = await long
         assert [v for v, _, _ in switched.spans] == [0, 1], f"spans {switched.spans}"

@@ -70,7 +70,8 @@ async def collect(bus, subject: str, message_type) -> list:
     return received
 
 
-async def announce(bus, version: int, uri: str, sha256: str, size: int = 0) -> None:
+async def announce(bus, version: int, uri: str, sha256: str, size: int = 0, chunks=None) -> None:
+    """As the trainer does; with `chunks` (a store's `ChunkDigests`), their digests too."""
     wv = policy_pb2.WeightVersion(
         run_id=bus.run_id,
         version=version,
@@ -81,6 +82,8 @@ async def announce(bus, version: int, uri: str, sha256: str, size: int = 0) -> N
         format="safetensors",
         size_bytes=size,
         published_at=time.time(),
+        chunk_bytes=chunks.chunk_bytes if chunks else 0,
+        chunk_sha256=chunks.digests if chunks else [],
     )
     await bus.put_head(wv)
     await bus.publish(bus.subjects.policy_weights, wv, msg_id=f"weights:{version}")
@@ -207,7 +210,7 @@ async def test_weights_published_with_64_requests_in_flight(
     stored = await FileWeightStore(tmp_path / "weights").put(
         tiny_model_v1 / "model.safetensors", run_id=run_id, version=1
     )
-    await announce(bus, 1, stored.uri, stored.sha256)
+    await announce(bus, 1, stored.uri, stored.sha256, chunks=stored.chunks)
     await wait_for(lambda: any(x.version == 1 for x in lives), timeout_s=60)
     live = next(x for x in lives if x.version == 1)
     assert live.ok and live.error == "" and live.replica == service.config.replica and live.apply_s > 0
@@ -243,8 +246,9 @@ async def test_weights_published_with_64_requests_in_flight(
             assert [(s.version, s.start, s.end) for s in c.version_spans] == [(1, 0, n)]
 
 
+@pytest.mark.parametrize("checked_by", ["chunk digests", "sha256 alone"])
 async def test_corrupted_weights_are_refused_and_the_old_version_keeps_serving(
-    bus, run_id, start_service, tiny_model, tiny_model_v1, tmp_path
+    bus, run_id, start_service, tiny_model, tiny_model_v1, tmp_path, checked_by
 ):
     service = await start_service()
     lives = await collect(bus, bus.subjects.policy_live, policy_pb2.PolicyLive)
@@ -255,10 +259,12 @@ async def test_corrupted_weights_are_refused_and_the_old_version_keeps_serving(
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF  # one flipped byte inside a tensor: still loads, but is not what was announced
     path.write_bytes(bytes(data))
-    await announce(bus, 1, stored.uri, stored.sha256)
+    chunks = stored.chunks if checked_by == "chunk digests" else None  # an older trainer's announcement
+    await announce(bus, 1, stored.uri, stored.sha256, chunks=chunks)
     await wait_for(lambda: any(x.version == 1 for x in lives), timeout_s=30)
     live = next(x for x in lives if x.version == 1)
     assert not live.ok and "ChecksumError" in live.error and "sha256" in live.error
+    assert ("chunk 0 has sha256" in live.error) == (chunks is not None), live.error
     assert service.engine.version == 0
 
     req = request(run_id, tokens=[4, 5, 6], temperature=0.0, max_tokens=10)

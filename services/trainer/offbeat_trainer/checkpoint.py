@@ -58,6 +58,9 @@ class VersionRecord:
     uri: str = ""
     sha256: str = ""
     size_bytes: int = 0
+    chunk_bytes: int = 0
+    chunk_sha256: list[str] = field(default_factory=list)
+    """Hex digests of the file's chunks (`offbeat.weights.ChunkDigests`); none in older records."""
     checkpoint: str = ""
     published_at: float = 0.0
     rolled_back: bool = False

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from offbeat.v1 import policy_pb2
-from offbeat.weights import WeightStore, open_store
+from offbeat.weights import StoredWeights, WeightStore, open_store
 from offbeat_trainer.batching import Dropped, StepBatch
 from offbeat_trainer.checkpoint import VersionRecord
 
@@ -30,6 +30,21 @@ def resolve_store(weight_store: str, state_dir: str, *, js: Any) -> WeightStore:
     return open_store(store_uri(weight_store, state_dir), js=js)
 
 
+def version_record(stored: StoredWeights, *, step: int, parent: int, checkpoint: str = "") -> VersionRecord:
+    """What the trainer keeps (and announces) of a version it has just stored."""
+    return VersionRecord(
+        step=step,
+        parent=parent,
+        uri=stored.uri,
+        sha256=stored.sha256,
+        size_bytes=stored.size_bytes,
+        chunk_bytes=stored.chunks.chunk_bytes if stored.chunks else 0,
+        chunk_sha256=[d.hex() for d in stored.chunks.digests] if stored.chunks else [],
+        checkpoint=checkpoint,
+        published_at=time.time(),
+    )
+
+
 def weight_version(run_id: str, version: int, record: VersionRecord) -> policy_pb2.WeightVersion:
     return policy_pb2.WeightVersion(
         run_id=run_id,
@@ -41,6 +56,8 @@ def weight_version(run_id: str, version: int, record: VersionRecord) -> policy_p
         format="safetensors",
         size_bytes=record.size_bytes,
         published_at=record.published_at,
+        chunk_bytes=record.chunk_bytes,
+        chunk_sha256=[bytes.fromhex(d) for d in record.chunk_sha256],
     )
 
 

@@ -64,7 +64,13 @@ from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_trainer.batching import Dropped, GroupBuffer, StepBatch, Trajectory
 from offbeat_trainer.checkpoint import Checkpoints, TrainerState, VersionRecord, save_weights
 from offbeat_trainer.config import TrainerConfig
-from offbeat_trainer.publish import report_msg_id, resolve_store, step_report, weight_version
+from offbeat_trainer.publish import (
+    report_msg_id,
+    resolve_store,
+    step_report,
+    version_record,
+    weight_version,
+)
 from offbeat_trainer.ranks import Driver, init_process_group
 from offbeat_trainer.train import CoreSettings, TrainCore, load_model
 
@@ -220,15 +226,7 @@ class Trainer:
         self, local: Path, version: int, *, step: int, parent: int, checkpoint: str
     ) -> VersionRecord:
         stored = await self.store.put(local, run_id=self.run.id, version=version)
-        record = VersionRecord(
-            step=step,
-            parent=parent,
-            uri=stored.uri,
-            sha256=stored.sha256,
-            size_bytes=stored.size_bytes,
-            checkpoint=checkpoint,
-            published_at=time.time(),
-        )
+        record = version_record(stored, step=step, parent=parent, checkpoint=checkpoint)
         self.state.versions[version] = record
         self.state.head = version
         self.state.next_version = max(self.state.next_version, version + 1)
@@ -247,6 +245,7 @@ class Trainer:
                     log.warning("could not delete the weights of version %d (%r)", v, exc)
                     continue
                 record.uri = ""
+                record.chunk_sha256 = []
 
     def _set_announcement(self, version: int, record: VersionRecord, msg_id: str) -> None:
         self.state.last_announcement = weight_version(self.run.id, version, record).SerializeToString().hex()
