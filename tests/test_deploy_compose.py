@@ -58,7 +58,8 @@ def podman_compose() -> list[str]:
 def rendered_config(env: dict[str, str], *profiles: str) -> subprocess.CompletedProcess[str]:
     """`podman-compose config` with exactly `env` (a developer's own .env and shell are not read)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OFFBEAT", "COMPOSE_"))}
-    args = [*podman_compose(), "--env-file", os.devnull, "-f", str(COMPOSE)]
+    # --dry-run: `config` only renders the file, so podman itself need not be installed
+    args = [*podman_compose(), "--dry-run", "--env-file", os.devnull, "-f", str(COMPOSE)]
     for p in profiles:
         args += ["--profile", p]
     return subprocess.run(

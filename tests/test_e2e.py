@@ -118,7 +118,7 @@ def test_run_trains_to_max_steps_within_the_staleness_bound(tmp_path, nats_url, 
 
 
 def _admin(run_dir: Path) -> tuple[admin_pb2_grpc.AdminServiceStub, list[tuple[str, str]]]:
-    address_file = next(run_dir.rglob("admin.address"))
+    address_file = run_dir / run_dir.name / "admin.address"  # the orchestrator's <state_dir>/<run>/
     channel = grpc.insecure_channel(address_file.read_text().strip())
     return admin_pb2_grpc.AdminServiceStub(channel), [("authorization", "Bearer e2e-token")]
 
@@ -152,7 +152,7 @@ def test_pause_resume_and_rollback_on_a_live_run(tmp_path, nats_url, database_ur
             return int(rows[0][0] or 0)
 
         _wait(lambda: step() >= 3, 600, "step 3", proc)
-        _wait(lambda: any(run_dir.rglob("admin.address")), 30, "the admin address file", proc)
+        _wait((run_dir / run_id / "admin.address").exists, 30, "the admin address file", proc)
         admin, auth = _admin(run_dir)
 
         with pytest.raises(grpc.RpcError) as denied:

@@ -453,9 +453,8 @@ def fuzz(tmp_path: Path, nats_url: str, database_url: str, run_id: str, envpkg: 
         sent = asyncio.run(publish_corpus(nats_url, run_id, items))
         sandbox_items = [d for _, _, d in corpus("sandbox", max(5, examples // 4))]
         sandbox = asyncio.run(fuzz_sandbox(nats_url, sandbox_items))
-        address = run.wait(
-            lambda: next(iter(run.run_dir.rglob("admin.address")), None), timeout_s=60, what="admin address"
-        )
+        address = run.run_dir / run_id / "admin.address"  # the orchestrator's <state_dir>/<run>/
+        run.wait(address.exists, timeout_s=60, what="admin address")
         admin = fuzz_admin(address.read_text().strip(), examples)
         step = run.step()
         run.wait(lambda: run.step() >= step + 3, timeout_s=300, what="steps after the fuzz")
