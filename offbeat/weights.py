@@ -48,6 +48,8 @@ DIGEST_CHUNK_BYTES: Final = 16 * 1024 * 1024
 """Bytes per chunk digest: small enough that a 1 GB file keeps many cores busy and the last
 chunk's hash, which cannot start before it is read, is short; large enough that the digests of a
 70B model's weights (about 9,000) stay a small part of the announcement."""
+HASH_THREADS: Final = 32
+"""Most threads hashing chunks at once (a 16 MiB chunk takes ~15 ms a core)."""
 
 
 class ChecksumError(ValueError):
@@ -94,10 +96,12 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def hash_pool() -> ThreadPoolExecutor:
-    """Threads that hash chunks, one per core (hashlib releases the GIL on large buffers)."""
+    """Threads that hash chunks: one per core this process may run on, at most `HASH_THREADS`
+    (hashlib releases the GIL on large buffers)."""
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="offbeat-chunk")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _POOL = ThreadPoolExecutor(max_workers=min(HASH_THREADS, cores), thread_name_prefix="offbeat-chunk")
     return _POOL
 
 
