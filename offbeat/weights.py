@@ -298,14 +298,14 @@ class NatsObjectWeightStore(WeightStore):
         name = f"{run_id}/v{version:06d}/model.safetensors"
         obs = await self._obs()
         chunk = self.chunk_bytes  # offbeat's servers allow >= 1 MiB (`[bus] max_payload_bytes`)
-        hashing = asyncio.ensure_future(asyncio.to_thread(chunk_digests, local))
-        try:
+
+        async def send() -> Any:
             with open(local, "rb") as f:  # the client hashes what it sends: its digest is the file's
-                info = await obs.put(
+                return await obs.put(
                     name, f, meta=ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk))
                 )
-        finally:
-            chunks = await hashing
+
+        info, chunks = await asyncio.gather(send(), asyncio.to_thread(chunk_digests, local))
         return StoredWeights(
             uri=f"nats://{self.bucket}/{name}",
             sha256=_digest_hex(info.digest),

@@ -72,9 +72,11 @@ def read_safetensors(
     With `sha256`, every byte of the file is hashed (in file order, on a second thread for a large
     file) while the rest is read; `ChecksumError` if they are not the announced ones. With `chunks`
     (which then take the place of `sha256`), every chunk is verified on the hash pool as soon as it
-    has been read. `ValueError`
-    (or `OSError`) for a file that is not safetensors: the header is checked completely (dtypes,
-    shapes against byte ranges, ranges inside the file) before any tensor is read.
+    has been read.
+
+    `ValueError` (or `OSError`) for a file that is not safetensors: the header is checked
+    completely (dtypes, shapes against byte ranges, ranges inside the file) before any tensor is
+    read.
 
     `reuse`: flat uint8 CPU tensors, each the only user of its memory, that this may overwrite: a
     tensor of the file with as many bytes as `reuse[name]` is read into it rather than into new
