@@ -5,8 +5,8 @@ A version is published only after its file is completely written and checksummed
 local path and verifies the checksum (a mismatch raises `ChecksumError` and leaves nothing behind).
 
 A file's sha256 is one sequential pass (about 1 GB/s a core): 15 s for the weights of a 7B model.
-So `put` also returns `ChunkDigests`, the sha256 of each `DIGEST_CHUNK_BYTES` of the file, which a
-reader verifies on all its cores at once (`verify_chunks`); the announcement carries both.
+So `put` also returns `ChunkDigests`, the sha256 of each 1-16 MiB chunk of the file (`chunk_size_for`),
+which a reader verifies on all its cores at once (`verify_chunks`); the announcement carries both.
 
 - `FileWeightStore` (`file:///root/...`): a shared filesystem path, what a cluster mounts
   (ReadWriteMany). Files are written under a temporary name and renamed into place; on the
@@ -44,10 +44,13 @@ FETCH_BATCH_BYTES: Final = 32 * 1024 * 1024
 """About this much is requested per pull while the previous batch is written and hashed."""
 FETCH_TIMEOUT_S: Final = 30.0
 """Longest wait for one batch of chunks before a fetch fails."""
-DIGEST_CHUNK_BYTES: Final = 16 * 1024 * 1024
-"""Bytes per chunk digest: small enough that a 1 GB file keeps many cores busy and the last
-chunk's hash, which cannot start before it is read, is short; large enough that the digests of a
-70B model's weights (about 9,000) stay a small part of the announcement."""
+MIN_DIGEST_CHUNK_BYTES: Final = 1024 * 1024
+MAX_DIGEST_CHUNK_BYTES: Final = 16 * 1024 * 1024
+"""Chunk digests cover between these many bytes each: the largest keeps the digests of a 70B
+model's weights (about 9,000) a small part of the announcement."""
+DIGEST_CHUNKS: Final = 64
+"""Chunks a file is cut into where those bounds allow: enough to keep `HASH_THREADS` busy, and the
+last chunk's hash, which cannot start before all of it is read, short."""
 HASH_THREADS: Final = 32
 """Most threads hashing chunks at once (a 16 MiB chunk takes ~15 ms a core)."""
 
@@ -120,16 +123,27 @@ def _chunk_sha256(path: str | Path, offset: int, length: int) -> bytes:
     return digest.digest()
 
 
-def chunk_digests(path: str | Path, chunk_bytes: int = DIGEST_CHUNK_BYTES) -> ChunkDigests:
-    """The chunk digests of a file, its chunks hashed in parallel."""
+def chunk_size_for(size: int) -> int:
+    """The chunk size for a file of `size` bytes: a power of two near `size / DIGEST_CHUNKS`,
+    within the bounds."""
+    chunk = MIN_DIGEST_CHUNK_BYTES
+    while chunk * DIGEST_CHUNKS < size and chunk < MAX_DIGEST_CHUNK_BYTES:
+        chunk *= 2
+    return chunk
+
+
+def chunk_digests(path: str | Path, chunk_bytes: int | None = None) -> ChunkDigests:
+    """The chunk digests of a file (chunks of `chunk_size_for` its size unless given), its chunks
+    hashed in parallel."""
     size = os.stat(path).st_size
+    chunk_bytes = chunk_bytes or chunk_size_for(size)
     spec = ChunkDigests(chunk_bytes, ())
     starts = [i * chunk_bytes for i in range(spec.count_for(size))]
     digests = hash_pool().map(lambda start: _chunk_sha256(path, start, chunk_bytes), starts)
     return ChunkDigests(chunk_bytes, tuple(digests))
 
 
-def file_digests(path: str | Path, chunk_bytes: int = DIGEST_CHUNK_BYTES) -> tuple[str, ChunkDigests]:
+def file_digests(path: str | Path, chunk_bytes: int | None = None) -> tuple[str, ChunkDigests]:
     """The file's sha256 and its chunk digests: the sequential pass on a thread of its own while
     the chunks are hashed on the pool, so this takes about as long as `sha256_file` alone where
     there are cores to spare."""

@@ -16,6 +16,7 @@ from offbeat.weights import (
     FileWeightStore,
     NatsObjectWeightStore,
     chunk_digests,
+    chunk_size_for,
     file_digests,
     verify_chunks,
 )
@@ -176,3 +177,10 @@ async def test_both_stores_put_the_chunk_digests_of_what_they_stored(js, run_id:
     for store in (FileWeightStore(tmp_path / "store"), NatsObjectWeightStore(js, f"w_{run_id}")):
         stored = await store.put(source, run_id=run_id, version=1)
         assert stored.chunks == chunk_digests(source), type(store).__name__
+
+
+def test_chunk_sizes_cut_a_file_into_about_64_chunks_within_1_to_16_mib() -> None:
+    assert chunk_size_for(0) == chunk_size_for(2_500_000) == MIB
+    assert chunk_size_for(100 * 10**6) == 2 * MIB  # 48 chunks
+    assert chunk_size_for(988_097_824) == 16 * MIB  # Qwen2.5-0.5B in bf16: 59 chunks
+    assert chunk_size_for(140 * 10**9) == 16 * MIB  # 70B: 8,345 chunks, the largest size

@@ -12,7 +12,7 @@ from offbeat_trainer.checkpoint import read_state
 
 from offbeat.testing import wait_for
 from offbeat.v1 import policy_pb2
-from offbeat.weights import DIGEST_CHUNK_BYTES, chunk_digests, sha256_file
+from offbeat.weights import chunk_digests, chunk_size_for, sha256_file
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ async def test_rollback_reloads_version_and_next_version_has_new_id_and_parent(
         assert [w.version for w in announced] == [0, 1, 2, 3], log.read_text()[-2000:]
         v1_sha = announced[1].sha256
         for w in announced:  # each with the digests of its file's chunks, for parallel verification
-            assert w.chunk_bytes == DIGEST_CHUNK_BYTES and w.chunk_sha256, w.version
+            assert w.chunk_bytes == chunk_size_for(w.size_bytes) and w.chunk_sha256, w.version
         v1_file = Path(urlparse(announced[1].uri).path)  # a rollback target: not pruned
         assert list(announced[1].chunk_sha256) == list(chunk_digests(v1_file).digests)
 
