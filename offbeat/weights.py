@@ -32,7 +32,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
@@ -67,8 +67,13 @@ class ChunkDigests:
     digests: tuple[bytes, ...]
 
     def count_for(self, size: int) -> int:
-        """How many chunks a file of `size` bytes has (an empty file has one, empty, chunk)."""
-        return max(1, -(-size // self.chunk_bytes))
+        """How many chunks a file of `size` bytes has in these."""
+        return chunk_count(size, self.chunk_bytes)
+
+
+def chunk_count(size: int, chunk_bytes: int) -> int:
+    """How many chunks of `chunk_bytes` a file of `size` bytes has (an empty file has one, empty)."""
+    return max(1, -(-size // chunk_bytes))
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,7 @@ class StoredWeights:
     uri: str
     sha256: str
     size_bytes: int
-    chunks: ChunkDigests | None = field(default=None, compare=False)
+    chunks: ChunkDigests | None = None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -99,12 +104,12 @@ _POOL: ThreadPoolExecutor | None = None
 
 
 def hash_pool() -> ThreadPoolExecutor:
-    """Threads that hash chunks: one per core this process may run on, at most `HASH_THREADS`
-    (hashlib releases the GIL on large buffers)."""
+    """Threads that hash weight files and their chunks: one per core this process may run on, at
+    most `HASH_THREADS` (hashlib releases the GIL on large buffers)."""
     global _POOL
     if _POOL is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _POOL = ThreadPoolExecutor(max_workers=min(HASH_THREADS, cores), thread_name_prefix="offbeat-chunk")
+        _POOL = ThreadPoolExecutor(max_workers=min(HASH_THREADS, cores), thread_name_prefix="offbeat-hash")
     return _POOL
 
 
@@ -137,20 +142,18 @@ def chunk_digests(path: str | Path, chunk_bytes: int | None = None) -> ChunkDige
     hashed in parallel."""
     size = os.stat(path).st_size
     chunk_bytes = chunk_bytes or chunk_size_for(size)
-    spec = ChunkDigests(chunk_bytes, ())
-    starts = [i * chunk_bytes for i in range(spec.count_for(size))]
+    starts = [i * chunk_bytes for i in range(chunk_count(size, chunk_bytes))]
     digests = hash_pool().map(lambda start: _chunk_sha256(path, start, chunk_bytes), starts)
     return ChunkDigests(chunk_bytes, tuple(digests))
 
 
 def file_digests(path: str | Path, chunk_bytes: int | None = None) -> tuple[str, ChunkDigests]:
-    """The file's sha256 and its chunk digests: the sequential pass on a thread of its own while
-    the chunks are hashed on the pool, so this takes about as long as `sha256_file` alone where
-    there are cores to spare."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="offbeat-sha256") as one:
-        whole = one.submit(sha256_file, path)
-        chunks = chunk_digests(path, chunk_bytes)
-        return whole.result(), chunks
+    """The file's sha256 and its chunk digests: the sequential pass goes to the pool first, the
+    chunks after it, so this takes about as long as `sha256_file` alone where there are cores to
+    spare."""
+    whole = hash_pool().submit(sha256_file, path)
+    chunks = chunk_digests(path, chunk_bytes)
+    return whole.result(), chunks
 
 
 def verify_chunks(path: str | Path, chunks: ChunkDigests) -> None:

@@ -151,11 +151,14 @@ class WeightFollower:
             path, fetched = await self._fetch(wv)
             # a fetched copy was verified as it was received; a file read in place is verified by
             # the engine as it reads it, by its chunk digests where the announcement has them
-            if fetched is not None:
-                applied = await self.engine.update_weights(path, wv.version)
-            else:
-                chunks = ChunkDigests(wv.chunk_bytes, tuple(wv.chunk_sha256)) if wv.chunk_bytes else None
-                applied = await self.engine.update_weights(path, wv.version, sha256=wv.sha256, chunks=chunks)
+            in_place = fetched is None
+            chunks = ChunkDigests(wv.chunk_bytes, tuple(wv.chunk_sha256)) if wv.chunk_bytes else None
+            applied = await self.engine.update_weights(
+                path,
+                wv.version,
+                sha256=wv.sha256 if in_place else None,
+                chunks=chunks if in_place else None,
+            )
         except Exception as exc:  # any failure is reported as data; the old weights keep serving
             error = f"{type(exc).__name__}: {exc}"
             log.error("version %d refused: %s", wv.version, error)
