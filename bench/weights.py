@@ -8,27 +8,30 @@ reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObject
    the store from `offbeat_trainer.publish.resolve_store` puts it (`<m>_<store>_put_s`), and
    `weight_version` builds the announcement;
 2. timed (`<m>_<store>_live_s`): publish the announcement on `policy.weights` (and the KV head)
-   through a real nats-server; inference's `WeightFollower` (its own connection) fetches it (the
-   `nats` store: received into a file, hashed as it arrives), the transformers engine reads it
-   into staging tensors (the `file` store: each chunk (1-16 MiB) hashed on the hash pool, one thread
-   a core, as soon as it has been read) and swaps them in once every digest matched; the time ends when the replica's `PolicyLive` for that version
-   arrives back on the bus (`<m>_<store>_live_MBps`: the file's bytes over that time);
+   through a real nats-server to a real inference service (`offbeat-inference`, its own process
+   with the transformers engine, as deployed); it fetches the version (the `nats` store: received
+   into a file, hashed as it arrives), reads it into staging tensors (the `file` store: each
+   1-16 MiB chunk's BLAKE3 digest computed on the hash pool, one thread a core, as soon as it has
+   been read) and swaps them in once every digest matched; the time ends when the replica's
+   `PolicyLive` for that version arrives back on the bus (`<m>_<store>_live_MBps`: the file's
+   bytes over that time);
 3. baseline (`<m>_<store>_safetensors_s`): a plain `safetensors.torch.load_file` of the same
    file, plus one pass that reads every tensor (`load_file` maps lazily), alternated with 2;
 4. for scale (`<m>_<store>_sha256_s`): one `hashlib.sha256` pass over the same file, what
-   verifying it before it goes live costs on one core.
+   verifying it by its sha256 alone would cost on one core.
 
 `<m>_<store>_ratio` = median live / median baseline; goal <= 2. `<m>_<store>_over_sha256` = median
 live / median sha256. Every byte is hashed before a version goes live, and a load from the page
-cache runs at memcpy speed, several times the speed of sha256 on one core: the `file` store's
-floor is that hash pass divided among the cores (the chunk digests), plus the read, so its ratio
-falls with the number of cores (2 here). The `nats` store is bound by the rate at which the
+cache runs at memcpy speed, faster than even BLAKE3 on one core: the `file` store's floor is the
+BLAKE3 pass divided among the cores (the chunk digests), plus the read, so its ratio falls with
+the number of cores (2 here). The `nats` store is bound by the rate at which the
 client receives the object's chunks (its hash overlaps that).
 
 The engine is idle during the update (an update while 64 sequences decode is
 `bench/inference.py`'s `apply_ratio`). Medians of 7 versions per store and model; the first two
 updates of a replica fault in fresh memory for its two copies of the weights (later ones reuse
-them), and they are in the sample (printed per version). The machine is shared, so only same-run
+them), and they are in the sample (printed per version). The trainer's side (store, announcement,
+head) and the baselines run in this process, the service in its own, as in a deployment. The machine is shared, so only same-run
 ratios mean much.
 
     .venv/bin/python bench/weights.py [--quick]    # --quick: the tiny model only
@@ -45,14 +48,14 @@ import gc
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from offbeat_inference.hf_engine import HFEngine
-from offbeat_inference.updates import WeightFollower
 from offbeat_trainer.checkpoint import save_weights
 from offbeat_trainer.publish import resolve_store, version_record, weight_version
 from safetensors.torch import load_file
@@ -65,6 +68,7 @@ from offbeat.v1 import policy_pb2
 from offbeat.weights import sha256_file
 
 RUN = "bench-weights"
+REPLICA = "bench"
 # Qwen/Qwen2.5-0.5B's config.json, less what a random model does not need
 QWEN05B: dict[str, Any] = {
     "vocab_size": 151_936,
@@ -134,23 +138,36 @@ def trainer_weights(model_dir: Path, version: int, out: Path) -> Path:
     return path
 
 
-class Replica:
-    """Inference's update path in this process: its own bus connection, follower and engine."""
+async def start_replica(
+    cfg: BusConfig, run: str, model_dir: Path, *, dtype: str, state_dir: Path, log: Path
+) -> asyncio.subprocess.Process:
+    """`offbeat-inference` serving `model_dir` in `run`, in a process of its own."""
+    sets = {
+        "run.id": run,
+        "run.state_dir": str(state_dir),
+        "bus.stream_max_bytes": cfg.stream_max_bytes,
+        "model.path": str(model_dir),
+        "model.dtype": dtype,
+        "model.max_model_len": 1024,
+        "inference.max_batch": 4,
+        "inference.replica": REPLICA,
+        "inference.log_level": "WARNING",
+    }
+    args = [sys.executable, "-m", "offbeat_inference", "--nats-url", cfg.nats_url]
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(*args, stdout=out, stderr=subprocess.STDOUT)
 
-    def __init__(self, bus: Bus, engine: HFEngine, weights_dir: Path) -> None:
-        self.follower = WeightFollower(bus, engine, replica="bench", weights_dir=weights_dir)
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        await self.follower.start()
-        self.task = asyncio.create_task(self.follower.run(self.stop))
-
-    async def close(self) -> None:
-        self.stop.set()
-        if self.task is not None:
-            await self.task
-        await self.follower.close()
+async def stop_replica(replica: asyncio.subprocess.Process) -> None:
+    if replica.returncode is None:
+        replica.terminate()
+        try:
+            await asyncio.wait_for(replica.wait(), timeout=30)
+        except TimeoutError:
+            replica.kill()
+            await replica.wait()
 
 
 async def bench_model(
@@ -166,22 +183,29 @@ async def bench_model(
     run = f"{RUN}-{name}"  # a run per model: its own subjects and KV head
     trainer_bus = await Bus.connect(cfg, run, name=f"bench-trainer-{name}")
     await trainer_bus.ensure()
-    inference_bus = await Bus.connect(cfg, run, name=f"bench-inference-{name}")
-    engine = HFEngine(str(model_dir), dtype=dtype, capacity=4, max_model_len=1024)
-    await engine.start()
-    replica = Replica(inference_bus, engine, tmp / f"{name}-fetched")
-    await replica.start()
-    lives: dict[int, asyncio.Future[policy_pb2.PolicyLive]] = {}
+    version = 0
+    lives: dict[int, asyncio.Future[policy_pb2.PolicyLive]] = {
+        version: asyncio.get_running_loop().create_future()
+    }
 
     async def on_live(live: policy_pb2.PolicyLive) -> None:
         future = lives.get(live.version)
-        if future is not None and not future.done():
+        if live.replica == REPLICA and future is not None and not future.done():
             future.set_result(live)
 
     await trainer_bus.subscribe(trainer_bus.subjects.policy_live, policy_pb2.PolicyLive, on_live)
+    log = tmp / f"{name}-inference.log"
+    replica = await start_replica(cfg, run, model_dir, dtype=dtype, state_dir=tmp / f"{name}-state", log=log)
     results: dict[str, float] = {}
-    version = engine.version
     try:
+        started = time.perf_counter()
+        ready = asyncio.ensure_future(lives[version])
+        exited = asyncio.ensure_future(replica.wait())
+        await asyncio.wait({ready, exited}, timeout=600, return_when=asyncio.FIRST_COMPLETED)
+        exited.cancel()
+        if not ready.done():
+            raise RuntimeError(f"offbeat-inference did not come up ({log}):\n{log.read_text()[-2000:]}")
+        print(f"{name}: offbeat-inference serving version 0 after {time.perf_counter() - started:.1f}s")
         for store_name in stores:
             uri = (tmp / f"{name}-store").as_uri() if store_name == "file" else f"nats://w_{name}"
             store = resolve_store(uri, str(tmp), js=trainer_bus.js)
@@ -234,10 +258,8 @@ async def bench_model(
             results[f"{key}_over_sha256"] = results[f"{key}_live_s"] / results[f"{key}_sha256_s"]
         results[f"{name}_bytes"] = float(stored.size_bytes)
     finally:
-        await replica.close()
-        await engine.close()
+        await stop_replica(replica)
         await trainer_bus.close()
-        await inference_bus.close()
     return results
 
 

@@ -4,9 +4,12 @@ A version is published only after its file is completely written and checksummed
 `put` takes a finished local file and returns its URI, sha256 and size; `fetch` writes it to a
 local path and verifies the checksum (a mismatch raises `ChecksumError` and leaves nothing behind).
 
-A file's sha256 is one sequential pass (about 1 GB/s a core): 15 s for the weights of a 7B model.
-So `put` also returns `ChunkDigests`, the sha256 of each 1-16 MiB chunk of the file (`chunk_size_for`),
-which a reader verifies on all its cores at once (`verify_chunks`); the announcement carries both.
+A file's sha256 is one sequential pass (about 1.2 GB/s a core): 13 s for the weights of a 7B model.
+So `put` also returns `ChunkDigests`, the BLAKE3 digest of each 1-16 MiB chunk of the file
+(`chunk_size_for`), which a reader verifies on all its cores at once (`verify_chunks`); the
+announcement carries both. BLAKE3 is a cryptographic hash like sha256 (what Hugging Face's Xet
+storage addresses chunks by) and about four times faster a core: the 7B's chunks verify in about
+2 s on 2 cores, less on more.
 
 - `FileWeightStore` (`file:///root/...`): a shared filesystem path, what a cluster mounts
   (ReadWriteMany). Files are written under a temporary name and renamed into place; on the
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlparse
 
+import blake3
+
 CHUNK: Final = 8 * 1024 * 1024
 CHUNK_BYTES: Final = 1024 * 1024
 """Object-store chunk size for puts (at most the server's max_payload)."""
@@ -52,7 +57,7 @@ DIGEST_CHUNKS: Final = 64
 """Chunks a file is cut into where those bounds allow: enough to keep `HASH_THREADS` busy, and the
 last chunk's hash, which cannot start before all of it is read, short."""
 HASH_THREADS: Final = 32
-"""Most threads hashing chunks at once (a 16 MiB chunk takes ~15 ms a core)."""
+"""Most threads hashing chunks at once (a 16 MiB chunk takes ~4 ms a core)."""
 
 
 class ChecksumError(ValueError):
@@ -61,7 +66,7 @@ class ChecksumError(ValueError):
 
 @dataclass(frozen=True)
 class ChunkDigests:
-    """The sha256 of each consecutive `chunk_bytes` of a file (the last chunk may be shorter)."""
+    """The BLAKE3 digest of each consecutive `chunk_bytes` of a file (the last chunk may be shorter)."""
 
     chunk_bytes: int
     digests: tuple[bytes, ...]
@@ -105,7 +110,7 @@ _POOL: ThreadPoolExecutor | None = None
 
 def hash_pool() -> ThreadPoolExecutor:
     """Threads that hash weight files and their chunks: one per core this process may run on, at
-    most `HASH_THREADS` (hashlib releases the GIL on large buffers)."""
+    most `HASH_THREADS` (hashlib and blake3 release the GIL on large buffers)."""
     global _POOL
     if _POOL is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -113,8 +118,13 @@ def hash_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def _chunk_sha256(path: str | Path, offset: int, length: int) -> bytes:
-    digest = hashlib.sha256()
+def chunk_hasher() -> blake3.blake3:
+    """A new digest of the kind a chunk digest is (one thread: the pool runs the chunks in parallel)."""
+    return blake3.blake3()
+
+
+def _chunk_digest(path: str | Path, offset: int, length: int) -> bytes:
+    digest = chunk_hasher()
     buffer = bytearray(min(CHUNK, max(1, length)))
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
@@ -143,7 +153,7 @@ def chunk_digests(path: str | Path, chunk_bytes: int | None = None) -> ChunkDige
     size = os.stat(path).st_size
     chunk_bytes = chunk_bytes or chunk_size_for(size)
     starts = [i * chunk_bytes for i in range(chunk_count(size, chunk_bytes))]
-    digests = hash_pool().map(lambda start: _chunk_sha256(path, start, chunk_bytes), starts)
+    digests = hash_pool().map(lambda start: _chunk_digest(path, start, chunk_bytes), starts)
     return ChunkDigests(chunk_bytes, tuple(digests))
 
 
@@ -179,7 +189,7 @@ def check_chunks(path: str | Path, actual: Sequence[bytes], announced: Sequence[
     for i, (got, want) in enumerate(zip(actual, announced, strict=True)):
         if got != want:
             raise ChecksumError(
-                f"{path}: chunk {i} has sha256 {got.hex()[:12]}…, the announced is {want.hex()[:12]}…"
+                f"{path}: chunk {i} has BLAKE3 {got.hex()[:12]}…, the announced is {want.hex()[:12]}…"
             )
 
 

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+import blake3
 import nats
 import pytest
 
@@ -142,14 +143,14 @@ async def test_deleted_versions_are_gone_and_their_storage_freed(js, run_id: str
         await stores[0].delete((tmp_path / "elsewhere" / "model.safetensors").as_uri())
 
 
-def test_chunk_digests_are_each_chunks_sha256_and_catch_any_changed_byte(tmp_path: Path) -> None:
+def test_chunk_digests_are_each_chunks_blake3_and_catch_any_changed_byte(tmp_path: Path) -> None:
     source = random_file(tmp_path / "w.safetensors", 5 * MIB + 12345)
     data = source.read_bytes()
     whole, chunks = file_digests(source, MIB)
     assert whole == hashlib.sha256(data).hexdigest()
     assert chunks.chunk_bytes == MIB and len(chunks.digests) == 6
     assert list(chunks.digests) == [
-        hashlib.sha256(data[i : i + MIB]).digest() for i in range(0, len(data), MIB)
+        blake3.blake3(data[i : i + MIB]).digest() for i in range(0, len(data), MIB)
     ]
     verify_chunks(source, chunks)
 
@@ -157,19 +158,19 @@ def test_chunk_digests_are_each_chunks_sha256_and_catch_any_changed_byte(tmp_pat
         changed = bytearray(data)
         changed[at] ^= 0x01
         source.write_bytes(bytes(changed))
-        with pytest.raises(ChecksumError, match=f"chunk {chunk} has sha256"):
+        with pytest.raises(ChecksumError, match=f"chunk {chunk} has BLAKE3"):
             verify_chunks(source, chunks)
     for size in (5 * MIB, 6 * MIB + 1):  # one chunk fewer, one more
         source.write_bytes(data[:size] + os.urandom(max(0, size - len(data))))
         with pytest.raises(ChecksumError, match="has 6 chunk digests"):
             verify_chunks(source, chunks)
     source.write_bytes(data + b"x")  # same chunk count, one byte longer
-    with pytest.raises(ChecksumError, match="chunk 5 has sha256"):
+    with pytest.raises(ChecksumError, match="chunk 5 has BLAKE3"):
         verify_chunks(source, chunks)
 
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    assert chunk_digests(empty, MIB).digests == (hashlib.sha256(b"").digest(),)
+    assert chunk_digests(empty, MIB).digests == (blake3.blake3(b"").digest(),)
 
 
 async def test_both_stores_put_the_chunk_digests_of_what_they_stored(js, run_id: str, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17offbeat/v1/policy.proto\x12\noffbeat.v1\"\xd0\x01\n\rWeightVersion\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06parent\x18\x04 \x01(\x03\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12\x14\n\x0cpublished_at\x18\t \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\x03\x12\x14\n\x0c\x63hunk_sha256\x18\x0b \x03(\x0c\"{\n\nPolicyLive\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07\x61pply_s\x18\x06 \x01(\x01\x12\x0f\n\x07live_at\x18\x07 \x01(\x01\"M\n\x11\x44roppedTrajectory\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tstaleness\x18\x03 \x01(\x03\"\xfa\x03\n\x0bTrainerStep\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1f\n\x17\x63onsumed_trajectory_ids\x18\x04 \x03(\t\x12.\n\x07\x64ropped\x18\x05 \x03(\x0b\x32\x1d.offbeat.v1.DroppedTrajectory\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.offbeat.v1.TrainerStep.MetricsEntry\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x39\n\tstaleness\x18\t \x03(\x0b\x32&.offbeat.v1.TrainerStep.StalenessEntry\x12;\n\nadvantages\x18\n \x03(\x0b\x32\'.offbeat.v1.TrainerStep.AdvantagesEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eStalenessEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0f\x41\x64vantagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\x0e\x43ontrolCommand\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.offbeat.v1.ControlKind\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tissued_at\x18\x06 \x01(\x01\"\x85\x01\n\nDeadLetter\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x04 \x01(\t\x12\x12\n\ndeliveries\x18\x05 \x01(\x05\x12\x0e\n\x06msg_id\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65\x61\x64_at\x18\x07 \x01(\x01*\x8e\x01\n\x0b\x43ontrolKind\x12\x1c\n\x18\x43ONTROL_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONTROL_KIND_PAUSE\x10\x01\x12\x17\n\x13\x43ONTROL_KIND_RESUME\x10\x02\x12\x19\n\x15\x43ONTROL_KIND_ROLLBACK\x10\x03\x12\x15\n\x11\x43ONTROL_KIND_STOP\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17offbeat/v1/policy.proto\x12\noffbeat.v1\"\xe4\x01\n\rWeightVersion\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0e\n\x06parent\x18\x04 \x01(\x03\x12\x0b\n\x03uri\x18\x05 \x01(\t\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x03\x12\x14\n\x0cpublished_at\x18\t \x01(\x01\x12\x13\n\x0b\x63hunk_bytes\x18\n \x01(\x03\x12\x14\n\x0c\x63hunk_blake3\x18\x0c \x03(\x0cJ\x04\x08\x0b\x10\x0cR\x0c\x63hunk_sha256\"{\n\nPolicyLive\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07replica\x18\x03 \x01(\t\x12\n\n\x02ok\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x0f\n\x07\x61pply_s\x18\x06 \x01(\x01\x12\x0f\n\x07live_at\x18\x07 \x01(\x01\"M\n\x11\x44roppedTrajectory\x12\x15\n\rtrajectory_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x11\n\tstaleness\x18\x03 \x01(\x03\"\xfa\x03\n\x0bTrainerStep\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x1f\n\x17\x63onsumed_trajectory_ids\x18\x04 \x03(\t\x12.\n\x07\x64ropped\x18\x05 \x03(\x0b\x32\x1d.offbeat.v1.DroppedTrajectory\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.offbeat.v1.TrainerStep.MetricsEntry\x12\x12\n\nstarted_at\x18\x07 \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x08 \x01(\x01\x12\x39\n\tstaleness\x18\t \x03(\x0b\x32&.offbeat.v1.TrainerStep.StalenessEntry\x12;\n\nadvantages\x18\n \x03(\x0b\x32\'.offbeat.v1.TrainerStep.AdvantagesEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x30\n\x0eStalenessEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0f\x41\x64vantagesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\x0e\x43ontrolCommand\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12%\n\x04kind\x18\x03 \x01(\x0e\x32\x17.offbeat.v1.ControlKind\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x11\n\tissued_at\x18\x06 \x01(\x01\"\x85\x01\n\nDeadLetter\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x10\n\x08\x63onsumer\x18\x04 \x01(\t\x12\x12\n\ndeliveries\x18\x05 \x01(\x05\x12\x0e\n\x06msg_id\x18\x06 \x01(\t\x12\x0f\n\x07\x64\x65\x61\x64_at\x18\x07 \x01(\x01*\x8e\x01\n\x0b\x43ontrolKind\x12\x1c\n\x18\x43ONTROL_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x43ONTROL_KIND_PAUSE\x10\x01\x12\x17\n\x13\x43ONTROL_KIND_RESUME\x10\x02\x12\x19\n\x15\x43ONTROL_KIND_ROLLBACK\x10\x03\x12\x15\n\x11\x43ONTROL_KIND_STOP\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINERSTEP_STALENESSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINERSTEP_ADVANTAGESENTRY']._loaded_options = None
   _globals['_TRAINERSTEP_ADVANTAGESENTRY']._serialized_options = b'8\001'
-  _globals['_CONTROLKIND']._serialized_start=1246
-  _globals['_CONTROLKIND']._serialized_end=1388
+  _globals['_CONTROLKIND']._serialized_start=1266
+  _globals['_CONTROLKIND']._serialized_end=1408
   _globals['_WEIGHTVERSION']._serialized_start=40
-  _globals['_WEIGHTVERSION']._serialized_end=248
-  _globals['_POLICYLIVE']._serialized_start=250
-  _globals['_POLICYLIVE']._serialized_end=373
-  _globals['_DROPPEDTRAJECTORY']._serialized_start=375
-  _globals['_DROPPEDTRAJECTORY']._serialized_end=452
-  _globals['_TRAINERSTEP']._serialized_start=455
-  _globals['_TRAINERSTEP']._serialized_end=961
-  _globals['_TRAINERSTEP_METRICSENTRY']._serialized_start=814
-  _globals['_TRAINERSTEP_METRICSENTRY']._serialized_end=860
-  _globals['_TRAINERSTEP_STALENESSENTRY']._serialized_start=862
-  _globals['_TRAINERSTEP_STALENESSENTRY']._serialized_end=910
-  _globals['_TRAINERSTEP_ADVANTAGESENTRY']._serialized_start=912
-  _globals['_TRAINERSTEP_ADVANTAGESENTRY']._serialized_end=961
-  _globals['_CONTROLCOMMAND']._serialized_start=964
-  _globals['_CONTROLCOMMAND']._serialized_end=1107
-  _globals['_DEADLETTER']._serialized_start=1110
-  _globals['_DEADLETTER']._serialized_end=1243
+  _globals['_WEIGHTVERSION']._serialized_end=268
+  _globals['_POLICYLIVE']._serialized_start=270
+  _globals['_POLICYLIVE']._serialized_end=393
+  _globals['_DROPPEDTRAJECTORY']._serialized_start=395
+  _globals['_DROPPEDTRAJECTORY']._serialized_end=472
+  _globals['_TRAINERSTEP']._serialized_start=475
+  _globals['_TRAINERSTEP']._serialized_end=981
+  _globals['_TRAINERSTEP_METRICSENTRY']._serialized_start=834
+  _globals['_TRAINERSTEP_METRICSENTRY']._serialized_end=880
+  _globals['_TRAINERSTEP_STALENESSENTRY']._serialized_start=882
+  _globals['_TRAINERSTEP_STALENESSENTRY']._serialized_end=930
+  _globals['_TRAINERSTEP_ADVANTAGESENTRY']._serialized_start=932
+  _globals['_TRAINERSTEP_ADVANTAGESENTRY']._serialized_end=981
+  _globals['_CONTROLCOMMAND']._serialized_start=984
+  _globals['_CONTROLCOMMAND']._serialized_end=1127
+  _globals['_DEADLETTER']._serialized_start=1130
+  _globals['_DEADLETTER']._serialized_end=1263
 # @@protoc_insertion_point(module_scope)

@@ -152,7 +152,7 @@ class WeightFollower:
             # a fetched copy was verified as it was received; a file read in place is verified by
             # the engine as it reads it, by its chunk digests where the announcement has them
             in_place = fetched is None
-            chunks = ChunkDigests(wv.chunk_bytes, tuple(wv.chunk_sha256)) if wv.chunk_bytes else None
+            chunks = ChunkDigests(wv.chunk_bytes, tuple(wv.chunk_blake3)) if wv.chunk_bytes else None
             applied = await self.engine.update_weights(
                 path,
                 wv.version,

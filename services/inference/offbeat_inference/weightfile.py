@@ -5,13 +5,13 @@ tensors can become the model's parameters without another copy. When given the a
 a second thread hashes each piece as soon as it is read (hashlib and file reads release the GIL)
 while the reading thread goes on reading; the digest is of exactly the bytes that the tensors
 hold, so a file changed after it was hashed cannot slip in.
-Given the announced chunk digests instead (`offbeat.weights.ChunkDigests`), each chunk is handed
-to the hash pool as soon as it has been read, so the chunks are verified on every core at once
-while the reading goes on.
+Given the announced chunk digests instead (`offbeat.weights.ChunkDigests`, BLAKE3), each chunk is
+handed to the hash pool as soon as it has been read, so the chunks are verified on every core at
+once, each about four times faster than by sha256, while the reading goes on.
 A digest that differs raises `offbeat.weights.ChecksumError`, before (and instead of) any error
 about the file's contents: a file that is not the announced one is refused as such.
 
-Costs: about one hash pass over the file (the read overlaps it; with chunk digests, that pass
+Costs: about one hash pass over the file (the read overlaps it; with chunk digests, a BLAKE3 pass
 divided among the cores) and, for the duration of an update, a second copy of the weights in
 memory (the staging buffer next to the live parameters).
 
@@ -33,7 +33,14 @@ from typing import Final
 
 import torch
 
-from offbeat.weights import ChecksumError, ChunkDigests, check_chunk_count, check_chunks, hash_pool
+from offbeat.weights import (
+    ChecksumError,
+    ChunkDigests,
+    check_chunk_count,
+    check_chunks,
+    chunk_hasher,
+    hash_pool,
+)
 
 READ_CHUNK_BYTES: Final = 1024 * 1024
 """Largest read: the hasher starts on a large tensor while the rest of it is read."""
@@ -219,7 +226,7 @@ class _Hashing:
 
 
 class _ChunkHashing:
-    """Each chunk's sha256 on the hash pool, submitted as soon as all of it has been fed."""
+    """Each chunk's digest on the hash pool, submitted as soon as all of it has been fed."""
 
     def __init__(self, path: Path, chunks: ChunkDigests, size: int) -> None:
         check_chunk_count(path, size, chunks)
@@ -243,7 +250,7 @@ class _ChunkHashing:
         pieces, self._pieces, self._filled = self._pieces, [], 0
 
         def run() -> bytes:
-            digest = hashlib.sha256()
+            digest = chunk_hasher()
             for piece in pieces:
                 digest.update(piece)
             return digest.digest()

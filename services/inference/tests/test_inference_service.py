@@ -83,7 +83,7 @@ async def announce(bus, version: int, uri: str, sha256: str, size: int = 0, chun
         size_bytes=size,
         published_at=time.time(),
         chunk_bytes=chunks.chunk_bytes if chunks else 0,
-        chunk_sha256=chunks.digests if chunks else [],
+        chunk_blake3=chunks.digests if chunks else [],
     )
     await bus.put_head(wv)
     await bus.publish(bus.subjects.policy_weights, wv, msg_id=f"weights:{version}")
@@ -263,9 +263,10 @@ async def test_corrupted_weights_are_refused_and_the_old_version_keeps_serving(
     await announce(bus, 1, stored.uri, stored.sha256, chunks=chunks)
     await wait_for(lambda: any(x.version == 1 for x in lives), timeout_s=30)
     live = next(x for x in lives if x.version == 1)
-    assert not live.ok and "ChecksumError" in live.error and "sha256" in live.error
+    assert not live.ok and "ChecksumError" in live.error
     last = len(stored.chunks.digests) - 1  # the flipped byte is in the last chunk
-    assert (f"chunk {last} has sha256" in live.error) == (chunks is not None), live.error
+    expected = f"chunk {last} has BLAKE3" if chunks is not None else "sha256"
+    assert expected in live.error, live.error
     assert service.engine.version == 0
 
     req = request(run_id, tokens=[4, 5, 6], temperature=0.0, max_tokens=10)

@@ -59,11 +59,20 @@ class VersionRecord:
     sha256: str = ""
     size_bytes: int = 0
     chunk_bytes: int = 0
-    chunk_sha256: list[str] = field(default_factory=list)
+    chunk_blake3: list[str] = field(default_factory=list)
     """Hex digests of the file's chunks (`offbeat.weights.ChunkDigests`); none in older records."""
     checkpoint: str = ""
     published_at: float = 0.0
     rolled_back: bool = False
+
+
+def _current(record: dict[str, Any]) -> dict[str, Any]:
+    """A version record as this trainer writes it: one saved before chunk digests were BLAKE3 loses
+    its sha256 chunk digests, so its version is verified by its sha256 alone if re-announced."""
+    if "chunk_sha256" in record:
+        record = {k: v for k, v in record.items() if k != "chunk_sha256"}
+        record["chunk_bytes"] = 0
+    return record
 
 
 @dataclass
@@ -111,7 +120,7 @@ class TrainerState:
     def from_json(cls, text: str, *, journal_file: Path | None = None) -> TrainerState:
         data = json.loads(text)
         mark = data.pop("journal", None)
-        data["versions"] = {int(k): VersionRecord(**v) for k, v in data["versions"].items()}
+        data["versions"] = {int(k): VersionRecord(**_current(v)) for k, v in data["versions"].items()}
         data["departed"] = {g: (int(n), list(ids)) for g, (n, ids) in data.get("departed", {}).items()}
         state = cls(**data)
         if mark is not None:

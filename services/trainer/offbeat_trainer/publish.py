@@ -39,7 +39,7 @@ def version_record(stored: StoredWeights, *, step: int, parent: int, checkpoint:
         sha256=stored.sha256,
         size_bytes=stored.size_bytes,
         chunk_bytes=stored.chunks.chunk_bytes if stored.chunks else 0,
-        chunk_sha256=[d.hex() for d in stored.chunks.digests] if stored.chunks else [],
+        chunk_blake3=[d.hex() for d in stored.chunks.digests] if stored.chunks else [],
         checkpoint=checkpoint,
         published_at=time.time(),
     )
@@ -57,7 +57,7 @@ def weight_version(run_id: str, version: int, record: VersionRecord) -> policy_p
         size_bytes=record.size_bytes,
         published_at=record.published_at,
         chunk_bytes=record.chunk_bytes,
-        chunk_sha256=[bytes.fromhex(d) for d in record.chunk_sha256],
+        chunk_blake3=[bytes.fromhex(d) for d in record.chunk_blake3],
     )
 
 

@@ -244,7 +244,7 @@ class Trainer:
                 except (*BUS_ERRORS, OSError) as exc:  # retried after the next step
                     log.warning("could not delete the weights of version %d (%r)", v, exc)
                     continue
-                record.uri, record.chunk_bytes, record.chunk_sha256 = "", 0, []
+                record.uri, record.chunk_bytes, record.chunk_blake3 = "", 0, []
 
     def _set_announcement(self, version: int, record: VersionRecord, msg_id: str) -> None:
         self.state.last_announcement = weight_version(self.run.id, version, record).SerializeToString().hex()

@@ -135,3 +135,16 @@ def test_a_damaged_journal_is_a_clear_error(tmp_path: Path) -> None:
         read_state(tmp_path / name)
     with pytest.raises(ValueError, match="shorter than its newest checkpoint"):
         _save(ckpts, TrainerState(step=2, consumed=["a", "b", "c"]))
+
+
+def test_a_version_recorded_with_sha256_chunk_digests_loads_without_them() -> None:
+    record = VersionRecord(
+        step=3, parent=2, uri="file:///w/v3.safetensors", sha256="ab" * 32, chunk_bytes=1 << 20
+    )
+    data = json.loads(TrainerState(step=3, versions={3: record}).to_json())
+    del data["versions"]["3"]["chunk_blake3"]
+    data["versions"]["3"]["chunk_sha256"] = ["cd" * 32]  # as a trainer wrote them before BLAKE3
+    loaded = TrainerState.from_json(json.dumps(data)).versions[3]
+    # re-announced, the version is verified by its sha256 alone, never by digests of another hash
+    assert (loaded.chunk_bytes, loaded.chunk_blake3) == (0, [])
+    assert (loaded.uri, loaded.sha256) == (record.uri, record.sha256)
