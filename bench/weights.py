@@ -24,15 +24,15 @@ reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObject
 live / median sha256. Every byte is hashed before a version goes live, and a load from the page
 cache runs at memcpy speed, faster than even BLAKE3 on one core: the `file` store's floor is the
 BLAKE3 pass divided among the cores (the chunk digests), plus the read, so its ratio falls with
-the number of cores (2 here). The `nats` store is bound by the rate at which the
-client receives the object's chunks (its hash overlaps that).
+the number of cores (2 here). The `nats` store is bound by the rate at which the client receives
+the object's chunks (its hash overlaps that).
 
 The engine is idle during the update (an update while 64 sequences decode is
 `bench/inference.py`'s `apply_ratio`). Medians of 7 versions per store and model; the first two
 updates of a replica fault in fresh memory for its two copies of the weights (later ones reuse
 them), and they are in the sample (printed per version). The trainer's side (store, announcement,
-head) and the baselines run in this process, the service in its own, as in a deployment. The machine is shared, so only same-run
-ratios mean much.
+head) and the baselines run in this process, the service in its own, as in a deployment. The
+machine is shared, so only same-run ratios mean much.
 
     .venv/bin/python bench/weights.py [--quick]    # --quick: the tiny model only
 
