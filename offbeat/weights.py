@@ -33,8 +33,8 @@ import os
 import shutil
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -193,6 +193,55 @@ def check_chunks(path: str | Path, actual: Sequence[bytes], announced: Sequence[
             )
 
 
+class ChunkHashing:
+    """Chunk digests of bytes fed in file order: each chunk goes to the hash pool as soon as all of
+    it has been fed, so hashing overlaps whatever produces the bytes (a read, a download). The fed
+    buffers must not change until `wait` returns."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self._pieces: list[memoryview] = []
+        self._filled = 0
+        self._hashed: list[Future[bytes]] = []
+
+    def feed(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        size = self.chunk_bytes
+        while len(view):
+            piece, view = view[: size - self._filled], view[size - self._filled :]
+            self._pieces.append(piece)
+            self._filled += len(piece)
+            if self._filled == size:
+                self._submit()
+
+    def _submit(self) -> None:
+        pieces, self._pieces, self._filled = self._pieces, [], 0
+
+        def run() -> bytes:
+            digest = chunk_hasher()
+            for piece in pieces:
+                digest.update(piece)
+            return digest.digest()
+
+        self._hashed.append(hash_pool().submit(run))
+
+    def wait(self) -> None:
+        """Until every fed byte is hashed (the short last chunk, or an empty file's one chunk,
+        submitted now); never raises: `check` reports."""
+        if self._pieces or not self._hashed:
+            self._submit()
+        for future in self._hashed:
+            future.exception()
+
+    def check(self, path: str | Path, chunks: ChunkDigests) -> None:
+        """`ChecksumError` unless what was fed is exactly the bytes of `chunks` (after `wait`)."""
+        if len(self._hashed) != len(chunks.digests):
+            raise ChecksumError(
+                f"{path}: read {len(self._hashed)} chunks, the announcement has {len(chunks.digests)}"
+            )
+        check_chunks(path, [f.result() for f in self._hashed], chunks.digests)
+
+
 class WeightStore(ABC):
     """Where versions' weight files are put by the trainer and fetched by inference."""
 
@@ -201,8 +250,9 @@ class WeightStore(ABC):
         """Store a finished file as `version`; return where it is and its checksum."""
 
     @abstractmethod
-    async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
-        """Write the weights at `uri` to `dest` (a file path), verified against `sha256`."""
+    async def fetch(self, uri: str, dest: Path, *, sha256: str, chunks: ChunkDigests | None = None) -> Path:
+        """Write the weights at `uri` to `dest` (a file path), verified against `chunks` (on every
+        core) where given, else against `sha256`."""
 
     @abstractmethod
     async def delete(self, uri: str) -> None:
@@ -248,19 +298,22 @@ class FileWeightStore(WeightStore):
             raise ValueError(f"{uri} is not under {self.root}")
         await asyncio.to_thread(shutil.rmtree, path.parent, True)
 
-    async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
+    async def fetch(self, uri: str, dest: Path, *, sha256: str, chunks: ChunkDigests | None = None) -> Path:
         source = self.local_path(uri)
         assert source is not None
-        await asyncio.to_thread(_copy_verified, source, dest, sha256)
+        await asyncio.to_thread(_copy_verified, source, dest, sha256, chunks)
         return dest
 
 
-def _copy_verified(source: Path, dest: Path, sha256: str) -> None:
+def _copy_verified(source: Path, dest: Path, sha256: str, chunks: ChunkDigests | None) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".partial")
     shutil.copyfile(source, tmp)
     try:
-        verify(tmp, sha256)
+        if chunks is not None:
+            verify_chunks(tmp, chunks)
+        else:
+            verify(tmp, sha256)
     except ChecksumError:
         tmp.unlink(missing_ok=True)
         raise
@@ -274,7 +327,8 @@ class NatsObjectWeightStore(WeightStore):
     `chunk_bytes` (at most the server's max_payload): fewer, larger messages than the client's
     128 KiB default. `fetch` reads the chunks with a pull consumer of its own, in batches, and
     writes and hashes each batch in a thread while the next one is on the wire: one pass, the
-    sha256 of the bytes written compared with the announced one. (The client's `get` is not used:
+    bytes written compared with the announced chunk digests (each chunk hashed on the hash pool
+    as soon as it has arrived) or, without them, with the announced sha256. (The client's `get` is not used:
     its ordered consumer answers flow control only every 250 ms, which stalls a large object for
     minutes, and it hashes on the event loop.)
     """
@@ -353,7 +407,7 @@ class NatsObjectWeightStore(WeightStore):
         with contextlib.suppress(NotFoundError):
             await (await self._obs()).delete(name)
 
-    async def fetch(self, uri: str, dest: Path, *, sha256: str) -> Path:
+    async def fetch(self, uri: str, dest: Path, *, sha256: str, chunks: ChunkDigests | None = None) -> Path:
         info = await (await self._obs()).get_info(self._object_name(uri))
         if info.is_link():
             raise ValueError(f"{uri} is an object-store link, not weights")
@@ -364,10 +418,21 @@ class NatsObjectWeightStore(WeightStore):
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_suffix(".partial")
         try:
-            digest, size = await self._receive(info, tmp)
-            if size != info.size or digest != sha256:
+            whole = hashlib.sha256()
+            hashing = ChunkHashing(chunks.chunk_bytes) if chunks is not None else None
+            try:
+                size = await self._receive(info, tmp, hashing.feed if hashing else whole.update)
+            finally:  # the hash pool is done with the received chunks before they are dropped
+                if hashing is not None:
+                    hashing.wait()
+            if size != info.size:
+                raise ChecksumError(f"{uri}: received {size} bytes, the stored object has {info.size}")
+            if hashing is not None and chunks is not None:
+                check_chunk_count(uri, size, chunks)
+                hashing.check(uri, chunks)
+            elif (digest := whole.hexdigest()) != sha256:
                 raise ChecksumError(
-                    f"{uri}: received {size} bytes with sha256 {digest[:12]}…, announced {info.size} bytes {sha256[:12]}…"
+                    f"{uri}: received bytes with sha256 {digest[:12]}…, announced {sha256[:12]}…"
                 )
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -375,8 +440,8 @@ class NatsObjectWeightStore(WeightStore):
         os.replace(tmp, dest)
         return dest
 
-    async def _receive(self, info: Any, path: Path) -> tuple[str, int]:
-        """Every chunk of `info` into `path`, in order: (sha256 of what was written, bytes)."""
+    async def _receive(self, info: Any, path: Path, feed: Callable[[bytes], object]) -> int:
+        """Every chunk of `info` into `path`, in order, each also fed to `feed`; the bytes written."""
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
         stream = f"OBJ_{self.bucket}"
@@ -395,7 +460,6 @@ class NatsObjectWeightStore(WeightStore):
                 num_replicas=1,
             ),
         )
-        digest = hashlib.sha256()
         size = 0
         received = 0
         try:
@@ -407,7 +471,7 @@ class NatsObjectWeightStore(WeightStore):
                 def sink(chunks: list[bytes]) -> None:
                     for data in chunks:
                         f.write(data)
-                        digest.update(data)
+                        feed(data)
 
                 writing: asyncio.Future[None] | None = None
                 try:
@@ -428,7 +492,7 @@ class NatsObjectWeightStore(WeightStore):
         finally:
             with contextlib.suppress(Exception):
                 await self.js.delete_consumer(stream, consumer)
-        return digest.hexdigest(), size
+        return size
 
 
 def _digest_hex(digest: str) -> str:

@@ -14,6 +14,7 @@ import pytest
 from offbeat.infra import NatsServer
 from offbeat.weights import (
     ChecksumError,
+    ChunkDigests,
     FileWeightStore,
     NatsObjectWeightStore,
     chunk_digests,
@@ -119,6 +120,34 @@ async def test_file_store_puts_atomically_and_refuses_a_changed_file(tmp_path: P
     with pytest.raises(ChecksumError):
         await store.fetch(stored.uri, tmp_path / "copy.safetensors", sha256=stored.sha256)
     assert not (tmp_path / "copy.safetensors").exists()
+
+
+async def test_both_stores_fetch_by_chunk_digests_and_refuse_bytes_that_are_not_theirs(
+    js, run_id: str, tmp_path: Path
+) -> None:
+    source = random_file(tmp_path / "w.safetensors", 5 * MIB + 3)
+    other = random_file(tmp_path / "x.safetensors", 5 * MIB + 3)  # same size, other bytes
+    stores = [FileWeightStore(tmp_path / "store"), NatsObjectWeightStore(js, f"c_{run_id}", chunk_bytes=MIB)]
+    for store in stores:
+        name = type(store).__name__
+        stored = await store.put(source, run_id=run_id, version=1)
+        assert stored.chunks is not None
+        small = chunk_digests(source, MIB)  # smaller chunks than the nats store's own, cut across them
+        for chunks in (stored.chunks, small):
+            fetched = await store.fetch(
+                stored.uri, tmp_path / name / "v1.safetensors", sha256=stored.sha256, chunks=chunks
+            )
+            assert fetched.read_bytes() == source.read_bytes(), name
+            fetched.unlink()
+        # the right object (its sha256 matches) against another file's digests: refused by them
+        dest = tmp_path / name / "refused.safetensors"
+        with pytest.raises(ChecksumError, match="chunk 0 has BLAKE3"):
+            await store.fetch(stored.uri, dest, sha256=stored.sha256, chunks=chunk_digests(other, MIB))
+        with pytest.raises(ChecksumError, match="has 7 chunk digests"):
+            await store.fetch(
+                stored.uri, dest, sha256=stored.sha256, chunks=ChunkDigests(MIB, (*small.digests, b"x"))
+            )
+        assert not any((tmp_path / name).iterdir()), f"{name}: a refused fetch left files"
 
 
 async def test_deleted_versions_are_gone_and_their_storage_freed(js, run_id: str, tmp_path: Path) -> None:

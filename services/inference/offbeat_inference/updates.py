@@ -10,7 +10,8 @@ Fetching: `file://` uris are read in place by the engine, which hashes the bytes
 and refuses them unless they are the announced ones (`Engine.update_weights(sha256=..., chunks=...)`:
 the chunk digests where the announcement has them, verified in parallel, else the sha256);
 `nats://bucket/name` uris are streamed into a file under `weights_dir`, hashed as they are
-written (the store refuses a mismatch), applied and then deleted.
+written (by the chunk digests, else the sha256; the store refuses a mismatch), applied and then
+deleted.
 Every outcome is published as a `PolicyLive` (msg id `live:{replica}:{version}:{apply count}`):
 `ok` with the apply latency, or not ok with the reason; a refused version leaves the old weights
 serving. A PolicyLive that cannot be published (NATS away) is retried until it is; no failure
@@ -148,11 +149,11 @@ class WeightFollower:
         try:
             if wv.format and wv.format != "safetensors":
                 raise ValueError(f"format {wv.format!r} is not supported (safetensors only)")
-            path, fetched = await self._fetch(wv)
-            # a fetched copy was verified as it was received; a file read in place is verified by
-            # the engine as it reads it, by its chunk digests where the announcement has them
-            in_place = fetched is None
+            # by its chunk digests where the announcement has them: a fetched copy as it was
+            # received, a file read in place by the engine as it reads it
             chunks = ChunkDigests(wv.chunk_bytes, tuple(wv.chunk_blake3)) if wv.chunk_bytes else None
+            path, fetched = await self._fetch(wv, chunks)
+            in_place = fetched is None
             applied = await self.engine.update_weights(
                 path,
                 wv.version,
@@ -177,7 +178,9 @@ class WeightFollower:
         )
         return await self._publish(wv.version, ok=True, error="", apply_s=applied.apply_s)
 
-    async def _fetch(self, wv: policy_pb2.WeightVersion) -> tuple[Path, Path | None]:
+    async def _fetch(
+        self, wv: policy_pb2.WeightVersion, chunks: ChunkDigests | None
+    ) -> tuple[Path, Path | None]:
         """The local file to load, and that same path again if it is a verified copy of ours (to
         delete after); a file read in place is not verified yet."""
         parsed = urlparse(wv.uri)
@@ -188,7 +191,7 @@ class WeightFollower:
             if store is None:
                 store = self._stores[parsed.netloc] = NatsObjectWeightStore(self.bus.js, parsed.netloc)
             dest = self.weights_dir / f"v{wv.version:06d}-{wv.sha256[:12]}.safetensors"
-            await store.fetch(wv.uri, dest, sha256=wv.sha256)
+            await store.fetch(wv.uri, dest, sha256=wv.sha256, chunks=chunks)
             return dest, dest
         raise ValueError(f"unsupported weight uri {wv.uri!r} (file:// or nats://)")
 

@@ -33,14 +33,7 @@ from typing import Final
 
 import torch
 
-from offbeat.weights import (
-    ChecksumError,
-    ChunkDigests,
-    check_chunk_count,
-    check_chunks,
-    chunk_hasher,
-    hash_pool,
-)
+from offbeat.weights import ChecksumError, ChunkDigests, ChunkHashing, check_chunk_count
 
 READ_CHUNK_BYTES: Final = 1024 * 1024
 """Largest read: the hasher starts on a large tensor while the rest of it is read."""
@@ -226,46 +219,15 @@ class _Hashing:
 
 
 class _ChunkHashing:
-    """Each chunk's digest on the hash pool, submitted as soon as all of it has been fed."""
+    """`offbeat.weights.ChunkHashing` against the announced digests, whose count is checked first."""
 
     def __init__(self, path: Path, chunks: ChunkDigests, size: int) -> None:
         check_chunk_count(path, size, chunks)
         self.active = True
         self.chunks = chunks
-        self._pieces: list[memoryview] = []
-        self._filled = 0
-        self._hashed: list[Future[bytes]] = []
-
-    def feed(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        size = self.chunks.chunk_bytes
-        while len(view):
-            piece, view = view[: size - self._filled], view[size - self._filled :]
-            self._pieces.append(piece)
-            self._filled += len(piece)
-            if self._filled == size:
-                self._submit()
-
-    def _submit(self) -> None:
-        pieces, self._pieces, self._filled = self._pieces, [], 0
-
-        def run() -> bytes:
-            digest = chunk_hasher()
-            for piece in pieces:
-                digest.update(piece)
-            return digest.digest()
-
-        self._hashed.append(hash_pool().submit(run))
-
-    def wait(self) -> None:
-        if self._pieces or not self._hashed:  # the short last chunk (or the one of an empty file)
-            self._submit()
-        for future in self._hashed:
-            future.exception()  # wait without raising: check() reports
+        self._hashing = ChunkHashing(chunks.chunk_bytes)
+        self.feed = self._hashing.feed
+        self.wait = self._hashing.wait
 
     def check(self, path: Path) -> None:
-        if len(self._hashed) != len(self.chunks.digests):
-            raise ChecksumError(
-                f"{path}: read {len(self._hashed)} chunks, the announcement has {len(self.chunks.digests)}"
-            )
-        check_chunks(path, [f.result() for f in self._hashed], self.chunks.digests)
+        self._hashing.check(path, self.chunks)
