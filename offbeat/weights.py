@@ -328,9 +328,9 @@ class NatsObjectWeightStore(WeightStore):
     128 KiB default. `fetch` reads the chunks with a pull consumer of its own, in batches, and
     writes and hashes each batch in a thread while the next one is on the wire: one pass, the
     bytes written compared with the announced chunk digests (each chunk hashed on the hash pool
-    as soon as it has arrived) or, without them, with the announced sha256. (The client's `get` is not used:
-    its ordered consumer answers flow control only every 250 ms, which stalls a large object for
-    minutes, and it hashes on the event loop.)
+    as soon as it has arrived) or, without them, with the announced sha256. (The client's `get`
+    is not used: its ordered consumer answers flow control only every 250 ms, which stalls a large
+    object for minutes, and it hashes on the event loop.)
     """
 
     def __init__(
@@ -424,7 +424,7 @@ class NatsObjectWeightStore(WeightStore):
                 size = await self._receive(info, tmp, hashing.feed if hashing else whole.update)
             finally:  # the hash pool is done with the received chunks before they are dropped
                 if hashing is not None:
-                    hashing.wait()
+                    await asyncio.to_thread(hashing.wait)
             if size != info.size:
                 raise ChecksumError(f"{uri}: received {size} bytes, the stored object has {info.size}")
             if hashing is not None and chunks is not None:
