@@ -118,13 +118,13 @@ def hash_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
-def chunk_hasher() -> blake3.blake3:
+def _chunk_hasher() -> blake3.blake3:
     """A new digest of the kind a chunk digest is (one thread: the pool runs the chunks in parallel)."""
     return blake3.blake3()
 
 
 def _chunk_digest(path: str | Path, offset: int, length: int) -> bytes:
-    digest = chunk_hasher()
+    digest = _chunk_hasher()
     buffer = bytearray(min(CHUNK, max(1, length)))
     view = memoryview(buffer)
     with open(path, "rb", buffering=0) as f:
@@ -194,19 +194,19 @@ def check_chunks(path: str | Path, actual: Sequence[bytes], announced: Sequence[
 
 
 class ChunkHashing:
-    """Chunk digests of bytes fed in file order: each chunk goes to the hash pool as soon as all of
-    it has been fed, so hashing overlaps whatever produces the bytes (a read, a download). The fed
-    buffers must not change until `wait` returns."""
+    """Bytes fed in file order, checked against the announced `chunks`: each chunk goes to the hash
+    pool as soon as all of it has been fed, so hashing overlaps whatever produces the bytes (a read,
+    a download). The fed buffers must not change until `wait` returns."""
 
-    def __init__(self, chunk_bytes: int) -> None:
-        self.chunk_bytes = chunk_bytes
+    def __init__(self, chunks: ChunkDigests) -> None:
+        self.chunks = chunks
         self._pieces: list[memoryview] = []
         self._filled = 0
         self._hashed: list[Future[bytes]] = []
 
     def feed(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
-        size = self.chunk_bytes
+        size = self.chunks.chunk_bytes
         while len(view):
             piece, view = view[: size - self._filled], view[size - self._filled :]
             self._pieces.append(piece)
@@ -218,7 +218,7 @@ class ChunkHashing:
         pieces, self._pieces, self._filled = self._pieces, [], 0
 
         def run() -> bytes:
-            digest = chunk_hasher()
+            digest = _chunk_hasher()
             for piece in pieces:
                 digest.update(piece)
             return digest.digest()
@@ -233,13 +233,14 @@ class ChunkHashing:
         for future in self._hashed:
             future.exception()
 
-    def check(self, path: str | Path, chunks: ChunkDigests) -> None:
-        """`ChecksumError` unless what was fed is exactly the bytes of `chunks` (after `wait`)."""
-        if len(self._hashed) != len(chunks.digests):
+    def check(self, path: str | Path) -> None:
+        """`ChecksumError` unless what was fed is exactly the announced bytes (after `wait`)."""
+        announced = self.chunks.digests
+        if len(self._hashed) != len(announced):
             raise ChecksumError(
-                f"{path}: read {len(self._hashed)} chunks, the announcement has {len(chunks.digests)}"
+                f"{path}: read {len(self._hashed)} chunks, the announcement has {len(announced)}"
             )
-        check_chunks(path, [f.result() for f in self._hashed], chunks.digests)
+        check_chunks(path, [f.result() for f in self._hashed], announced)
 
 
 class WeightStore(ABC):
@@ -419,7 +420,7 @@ class NatsObjectWeightStore(WeightStore):
         tmp = dest.with_suffix(".partial")
         try:
             whole = hashlib.sha256()
-            hashing = ChunkHashing(chunks.chunk_bytes) if chunks is not None else None
+            hashing = ChunkHashing(chunks) if chunks is not None else None
             try:
                 size = await self._receive(info, tmp, hashing.feed if hashing else whole.update)
             finally:  # the hash pool is done with the received chunks before they are dropped
@@ -427,9 +428,9 @@ class NatsObjectWeightStore(WeightStore):
                     await asyncio.to_thread(hashing.wait)
             if size != info.size:
                 raise ChecksumError(f"{uri}: received {size} bytes, the stored object has {info.size}")
-            if hashing is not None and chunks is not None:
-                check_chunk_count(uri, size, chunks)
-                hashing.check(uri, chunks)
+            if hashing is not None:
+                check_chunk_count(uri, size, hashing.chunks)
+                hashing.check(uri)
             elif (digest := whole.hexdigest()) != sha256:
                 raise ChecksumError(
                     f"{uri}: received bytes with sha256 {digest[:12]}…, announced {sha256[:12]}…"

@@ -84,9 +84,10 @@ def read_safetensors(
     """
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        hashing: _Hashing | _ChunkHashing
+        hashing: _Hashing | ChunkHashing
         if chunks is not None:
-            hashing = _ChunkHashing(path, chunks, size)
+            check_chunk_count(path, size, chunks)
+            hashing = ChunkHashing(chunks)
         else:
             hashing = _Hashing(sha256, inline=size < THREAD_HASH_BYTES)
         try:
@@ -96,7 +97,7 @@ def read_safetensors(
             except (ValueError, KeyError, TypeError) as exc:  # the header is whatever the file says
                 tensors = {}
                 problem = exc if isinstance(exc, ValueError) else ValueError(f"malformed header: {exc!r}")
-            if hashing.active:  # whatever was not read yet: trailing bytes, or all after a problem
+            if chunks is not None or sha256 is not None:  # unread: trailing bytes, or all after a problem
                 while data := f.read(READ_CHUNK_BYTES):
                     hashing.feed(data)
         finally:
@@ -108,7 +109,7 @@ def read_safetensors(
 
 
 def _read(
-    f: io.FileIO, size: int, hashing: _Hashing | _ChunkHashing, reuse: Mapping[str, torch.Tensor]
+    f: io.FileIO, size: int, hashing: _Hashing | ChunkHashing, reuse: Mapping[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
     head = _read_exact(f, 8, hashing)
     if len(head) < 8:
@@ -152,7 +153,7 @@ def _read(
     return tensors
 
 
-def _read_exact(f: io.FileIO, n: int, hashing: _Hashing | _ChunkHashing) -> bytes:
+def _read_exact(f: io.FileIO, n: int, hashing: _Hashing | ChunkHashing) -> bytes:
     data = f.read(n) if n else b""
     while len(data) < n and (more := f.read(n - len(data))):
         data += more
@@ -160,7 +161,7 @@ def _read_exact(f: io.FileIO, n: int, hashing: _Hashing | _ChunkHashing) -> byte
     return data
 
 
-def _read_into(f: io.FileIO, view: memoryview, hashing: _Hashing | _ChunkHashing) -> None:
+def _read_into(f: io.FileIO, view: memoryview, hashing: _Hashing | ChunkHashing) -> None:
     pos = 0
     while pos < len(view):
         n = f.readinto(view[pos : pos + READ_CHUNK_BYTES])
@@ -216,18 +217,3 @@ class _Hashing:
             raise ChecksumError(
                 f"{path}: sha256 {actual[:12]}… does not match the announced {self.sha256[:12]}…"
             )
-
-
-class _ChunkHashing:
-    """`offbeat.weights.ChunkHashing` against the announced digests, whose count is checked first."""
-
-    def __init__(self, path: Path, chunks: ChunkDigests, size: int) -> None:
-        check_chunk_count(path, size, chunks)
-        self.active = True
-        self.chunks = chunks
-        self._hashing = ChunkHashing(chunks.chunk_bytes)
-        self.feed = self._hashing.feed
-        self.wait = self._hashing.wait
-
-    def check(self, path: Path) -> None:
-        self._hashing.check(path, self.chunks)
