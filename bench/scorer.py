@@ -9,6 +9,11 @@ For each environment (`reasoning_gym:basic_arithmetic`, and `code` through a rea
   (a separate process) scores them and publishes `rollout.scored`; the rate is taken from the
   `scored_at` stamps of the published trajectories (first to last), so neither start-up nor the
   bench's own collection counts.
+- bus (reasoning_gym, to split the service's CPU): the same completions carried through the bus
+  as the service carries them, but not scored (`bus_cpu`), in this process;
+  `reasoning_gym_bus_cpu_us_per_completion` with one message per completion each way, as deployed,
+  and `reasoning_gym_bus_grouped_cpu_us_per_completion` with one message per group of 8 each way,
+  what per-group messages would cost. The service's CPU minus the first is its own work.
 
 Completions come in groups of 8 per prompt, a third each correct, wrong and malformed. Direct and
 service rounds alternate (3 each by default) and the medians are reported, with the CPU time each
@@ -16,12 +21,14 @@ path spends per completion (the scorer process's own CPU for the service), which
 processes on the machine disturbs less than wall-clock rates.
 Last line: one JSON object with `<env>_service_scored_per_s`, `<env>_direct_scored_per_s`,
 `<env>_ratio` (goal for reasoning_gym: ratio >= 0.8), `<env>_*_cpu_us_per_completion`, counts,
-statuses and the score-only figure.
+statuses, the score-only figure and the bus figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import json
 import os
 import random
@@ -41,7 +48,7 @@ import nats.errors
 from offbeat_scorer.config import ScorerConfig
 from offbeat_scorer.scoring import Scorer
 
-from offbeat.bus import Bus
+from offbeat.bus import BatchPublisher, Bus, Outcome, Publication, Received
 from offbeat.config import BusConfig
 from offbeat.envs import EnvContext, Environment
 from offbeat.envs import load as load_env
@@ -149,6 +156,30 @@ def stop_service(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+def completion_messages(
+    run_id: str, env_name: str, items: list[tuple[str, list[int]]]
+) -> list[rollout_pb2.RolloutCompletion]:
+    """What inference publishes for `items`: groups of `GROUP` samples of one prompt each."""
+    return [
+        rollout_pb2.RolloutCompletion(
+            run_id=run_id,
+            trajectory_id=f"t{i}",
+            request_id=f"r{i // GROUP}",
+            group_id=f"g{i // GROUP}",
+            env=env_name,
+            prompt_key=key,
+            sample_index=i % GROUP,
+            group_size=GROUP,
+            prompt_token_ids=list(range(40)),
+            completion_token_ids=ids,
+            logprobs=[-0.5] * len(ids),
+            finish_reason="stop",
+            finished_at=time.time(),
+        )
+        for i, (key, ids) in enumerate(items)
+    ]
+
+
 async def service_rate(
     *,
     url: str,
@@ -164,26 +195,7 @@ async def service_rate(
     cfg = BusConfig(nats_url=url, stream_max_bytes=1024**3)
     bus = await Bus.connect(cfg, run_id, name="bench")
     await bus.ensure()
-    completions = []
-    for i, (key, ids) in enumerate(items):
-        completions.append(
-            rollout_pb2.RolloutCompletion(
-                run_id=run_id,
-                trajectory_id=f"t{i}",
-                request_id=f"r{i // GROUP}",
-                group_id=f"g{i // GROUP}",
-                env=env_name,
-                prompt_key=key,
-                sample_index=i % GROUP,
-                group_size=GROUP,
-                prompt_token_ids=list(range(40)),
-                completion_token_ids=ids,
-                logprobs=[-0.5] * len(ids),
-                finish_reason="stop",
-                finished_at=time.time(),
-            )
-        )
-    from offbeat.bus import Publication
+    completions = completion_messages(run_id, env_name, items)
 
     for start in range(0, len(completions), 2000):
         await bus.publish_many(
@@ -238,6 +250,76 @@ async def service_rate(
     return (len(stamps) - 1) / (stamps[-1] - stamps[0]), cpu / len(stamps) * 1e6, statuses
 
 
+async def bus_cpu(url: str, items: list[tuple[str, list[int]]], texts: list[str], group: int) -> float:
+    """CPU microseconds per completion that carrying the completions through the bus costs, the
+    way the service carries them but with no scoring at all, in this process: pull from
+    `rollout.completion` (`Bus.consume_batches`, the service's `max_in_flight`), publish a scored
+    message through a `BatchPublisher` and ack the completion once the server stored it.
+
+    `group` = 1 is the service's traffic (one message per completion each way). With `group` =
+    `GROUP`, one message carries a whole group each way (its members' payloads back to back, the
+    bytes a repeated field would carry): what per-group messages would cost instead."""
+    run_id = f"x{uuid.uuid4().hex[:8]}"
+    bus = await Bus.connect(BusConfig(nats_url=url, stream_max_bytes=1024**3), run_id, name="bench-bus")
+    await bus.ensure()
+    completions = completion_messages(run_id, "env", items)
+    scored = [
+        rollout_pb2.ScoredTrajectory(
+            completion=c,
+            reward=1.0,
+            components={"correctness": 1.0, "format": 1.0},
+            status=rollout_pb2.REWARD_STATUS_OK,
+            scored_at=time.time(),
+            completion_text=text,
+        ).SerializeToString()
+        for c, text in zip(completions, texts, strict=True)
+    ]
+    wire = [c.SerializeToString() for c in completions]
+    ins = [b"".join(wire[i : i + group]) for i in range(0, len(wire), group)]
+    outs = [b"".join(scored[i : i + group]) for i in range(0, len(scored), group)]
+    subject = bus.subjects.rollout_completion
+    for start in range(0, len(ins), 2000):
+        await bus.publish_many(
+            Publication(subject, None, f"c:{i}", ins[i]) for i in range(start, min(len(ins), start + 2000))
+        )
+    publisher = BatchPublisher(bus, max_batch=ScorerConfig().publish_batch)
+    publishing = asyncio.create_task(publisher.run())
+    stop = asyncio.Event()
+    sent = itertools.count()
+
+    async def handle(batch: list[Received[bytes]]) -> list[Outcome]:
+        outcomes: list[Outcome] = [None] * len(batch)
+        done = asyncio.get_running_loop().create_future()
+        waiting = len(batch)
+
+        def stored(index: int, error: BaseException | None) -> None:
+            nonlocal waiting
+            outcomes[index] = error
+            waiting -= 1
+            if not waiting:
+                done.set_result(None)
+
+        for index in range(len(batch)):
+            n = next(sent)
+            publisher.add(
+                Publication(bus.subjects.rollout_scored, None, f"s:{n}", outs[n]),
+                functools.partial(stored, index),
+            )
+            if n + 1 == len(ins):
+                stop.set()
+        await done
+        return outcomes
+
+    cpu = time.process_time()
+    await bus.consume_batches("scorer", None, handle, stop=stop, max_in_flight=ScorerConfig().max_in_flight)
+    cpu = time.process_time() - cpu
+    publisher.close()
+    await publishing
+    await bus.delete_streams()
+    await bus.close()
+    return cpu / len(items) * 1e6
+
+
 def summary(
     name: str,
     direct: list[tuple[float, float]],
@@ -289,9 +371,11 @@ async def main() -> None:
             figures["reasoning_gym_score_only_per_s"] = round(
                 await score_only_rate(load_env(rg_name), texts), 1
             )
-            direct, service = [], []
+            direct, service, bus_single, bus_grouped = [], [], [], []
             for _ in range(ROUNDS):  # alternated, so load from elsewhere hits both alike
                 direct.append(await direct_rate(load_env(rg_name), items, decode, 1))
+                bus_single.append(await bus_cpu(server.url, items, [t for _, t in texts], 1))
+                bus_grouped.append(await bus_cpu(server.url, items, [t for _, t in texts], GROUP))
                 rate, cpu, statuses = await service_rate(
                     url=server.url,
                     tmp=tmp,
@@ -302,6 +386,10 @@ async def main() -> None:
                 )
                 service.append((rate, cpu))
             figures.update(summary("reasoning_gym", direct, service, len(items), statuses))
+            figures["reasoning_gym_bus_cpu_us_per_completion"] = round(statistics.median(bus_single), 1)
+            figures["reasoning_gym_bus_grouped_cpu_us_per_completion"] = round(
+                statistics.median(bus_grouped), 1
+            )
             print(json.dumps(figures), flush=True)
 
             # code: every score is a sandbox round trip; direct uses the service's concurrency
