@@ -13,7 +13,7 @@ For each environment (`reasoning_gym:basic_arithmetic`, and `code` through a rea
   as the service carries them, but not scored (`bus_cpu`), in this process;
   `reasoning_gym_bus_cpu_us_per_completion` with one message per completion each way, as deployed,
   and `reasoning_gym_bus_grouped_cpu_us_per_completion` with one message per group of 8 each way,
-  what per-group messages would cost. The service's CPU minus the first is its own work.
+  what per-group messages would cost. The service's CPU minus the first is about its own work.
 
 Completions come in groups of 8 per prompt, a third each correct, wrong and malformed. Direct and
 service rounds alternate (3 each by default) and the medians are reported, with the CPU time each
