@@ -5,8 +5,9 @@ on the run's bus before timing starts. offbeat: `LedgerWriter` consumes them fro
 durable consumer, maps them to rows, writes batches in one transaction each and acks after
 commit; its database connection is made before the clock starts, as the baseline's is.
 Baseline: the same rows (mapped in advance, untimed) written with asyncpg `executemany` of a plain
-`INSERT ... ON CONFLICT DO UPDATE` in batches of the same size, on the same server. Alternated rounds (5); medians; the ratio is the median of each round's own ratio, so
-a slow spell of the shared machine weighs on both sides of the rounds it falls in.
+`INSERT ... ON CONFLICT DO UPDATE` in batches of the same size, on the same server. Alternated
+rounds (5); medians; the ratio is the median of each round's own ratio, so a slow spell of the
+shared machine weighs on both sides of the rounds it falls in.
 
 Last line: {"writer_events_per_s", "raw_events_per_s", "ratio"}; goals ratio >= 0.8 and
 writer_events_per_s >= 5,000.

@@ -12,9 +12,9 @@ reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObject
    with the transformers engine, as deployed); it fetches the version (the `nats` store: received
    into a file, its chunks hashed as they arrive), reads it into staging tensors (the `file`
    store: each 1-16 MiB chunk's BLAKE3 digest computed on the hash pool, one thread a core, as
-   soon as it has been read) and swaps them in once every digest matched; the time ends when the replica's
-   `PolicyLive` for that version arrives back on the bus (`<m>_<store>_live_MBps`: the file's
-   bytes over that time);
+   soon as it has been read) and swaps them in once every digest matched; the time ends when the
+   replica's `PolicyLive` for that version arrives back on the bus (`<m>_<store>_live_MBps`: the
+   file's bytes over that time);
 3. baseline (`<m>_<store>_safetensors_s`): a plain `safetensors.torch.load_file` of the same
    file, plus one pass that reads every tensor (`load_file` maps lazily), alternated with 2;
 4. for scale (`<m>_<store>_sha256_s`): one `hashlib.sha256` pass over the same file, what

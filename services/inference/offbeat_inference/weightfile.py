@@ -33,7 +33,7 @@ from typing import Final
 
 import torch
 
-from offbeat.weights import ChecksumError, ChunkDigests, ChunkHashing, check_chunk_count
+from offbeat.weights import ChunkDigests, ChunkHashing, check_sha256
 
 READ_CHUNK_BYTES: Final = 1024 * 1024
 """Largest read: the hasher starts on a large tensor while the rest of it is read."""
@@ -86,8 +86,7 @@ def read_safetensors(
         size = os.fstat(f.fileno()).st_size
         hashing: _Hashing | ChunkHashing
         if chunks is not None:
-            check_chunk_count(path, size, chunks)
-            hashing = ChunkHashing(chunks)
+            hashing = ChunkHashing(chunks, path, size)
         else:
             hashing = _Hashing(sha256, inline=size < THREAD_HASH_BYTES)
         try:
@@ -213,7 +212,5 @@ class _Hashing:
             self._last.result()
 
     def check(self, path: Path) -> None:
-        if self.sha256 is not None and (actual := self._digest.hexdigest()) != self.sha256:
-            raise ChecksumError(
-                f"{path}: sha256 {actual[:12]}… does not match the announced {self.sha256[:12]}…"
-            )
+        if self.sha256 is not None:
+            check_sha256(path, self._digest.hexdigest(), self.sha256)
