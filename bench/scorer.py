@@ -14,6 +14,14 @@ For each environment (`reasoning_gym:basic_arithmetic`, and `code` through a rea
   `reasoning_gym_bus_cpu_us_per_completion` with one message per completion each way, as deployed,
   and `reasoning_gym_bus_grouped_cpu_us_per_completion` with one message per group of 8 each way,
   what per-group messages would cost. The service's CPU minus the first is about its own work.
+- the whole scorer, in this process (reasoning_gym, `scorer_cpu`): the bus pass with the service's
+  own `Scorer` doing the scoring in between, so everything the service does per completion.
+  `reasoning_gym_inprocess_cpu_us_per_completion` with one message per completion each way (to
+  check the pass against the service process's CPU) and
+  `reasoning_gym_grouped_cpu_us_per_completion` with one message per group each way (a message
+  type of one repeated RolloutCompletion field, made here). `reasoning_gym_grouped_ratio_ceiling`
+  = direct CPU / that: the ratio a per-group contract would reach at best with the scorer's own
+  work as it is (bus and scoring on one core, nothing else in the process).
 
 Completions come in groups of 8 per prompt, a third each correct, wrong and malformed. Direct and
 service rounds alternate (3 each by default) and the medians are reported, with the CPU time each
@@ -21,13 +29,14 @@ path spends per completion (the scorer process's own CPU for the service), which
 processes on the machine disturbs less than wall-clock rates.
 Last line: one JSON object with `<env>_service_scored_per_s`, `<env>_direct_scored_per_s`,
 `<env>_ratio` (goal for reasoning_gym: ratio >= 0.8), `<env>_*_cpu_us_per_completion`, counts,
-statuses, the score-only figure and the bus figures.
+statuses, the score-only figure, the bus figures and the in-process scorer figures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import itertools
 import json
 import os
@@ -45,11 +54,12 @@ from typing import Any
 
 import nats
 import nats.errors
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from offbeat_scorer.config import ScorerConfig
 from offbeat_scorer.scoring import Scorer
 
 from offbeat.bus import BatchPublisher, Bus, Outcome, Publication, Received
-from offbeat.config import BusConfig
+from offbeat.config import BusConfig, EnvSpec
 from offbeat.envs import EnvContext, Environment
 from offbeat.envs import load as load_env
 from offbeat.infra import NatsServer, free_port
@@ -73,7 +83,7 @@ def rg_texts(env: Environment, n: int, rng: random.Random) -> list[tuple[str, st
             if kind == 0:
                 text = f"<think>compute step by step</think>\n<answer>{ex.answer}</answer>"
             elif kind == 1:
-                text = f"<think>guess</think>\n<answer>{int(ex.answer) + rng.randint(1, 9)}</answer>"
+                text = f"<think>guess</think>\n<answer>{int(str(ex.answer)) + rng.randint(1, 9)}</answer>"
             else:
                 text = f"I think it is {ex.answer}"
             out.append((ex.key, text))
@@ -100,7 +110,8 @@ def code_texts(env: Environment, n: int, rng: random.Random) -> list[tuple[str, 
 
 async def direct_rate(
     env: Environment, items: list[tuple[str, list[int]]], decode: Any, concurrency: int
-) -> float:
+) -> tuple[float, float]:
+    """(scored per second, CPU microseconds per completion) calling `score` in this process."""
     sem = asyncio.Semaphore(concurrency)
 
     async def one(key: str, ids: list[int]) -> None:
@@ -230,7 +241,8 @@ async def service_rate(
     finally:
         stop_service(proc)
     sub = await bus._pull("trainer")
-    stamps, statuses = [], {}
+    stamps: list[float] = []
+    statuses: dict[str, int] = {}
     while len(stamps) < len(items):
         try:
             msgs = await sub.fetch(1000, timeout=2.0)
@@ -320,6 +332,143 @@ async def bus_cpu(url: str, items: list[tuple[str, list[int]]], texts: list[str]
     return cpu / len(items) * 1e6
 
 
+def completion_group_type() -> Any:
+    """A message of one repeated field, `completions = 1` of RolloutCompletion: what a per-group
+    contract would carry on `rollout.completion` (made here: the contract has no such message)."""
+    name = "offbeat/bench/completion_group.proto"
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(name)
+    except KeyError:
+        fdp = descriptor_pb2.FileDescriptorProto(
+            name=name, package="offbeat.bench", dependency=[rollout_pb2.DESCRIPTOR.name]
+        )
+        group = fdp.message_type.add(name="CompletionGroup")
+        group.field.add(
+            name="completions",
+            number=1,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+            type_name=".offbeat.v1.RolloutCompletion",
+        )
+        pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("offbeat.bench.CompletionGroup"))
+
+
+def field1_entries(payloads: list[bytes]) -> bytes:
+    """The payloads as the entries of a repeated field 1 (what a repeated message field carries)."""
+    out = bytearray()
+    for p in payloads:
+        out.append(1 << 3 | 2)  # field 1, length-delimited
+        n = len(p)
+        while n > 0x7F:
+            out.append(n & 0x7F | 0x80)
+            n >>= 7
+        out.append(n)
+        out += p
+    return bytes(out)
+
+
+def split_field1(data: bytes) -> list[bytes]:
+    """The entries of `field1_entries`, as the bytes they were."""
+    out, pos = [], 0
+    while pos < len(data):
+        pos += 1  # the tag
+        n = shift = 0
+        while True:
+            b = data[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        out.append(data[pos : pos + n])
+        pos += n
+    return out
+
+
+async def scorer_cpu(
+    url: str, items: list[tuple[str, list[int]]], tokenizer_dir: Path, env_name: str, group: int
+) -> float:
+    """CPU microseconds per completion of everything the scorer service does, in this process and
+    with the service's own `Scorer`, when one message carries `group` completions each way: pull
+    from `rollout.completion`, parse, `Scorer.score_batch` (look up, decode, score, build each
+    ScoredTrajectory), publish one message per group through a `BatchPublisher`, ack once stored.
+
+    With `group` = `GROUP` it is the whole cost of a scorer under a per-group contract (the
+    completions of a group in one message, their scored trajectories in one message back), the
+    floor that redesign would reach with the scorer's work as it is; `group` = 1 checks this pass
+    against the service process's own CPU."""
+    run_id = f"s{uuid.uuid4().hex[:8]}"
+    bus = await Bus.connect(BusConfig(nats_url=url, stream_max_bytes=1024**3), run_id, name="bench-grouped")
+    await bus.ensure()
+    wire = [c.SerializeToString() for c in completion_messages(run_id, env_name, items)]
+    ins = [field1_entries(wire[i : i + group]) for i in range(0, len(wire), group)]
+    for start in range(0, len(ins), 2000):
+        await bus.publish_many(
+            Publication(bus.subjects.rollout_completion, None, f"c:{i}", ins[i])
+            for i in range(start, min(len(ins), start + 2000))
+        )
+    config = ScorerConfig()
+    scorer = Scorer.with_tokenizer(config, [EnvSpec(name=env_name)], str(tokenizer_dir))
+    await scorer.setup(EnvContext())
+    group_type = completion_group_type()
+    publisher = BatchPublisher(bus, max_batch=config.publish_batch)
+    publishing = asyncio.create_task(publisher.run())
+    stop = asyncio.Event()
+    handled = 0
+
+    async def handle(batch: list[Received[bytes]]) -> list[Outcome]:
+        nonlocal handled
+        outcomes: list[Outcome] = [None] * len(batch)
+        members, payloads, owner, sizes = [], [], [], []
+        for index, received in enumerate(batch):
+            got = group_type.FromString(received.message).completions
+            members.extend(got)
+            payloads.extend(split_field1(received.message))
+            owner.extend([index] * len(got))
+            sizes.append(len(got))
+        scored: list[list[bytes]] = [[] for _ in batch]
+        done = asyncio.get_running_loop().create_future()
+        waiting = len(batch)
+
+        def stored(index: int, error: BaseException | None) -> None:
+            nonlocal waiting
+            outcomes[index] = error
+            waiting -= 1
+            if not waiting:
+                done.set_result(None)
+
+        def emit(i: int, data: bytes) -> None:
+            index = owner[i]
+            scored[index].append(data)
+            if len(scored[index]) == sizes[index]:
+                msg_id = f"scored:{members[i].group_id}"
+                publisher.add(
+                    Publication(bus.subjects.rollout_scored, None, msg_id, field1_entries(scored[index])),
+                    functools.partial(stored, index),
+                )
+
+        for outcome in await scorer.score_batch(members, emit, payloads=payloads):
+            if outcome is not None:
+                raise outcome
+        await done
+        handled += len(batch)
+        if handled >= len(ins):
+            stop.set()
+        return outcomes
+
+    cpu = time.process_time()
+    await bus.consume_batches("scorer", None, handle, stop=stop, max_in_flight=config.max_in_flight)
+    cpu = time.process_time() - cpu
+    publisher.close()
+    await publishing
+    await scorer.close()
+    await bus.delete_streams()
+    await bus.close()
+    return cpu / len(items) * 1e6
+
+
 def summary(
     name: str,
     direct: list[tuple[float, float]],
@@ -368,14 +517,20 @@ async def main() -> None:
             rg = load_env(rg_name)
             texts = rg_texts(rg, RG_N, rng)
             items = [(k, encode(t)) for k, t in texts]
+            # as the service does once set up: what exists now lives as long as the process, and
+            # the cyclic GC would walk it again on every full collection, in every pass alike
+            gc.collect()
+            gc.freeze()
             figures["reasoning_gym_score_only_per_s"] = round(
                 await score_only_rate(load_env(rg_name), texts), 1
             )
-            direct, service, bus_single, bus_grouped = [], [], [], []
+            direct, service, bus_single, bus_grouped, whole_single, whole_grouped = [], [], [], [], [], []
             for _ in range(ROUNDS):  # alternated, so load from elsewhere hits both alike
                 direct.append(await direct_rate(load_env(rg_name), items, decode, 1))
                 bus_single.append(await bus_cpu(server.url, items, [t for _, t in texts], 1))
                 bus_grouped.append(await bus_cpu(server.url, items, [t for _, t in texts], GROUP))
+                whole_single.append(await scorer_cpu(server.url, items, tokenizer_dir, rg_name, 1))
+                whole_grouped.append(await scorer_cpu(server.url, items, tokenizer_dir, rg_name, GROUP))
                 rate, cpu, statuses = await service_rate(
                     url=server.url,
                     tmp=tmp,
@@ -389,6 +544,14 @@ async def main() -> None:
             figures["reasoning_gym_bus_cpu_us_per_completion"] = round(statistics.median(bus_single), 1)
             figures["reasoning_gym_bus_grouped_cpu_us_per_completion"] = round(
                 statistics.median(bus_grouped), 1
+            )
+            figures["reasoning_gym_inprocess_cpu_us_per_completion"] = round(
+                statistics.median(whole_single), 1
+            )
+            grouped_cpu = statistics.median(whole_grouped)
+            figures["reasoning_gym_grouped_cpu_us_per_completion"] = round(grouped_cpu, 1)
+            figures["reasoning_gym_grouped_ratio_ceiling"] = round(
+                statistics.median(c for _, c in direct) / grouped_cpu, 3
             )
             print(json.dumps(figures), flush=True)
 
