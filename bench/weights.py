@@ -18,7 +18,12 @@ reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObject
 3. baseline (`<m>_<store>_safetensors_s`): a plain `safetensors.torch.load_file` of the same
    file, plus one pass that reads every tensor (`load_file` maps lazily), alternated with 2;
 4. for scale (`<m>_<store>_sha256_s`): one `hashlib.sha256` pass over the same file, what
-   verifying it by its sha256 alone would cost on one core.
+   verifying it by its sha256 alone would cost on one core;
+5. the `nats` store's floor (`<m>_nats_receive_only_s`, and `<m>_nats_receive_floor_ratio` over
+   the baseline): the store's own receive loop alone, every chunk of the object through nats-py on
+   a fresh connection in this process, nothing written or hashed. No `nats` update can go live
+   faster than its object arrives, so where this ratio is over 2 the goal is out of reach with
+   this client, whatever the rest of the update costs.
 
 `<m>_<store>_ratio` = median live / median baseline; goal <= 2. `<m>_<store>_over_sha256` = median
 live / median sha256. Every byte is hashed before a version goes live, and a load from the page
@@ -46,6 +51,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -65,7 +71,7 @@ from offbeat.config import BusConfig
 from offbeat.infra import NatsServer
 from offbeat.tinymodel import build_tiny_model, build_tokenizer
 from offbeat.v1 import policy_pb2
-from offbeat.weights import sha256_file
+from offbeat.weights import NatsObjectWeightStore, sha256_file
 
 RUN = "bench-weights"
 REPLICA = "bench"
@@ -121,6 +127,23 @@ def plain_load(path: Path) -> float:
     elapsed = time.perf_counter() - started
     del state, resident
     return elapsed
+
+
+async def nats_receive(url: str, uri: str) -> float:
+    """Seconds for the `nats` store's fetch to receive every chunk of `uri` on a fresh connection
+    in this process, with nothing written or hashed: that store's floor with this client."""
+    import nats as nats_client
+
+    bucket, _, name = uri.removeprefix("nats://").partition("/")
+    nc = await nats_client.connect(url)
+    try:
+        store = NatsObjectWeightStore(nc.jetstream(), bucket)
+        info = await (await store._obs()).get_info(name)
+        started = time.perf_counter()
+        await store._receive(info, Path(os.devnull), lambda _: None)
+        return time.perf_counter() - started
+    finally:
+        await nc.close()
 
 
 def trainer_weights(model_dir: Path, version: int, out: Path) -> Path:
@@ -209,7 +232,7 @@ async def bench_model(
         for store_name in stores:
             uri = (tmp / f"{name}-store").as_uri() if store_name == "file" else f"nats://w_{name}"
             store = resolve_store(uri, str(tmp), js=trainer_bus.js)
-            puts, live_s, applies, loads, hashes = [], [], [], [], []
+            puts, live_s, applies, loads, hashes, receives = [], [], [], [], [], []
             for i in range(repeats):
                 version += 1
                 local = await asyncio.to_thread(
@@ -236,6 +259,8 @@ async def bench_model(
                 if not i % 2:
                     loads.append(await asyncio.to_thread(plain_load, local))
                 hashes.append(await asyncio.to_thread(plain_sha256, local))
+                if store_name == "nats":
+                    receives.append(await nats_receive(cfg.nats_url, stored.uri))
                 print(
                     f"{name} {store_name} v{version}: put {puts[-1]:.3f}s, announce->live "
                     f"{live_s[-1]:.3f}s (engine apply {live.apply_s:.3f}s), safetensors {loads[-1]:.3f}s",
@@ -256,6 +281,11 @@ async def bench_model(
             results[f"{key}_ratio"] = results[f"{key}_live_s"] / results[f"{key}_safetensors_s"]
             results[f"{key}_live_MBps"] = stored.size_bytes / results[f"{key}_live_s"] / 1e6
             results[f"{key}_over_sha256"] = results[f"{key}_live_s"] / results[f"{key}_sha256_s"]
+            if receives:
+                results[f"{key}_receive_only_s"] = statistics.median(receives)
+                results[f"{key}_receive_floor_ratio"] = (
+                    results[f"{key}_receive_only_s"] / results[f"{key}_safetensors_s"]
+                )
         results[f"{name}_bytes"] = float(stored.size_bytes)
     finally:
         await stop_replica(replica)
