@@ -234,5 +234,17 @@ def resolved_dump(config: RunConfig) -> dict[str, Any]:
     return data
 
 
-def mask_url(url: str) -> str:
-    return re.sub(r"//([^:/@]+):([^@]*)@", r"//\1:***@", url)
+_USERINFO = re.compile(r"//([^/@\s]*)@")
+_SECRET_PARAM = re.compile(r"(?i)\b((?:ssl)?password|passwd|pass|token|secret)=[^&\s]*")
+
+
+def mask_url(text: str) -> str:
+    """`text` (a URL, or a message that may quote one) with its credentials masked: a password in
+    the user info (`//user:***@`), user info that is a secret on its own (a NATS token:
+    `nats://***@host`), and secret query parameters (`?password=***`)."""
+
+    def userinfo(m: re.Match[str]) -> str:
+        user, colon, _ = m.group(1).partition(":")
+        return f"//{user}:***@" if colon else "//***@"
+
+    return _SECRET_PARAM.sub(r"\1=***", _USERINFO.sub(userinfo, text))

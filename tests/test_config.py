@@ -46,3 +46,19 @@ def test_resolved_config_masks_credentials():
     cfg = load_run_config(None, sets=['ledger.database_url="postgresql+asyncpg://u:secret@h/db"'], environ={})
     assert "secret" not in str(resolved_dump(cfg))
     assert mask_url("nats://a:b@h:1") == "nats://a:***@h:1"
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "kept"),
+    [
+        ("nats://s3cr3t-token@nats:4222", "s3cr3t-token", "nats://***@nats:4222"),
+        ("postgresql://:pw-only@db/x", "pw-only", "postgresql://:***@db/x"),
+        ("postgresql+asyncpg://app@db/x?password=hunter2&sslmode=require", "hunter2", "sslmode=require"),
+        ("postgresql://app@db/x?sslpassword=k3y", "k3y", "postgresql://***@db/x"),
+        ("could not connect to nats://u:p4ss@h:1 (refused)", "p4ss", "(refused)"),
+    ],
+)
+def test_mask_url_leaves_no_credential(url, secret, kept):
+    masked = mask_url(url)
+    assert secret not in masked
+    assert kept in masked
