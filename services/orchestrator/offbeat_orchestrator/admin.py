@@ -2,9 +2,12 @@
 
 Mutating calls (Pause, Resume, Rollback) publish a control command through `Bus.control` (which
 also keeps the paused flag in KV), act on the scheduler in-process, and leave one
-`admin_actions` row each, whatever the outcome (a refused token included). Rollback validates
-and marks the ledger in one transaction first (NOT_FOUND for an unknown version,
-FAILED_PRECONDITION for a rolled-back one), then publishes `control.rollback`.
+`admin_actions` row each, whatever the outcome (a refused token included; the caller's
+`x-offbeat-actor` is cut to fit, and a row the ledger cannot take goes to the log rather than
+failing an action already taken). A `reason` the ledger could not record (over 1,000 characters,
+or with a NUL) is INVALID_ARGUMENT before anything is done. Rollback validates and marks the
+ledger in one transaction first (NOT_FOUND for an unknown version, FAILED_PRECONDITION for a
+rolled-back one), then publishes `control.rollback`.
 
 Read calls answer from the ledger, the KV bucket and the scheduler. WatchEvents streams the
 events the ledger writer commits, as it commits them.
@@ -58,12 +61,29 @@ KIND_NAMES: Final = {
     "dlq": "dead_letter",
 }
 MAX_PAGE: Final = 1000
+MAX_ACTOR: Final = 128
+"""The ledger's `admin_actions.actor` column holds this many characters."""
+MAX_REASON: Final = 1000
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
+    """Who called: the `x-offbeat-actor` header (whatever the caller put there, so cut to fit the
+    ledger, control characters dropped) and the peer address, which is kept whole."""
     metadata = dict(context.invocation_metadata() or ())
-    who = metadata.get("x-offbeat-actor", "")
-    return f"{who}@{context.peer()}" if who else str(context.peer())
+    peer = str(context.peer())
+    who = "".join(c for c in str(metadata.get("x-offbeat-actor", "")) if c.isprintable())
+    if not who:
+        return peer[:MAX_ACTOR]
+    return f"{who[: max(0, MAX_ACTOR - len(peer) - 1)]}@{peer}"[-MAX_ACTOR:]
+
+
+def reason_problem(reason: str) -> str | None:
+    """Why a mutating call's `reason` cannot be recorded as given (None: it can)."""
+    if len(reason) > MAX_REASON:
+        return f"reason is {len(reason)} characters, at most {MAX_REASON}"
+    if "\x00" in reason:
+        return "reason contains a NUL character"
+    return None
 
 
 def percentile(histogram: dict[int, int], q: float) -> float:
@@ -102,9 +122,31 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self.ctx = ctx
 
     async def audit(self, action: str, args: dict[str, Any], context: Any, *, ok: bool, result: str) -> None:
-        await self.ctx.ledger.audit(
-            self.ctx.run_id, action, args=args, actor=actor_of(context), ok=ok, result=result
-        )
+        """One `admin_actions` row. The action has been taken (or refused) when this runs: a ledger
+        that cannot take the row must not turn it into an error for the caller, so the record
+        goes to the log instead."""
+        actor = actor_of(context)
+        try:
+            await self.ctx.ledger.audit(self.ctx.run_id, action, args=args, actor=actor, ok=ok, result=result)
+        except Exception as exc:
+            log.error(
+                "admin action not recorded in the ledger (%s: %s): %s by %s, ok=%s, %s",
+                type(exc).__name__,
+                str(exc)[:200],
+                action,
+                actor,
+                ok,
+                result,
+            )
+
+    async def _check_reason(self, action: str, args: dict[str, Any], reason: str, context: Any) -> None:
+        """INVALID_ARGUMENT (and a row saying so) for a reason the ledger could not record, before
+        anything is done."""
+        problem = reason_problem(reason)
+        if problem is not None:
+            safe = args | {"reason": reason[:100].replace("\x00", "\ufffd")}
+            await self.audit(action, safe, context, ok=False, result=f"INVALID_ARGUMENT: {problem}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
     async def refused(self, method: str, context: grpc.aio.ServicerContext) -> None:
         """Called by the auth interceptor: a refused mutating call is audited too."""
@@ -121,6 +163,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self.audit(action, {"reason": reason, "command_id": command_id}, context, ok=True, result="ok")
 
     async def Pause(self, request: admin_pb2.PauseRequest, context: Any) -> admin_pb2.PauseResponse:
+        await self._check_reason("pause", {}, request.reason, context)
         if self.ctx.scheduler is not None:
             self.ctx.scheduler.pause()
         await self._control("pause", policy_pb2.CONTROL_KIND_PAUSE, request.reason, context)
@@ -128,6 +171,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.PauseResponse(paused=True)
 
     async def Resume(self, request: admin_pb2.ResumeRequest, context: Any) -> admin_pb2.ResumeResponse:
+        await self._check_reason("resume", {}, request.reason, context)
         await self._control("resume", policy_pb2.CONTROL_KIND_RESUME, request.reason, context)
         if self.ctx.scheduler is not None:
             self.ctx.scheduler.resume()
@@ -136,6 +180,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     async def Rollback(self, request: admin_pb2.RollbackRequest, context: Any) -> admin_pb2.RollbackResponse:
         args = {"version": request.version, "reason": request.reason}
+        await self._check_reason("rollback", args, request.reason, context)
         try:
             result = await self.ctx.ledger.rollback_to(
                 self.ctx.run_id, request.version, window=self.ctx.rollback_window

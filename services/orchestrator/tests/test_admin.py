@@ -128,6 +128,39 @@ async def _append(items, item):
     items.append(item)
 
 
+async def test_a_reason_or_actor_the_ledger_cannot_hold_is_refused_or_cut_and_always_audited(
+    admin, bus, ledger, run_id
+):
+    stub, _ = admin
+    for reason in ("stop\x00now", "x" * 5000):
+        code, details = await _code(stub.Pause(admin_pb2.PauseRequest(reason=reason), metadata=AUTH))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "reason" in details
+        code, _ = await _code(
+            stub.Rollback(admin_pb2.RollbackRequest(version=1, reason=reason), metadata=AUTH)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert not await bus.is_paused()  # refused before anything was done
+
+    long_actor = (("authorization", f"Bearer {TOKEN}"), ("x-offbeat-actor", "a" * 500))
+    await stub.Pause(admin_pb2.PauseRequest(reason="ok"), metadata=long_actor)
+    assert await bus.is_paused()
+    await _code(stub.Resume(admin_pb2.ResumeRequest(), metadata=(("x-offbeat-actor", "b" * 500),)))
+
+    audit = await ledger.admin_actions(run_id)
+    assert [(a["action"], a["ok"]) for a in audit] == [
+        ("pause", False),
+        ("rollback", False),
+        ("pause", False),
+        ("rollback", False),
+        ("pause", True),
+        ("resume", False),
+    ]
+    assert all(a["result"].startswith("INVALID_ARGUMENT") for a in audit[:4])
+    assert audit[-1]["result"] == "UNAUTHENTICATED"
+    assert all(len(a["actor"]) <= 128 and "@" in a["actor"] for a in audit)
+    assert "\x00" not in str(audit)
+
+
 async def test_trajectories_page_and_staleness_and_watch_events(admin, bus, writer, run_id):
     stub, _ = admin
     watch = stub.WatchEvents(admin_pb2.WatchEventsRequest(kinds=["step"]), metadata=AUTH)
@@ -357,3 +390,20 @@ async def test_rollback_past_the_trainers_window_is_refused_before_anything_chan
         await server.stop(0)
     audit = [(a["action"], a["ok"]) for a in await ledger.admin_actions(run_id)]
     assert audit == [("rollback", False), ("rollback", True)]
+
+
+async def test_an_audit_the_ledger_refuses_does_not_fail_the_action_it_records(
+    admin, bus, ledger, monkeypatch, caplog
+):
+    stub, _ = admin
+
+    async def refuse(*args, **kwargs):
+        raise RuntimeError("ledger down")
+
+    monkeypatch.setattr(ledger, "audit", refuse)
+    await stub.Pause(admin_pb2.PauseRequest(reason="maintenance"), metadata=AUTH)
+    assert await bus.is_paused()
+    assert (
+        "admin action not recorded in the ledger (RuntimeError: ledger down): pause by tester@" in caplog.text
+    )
+    assert TOKEN not in caplog.text
