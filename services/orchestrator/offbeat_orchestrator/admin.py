@@ -7,7 +7,10 @@ also keeps the paused flag in KV), act on the scheduler in-process, and leave on
 failing an action already taken). A `reason` the ledger could not record (over 1,000 characters,
 or with a NUL) is INVALID_ARGUMENT before anything is done. Rollback validates and marks the
 ledger in one transaction first (NOT_FOUND for an unknown version, FAILED_PRECONDITION for a
-rolled-back one), then publishes `control.rollback`.
+rolled-back one), then publishes `control.rollback`. If that publish fails, the ledger stays
+rolled back (the scheduler follows it) and the command is published again in the background, under
+the same command id, until it goes through; the caller is answered UNAVAILABLE saying so. A
+command still unpublished when the orchestrator stops is only in the log and the audit.
 
 Read calls answer from the ledger, the KV bucket and the scheduler. WatchEvents streams the
 events the ledger writer commits, as it commits them.
@@ -24,6 +27,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,6 +69,8 @@ MAX_PAGE: Final = 1000
 MAX_ACTOR: Final = 128
 """The ledger's `admin_actions.actor` column holds this many characters."""
 MAX_REASON: Final = 1000
+REPUBLISH_FIRST_S: Final = 0.5
+REPUBLISH_MAX_S: Final = 10.0
 
 
 def actor_of(context: grpc.aio.ServicerContext) -> str:
@@ -120,12 +127,16 @@ class AdminContext:
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, ctx: AdminContext) -> None:
         self.ctx = ctx
+        self.republishing: set[asyncio.Task[None]] = set()
+        """Rollback commands whose publish failed after the ledger was rolled back, retried."""
 
     async def audit(self, action: str, args: dict[str, Any], context: Any, *, ok: bool, result: str) -> None:
         """One `admin_actions` row. The action has been taken (or refused) when this runs: a ledger
         that cannot take the row must not turn it into an error for the caller, so the record
         goes to the log instead."""
-        actor = actor_of(context)
+        await self._record(action, args, actor_of(context), ok=ok, result=result)
+
+    async def _record(self, action: str, args: dict[str, Any], actor: str, *, ok: bool, result: str) -> None:
         try:
             await self.ctx.ledger.audit(self.ctx.run_id, action, args=args, actor=actor, ok=ok, result=result)
         except Exception as exc:
@@ -193,18 +204,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             await self.audit("rollback", args, context, ok=False, result=f"FAILED_PRECONDITION: {exc}")
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         command_id = uuid.uuid4().hex
+        publish = functools.partial(
+            self.ctx.bus.control,
+            policy_pb2.CONTROL_KIND_ROLLBACK,
+            command_id=command_id,
+            version=request.version,
+            reason=request.reason,
+        )
         try:
-            await self.ctx.bus.control(
-                policy_pb2.CONTROL_KIND_ROLLBACK,
-                command_id=command_id,
-                version=request.version,
-                reason=request.reason,
-            )
+            await publish()
         except Exception as exc:
-            await self.audit("rollback", args, context, ok=False, result=f"publish failed: {exc}")
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"ledger rolled back but control.rollback failed: {exc}"
+            # the ledger is rolled back already: the trainer must follow it, so the command (its
+            # id deduplicates repeats) is published again until it goes through
+            if self.ctx.scheduler is not None:
+                self.ctx.scheduler.rolled_back(result)
+            task = asyncio.create_task(
+                self._republish(publish, args | {"command_id": command_id}, actor_of(context))
             )
+            self.republishing.add(task)
+            task.add_done_callback(self.republishing.discard)
+            message = f"ledger rolled back to {result.version}; control.rollback failed ({exc}), retrying"
+            await self.audit("rollback", args | {"command_id": command_id}, context, ok=False, result=message)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message)
         if self.ctx.scheduler is not None:
             self.ctx.scheduler.rolled_back(result)
         summary = (
@@ -239,6 +260,25 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
                 for r in rows
             ]
         )
+
+    async def _republish(
+        self, publish: Callable[[], Awaitable[None]], args: dict[str, Any], actor: str
+    ) -> None:
+        """Publish until it goes through (or the server stops: a command still unpublished then is
+        in the log and in the ledger's audit as not published)."""
+        delay = REPUBLISH_FIRST_S
+        for attempt in itertools.count(1):
+            await asyncio.sleep(delay)
+            try:
+                await publish()
+            except Exception as exc:
+                log.warning("control.rollback %s: retry %d failed: %s", args["command_id"], attempt, exc)
+                delay = min(delay * 2, REPUBLISH_MAX_S)
+                continue
+            result = f"control.rollback published after {attempt} retries"
+            await self._record("rollback", args, actor, ok=True, result=result)
+            log.info("%s (%s)", result, args["command_id"])
+            return
 
     async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: Any
@@ -441,3 +481,5 @@ class AdminServer:
         with contextlib.suppress(Exception):
             await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        for task in list(self.servicer.republishing):
+            task.cancel()

@@ -407,3 +407,44 @@ async def test_an_audit_the_ledger_refuses_does_not_fail_the_action_it_records(
         "admin action not recorded in the ledger (RuntimeError: ledger down): pause by tester@" in caplog.text
     )
     assert TOKEN not in caplog.text
+
+
+async def test_a_rollback_whose_control_publish_fails_is_published_again_until_it_goes_through(
+    admin, bus, ledger, writer, run_id, monkeypatch
+):
+    stub, _ = admin
+    s = bus.subjects
+    for version in (0, 1, 2):
+        await bus.publish(
+            s.policy_weights, weights(run_id, version, version, version - 1), msg_id=f"w:{version}"
+        )
+    await wait_for(lambda: writer.committed_events >= 3, timeout_s=60)
+    controls = []
+    sub = await bus.subscribe(s.control_all, policy_pb2.ControlCommand, lambda c: _append(controls, c))
+    publish, failures = bus.control, []
+
+    async def flaky(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(kwargs["command_id"])
+            raise TimeoutError("nats: timeout")
+        await publish(*args, **kwargs)
+
+    monkeypatch.setattr(bus, "control", flaky)
+    code, details = await _code(stub.Rollback(admin_pb2.RollbackRequest(version=1), metadata=AUTH))
+    assert (
+        code == grpc.StatusCode.UNAVAILABLE and "ledger rolled back to 1" in details and "retrying" in details
+    )
+    await wait_for(lambda: len(controls) == 1, timeout_s=30)
+    assert (controls[0].kind, controls[0].version, controls[0].command_id) == (
+        policy_pb2.CONTROL_KIND_ROLLBACK,
+        1,
+        failures[0],
+    )
+    await wait_for(lambda: _audited(ledger, run_id, 2), timeout_s=10)
+    audit = [(a["action"], a["ok"], a["args"]["command_id"]) for a in await ledger.admin_actions(run_id)]
+    assert audit == [("rollback", False, failures[0]), ("rollback", True, failures[0])]
+    await sub.unsubscribe()
+
+
+async def _audited(ledger, run_id, n):
+    return len(await ledger.admin_actions(run_id)) >= n
