@@ -11,8 +11,9 @@ import functools
 import os
 import sys
 
+from offbeat.config import ConfigError
 from offbeat.service import load_service_config, run_service, service_parser
-from offbeat_trainer.config import TrainerConfig
+from offbeat_trainer.config import TrainerConfig, check_run_shape
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.epilog = "Subcommand: `offbeat-trainer sft --help` for supervised fine-tuning."
     args = parser.parse_args(argv)
     run, config = load_service_config(args, "trainer", TrainerConfig)
+    try:
+        check_run_shape(config, run.run)
+    except ConfigError as exc:
+        raise SystemExit(f"offbeat-trainer: {exc}") from None
     if int(os.environ.get("RANK", "0")) > 0:
         from offbeat_trainer.follower import run_follower
 

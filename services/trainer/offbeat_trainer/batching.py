@@ -29,6 +29,8 @@ FINISHED_KEPT = 100_000
 """Group ids a buffer remembers as finished (about 10 MB)."""
 JUDGED = frozenset({"ok", "parse_error"})
 """Reward statuses that judge the completion itself, so they are trained with their reward."""
+LOGPROB_TOLERANCE = 1e-3
+"""Largest inference log-prob accepted: 0 (probability 1) plus what float rounding in a sampler adds."""
 
 
 @dataclass
@@ -49,8 +51,9 @@ class Trajectory:
     @classmethod
     def from_scored(cls, msg: rollout_pb2.ScoredTrajectory, *, vocab_size: int | None = None) -> Trajectory:
         """The in-process trajectory; ValueError for one that cannot be trained on safely (lengths
-        that disagree, token ids outside [0, vocab_size), a reward or log-prob that is not a number):
-        one such sample in a batch would crash the step or turn the weights to NaN."""
+        that disagree, token ids outside [0, vocab_size), a reward or log-prob that is not a number,
+        a log-prob above 0): one such sample in a batch would crash the step or turn the weights to
+        NaN. A finite but absurd log-prob below 0 is left to the loss's mask."""
         c = msg.completion
         status = rollout_pb2.RewardStatus.Name(msg.status).removeprefix("REWARD_STATUS_").lower()
         if len(c.logprobs) != len(c.completion_token_ids):
@@ -72,6 +75,11 @@ class Trajectory:
             raise ValueError(f"trajectory {c.trajectory_id}: reward {msg.reward} is not a number")
         if not all(math.isfinite(x) for x in c.logprobs):
             raise ValueError(f"trajectory {c.trajectory_id}: a log-prob is not a finite number")
+        above = next((x for x in c.logprobs if x > LOGPROB_TOLERANCE), None)
+        if above is not None:
+            raise ValueError(
+                f"trajectory {c.trajectory_id}: log-prob {above} is above 0 (a probability above 1)"
+            )
         oldest = min((s.version for s in c.version_spans), default=0)
         return cls(
             trajectory_id=c.trajectory_id,

@@ -63,7 +63,7 @@ from offbeat.service import ServiceContext
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_trainer.batching import Dropped, GroupBuffer, StepBatch, Trajectory
 from offbeat_trainer.checkpoint import Checkpoints, TrainerState, VersionRecord, save_weights
-from offbeat_trainer.config import TrainerConfig
+from offbeat_trainer.config import TrainerConfig, check_run_shape
 from offbeat_trainer.publish import (
     report_msg_id,
     resolve_store,
@@ -92,6 +92,7 @@ def _fault_point(phase: str, step: int) -> None:
 
 class Trainer:
     def __init__(self, ctx: ServiceContext[TrainerConfig], *, resume: bool) -> None:
+        check_run_shape(ctx.config, ctx.run.run)
         self.ctx = ctx
         self.cfg = ctx.config
         self.run = ctx.run.run
@@ -259,7 +260,9 @@ class Trainer:
             traj = Trajectory.from_scored(msg, vocab_size=self.vocab_size)
         except ValueError as exc:  # dead-lettered; the rest of its group is trained without it
             c = msg.completion
-            if not c.eval and c.trajectory_id not in self.accounted:
+            # unless a valid message of that id was accounted or is held: that one owns the id, and
+            # taking it out of its group would leave its delivery held and heartbeated forever
+            if not c.eval and c.trajectory_id not in self.accounted and c.trajectory_id not in self.held:
                 self.buffer.depart(c.group_id, c.trajectory_id, c.group_size)
             raise Reject(str(exc)) from None
         tid = traj.trajectory_id

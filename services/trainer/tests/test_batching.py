@@ -257,6 +257,7 @@ def test_sequence_normalisation_weights():
         (lambda m: m.completion.completion_token_ids.__setitem__(0, -1), "completion token id -1 is outside"),
         (lambda m: setattr(m, "reward", float("nan")), "reward nan is not a number"),
         (lambda m: m.completion.logprobs.__setitem__(1, float("-inf")), "log-prob is not a finite"),
+        (lambda m: m.completion.logprobs.__setitem__(1, 0.5), "log-prob 0.5 is above 0"),
     ],
 )
 def test_a_trajectory_that_would_crash_the_step_or_poison_the_weights_is_refused(change, why, make_scored):  # type: ignore[no-untyped-def]
@@ -267,3 +268,9 @@ def test_a_trajectory_that_would_crash_the_step_or_poison_the_weights_is_refused
     change(msg)
     with pytest.raises(ValueError, match=why):
         Trajectory.from_scored(msg, vocab_size=256)
+
+
+def test_a_logprob_of_zero_within_float_rounding_is_accepted(make_scored):  # type: ignore[no-untyped-def]
+    msg = make_scored("r", "t-0", "g", group_size=1, reward=1.0)
+    msg.completion.logprobs[0], msg.completion.logprobs[1] = 0.0, 5e-4
+    assert Trajectory.from_scored(msg, vocab_size=256).inference_logprobs[:2] == pytest.approx([0.0, 5e-4])

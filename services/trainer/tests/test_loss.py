@@ -76,6 +76,36 @@ def test_kl_term_pulls_towards_inference_policy():
     assert logp.grad.tolist() == pytest.approx([0.1 * (1 - 0.5), 0.1 * (1 - 2.0)], abs=1e-12)
 
 
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_an_absurd_logprob_gap_is_masked_without_nan_and_leaves_the_other_gradients_alone(kl_coef):
+    # an inference log-prob of -1e4 (ratio exp(1e4) = inf) and a trainer log-prob ~200 nats below
+    # its inference one (exp(200) in the KL term): inf * 0 once made the loss and every weight NaN
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11)
+    targets = torch.randint(0, 11, (5,))
+    logits[3, targets[3]] = -200.0
+    logits.requires_grad_()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    inf = logp.detach() + torch.tensor([0.3, -0.2, 0.0, 0.0, 0.1])
+    inf[2], inf[3] = -1e4, 0.0
+    adv, w = torch.tensor([1.0, -0.5, 1.0, -1.0, 0.7]), torch.full((5,), 0.2)
+    settings = LossSettings(kl_coef=kl_coef)
+    out = icepop_loss(logp, inf, adv, w, settings)
+    (grad,) = torch.autograd.grad(out.loss, logits, retain_graph=True)
+    assert math.isfinite(out.loss.item()) and torch.isfinite(grad).all(), (out.loss, grad)
+    assert all(math.isfinite(v.item()) for v in out.stats.values()), out.stats
+    assert out.stats["masked_fraction"].item() == pytest.approx(0.4)
+    assert grad[2].abs().max() == 0 and grad[3].abs().max() == 0, grad
+
+    good = torch.tensor([0, 1, 4])
+    unweighted = icepop_loss(logp, inf, adv, w * torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]), settings)
+    (grad_unweighted,) = torch.autograd.grad(unweighted.loss, logits, retain_graph=True)
+    without = icepop_loss(logp[good], inf[good], adv[good], w[good], settings)
+    (grad_without,) = torch.autograd.grad(without.loss, logits)
+    assert torch.equal(grad, grad_unweighted), (grad, grad_unweighted)
+    assert torch.allclose(grad, grad_without, atol=1e-7), (grad - grad_without).abs().max()
+
+
 def test_loss_is_pluggable_by_import_path():
     assert load_loss("offbeat_trainer.loss:icepop_loss") is icepop_loss
     with pytest.raises(ValueError):
