@@ -192,6 +192,8 @@ class Ledger:
                 stmt.on_conflict_do_update(index_elements=["run_id", "step"], set_=sets),
                 [_fill(r, TrainerStep, defaults={"rolled_back": False}) for r in rows],
             )
+            for run_id in sorted({r["run_id"] for r in rows}):
+                await _roll_back_undone_steps(conn, run_id, [int(r["step"]) for r in rows])
 
     async def add_dead_letters(self, rows: Sequence[dict[str, Any]]) -> None:
         if not rows:
@@ -309,6 +311,8 @@ class Ledger:
                     _trainer_step_upsert(),
                     [_fill(r, TrainerStep, defaults={"rolled_back": False}) for r in steps],
                 )
+            if steps or versions:
+                await _roll_back_undone_steps(conn, run_id, [int(r["step"]) for r in steps])
             for i in range(0, len(merged), batch_size):
                 await conn.execute(self._upsert, _columns(merged[i : i + batch_size]))
             if letters:
@@ -613,3 +617,23 @@ async def _inherit_rollbacks(conn: Any, run_id: str) -> None:
             ),
             {"run": run_id, "v": inherited},
         )
+
+
+async def _roll_back_undone_steps(conn: Any, run_id: str, steps: Sequence[int]) -> None:
+    """Keep the steps of the timeline a rollback undid rolled back, however late their reports come
+    (the trainer finishes the step it is on before it acts on a rollback): a step whose version is
+    rolled back (also by inheritance, so a version announced after its step report counts), and a
+    step in `steps` (just upserted) above a step still rolled back. A new-timeline report of step k
+    comes after the trainer re-reported every step below k, so nothing below it is still rolled
+    back; an undone one comes before any of them. Not caught: an undone step right after the target
+    (no rolled-back step below it) that published no version."""
+    await conn.execute(
+        text(
+            "UPDATE trainer_steps s SET rolled_back = true WHERE s.run_id = :run AND NOT s.rolled_back"
+            " AND ((s.version <> 0 AND EXISTS (SELECT 1 FROM policy_versions p WHERE p.run_id = :run"
+            " AND p.version = s.version AND p.status = 'rolled_back'))"
+            " OR (s.step = ANY(:steps) AND EXISTS (SELECT 1 FROM trainer_steps b WHERE b.run_id = :run"
+            " AND b.step < s.step AND b.rolled_back)))"
+        ),
+        {"run": run_id, "steps": list(steps)},
+    )

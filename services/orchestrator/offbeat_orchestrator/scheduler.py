@@ -33,12 +33,18 @@
 - Pause: the KV flag at start, control subjects and the admin API stop dispatch (time-outs too);
   resume restarts both.
 - Restart: `restore` takes over the groups a previous orchestrator left in flight (from the
-  ledger), finding their prompts again by key, so they count against the budget and are re-issued.
+  ledger), finding their prompts again by key, so they count against the budget and are re-issued;
+  `continue_run` (at the start of `run`) takes the rolled-back versions from the ledger, numbers
+  requests after every one the run used, and draws the prompt mixture past the prompts it sent.
+- Rollback: the trainer finishes the step it is on before it acts on a rollback, so reports of the
+  undone timeline can follow it. Until the target version is re-announced (`fence`), a step report
+  only retires its trajectories and other versions are rolled back; after that, events naming a
+  rolled-back version (or a child of one) are ignored.
 - Sampling seeds: request number s of a run with seed r gets `request_seed(r, s)`, and inference
   gives sample i the seed + i; requests are `SEED_SPACING` apart, so no two samples of a run share
   a seed (with consecutive seeds, group s's sample i and group s+1's sample i-1 drew the same
   numbers). A run with the same seed sends the same prompts with the same seeds; a re-issued or
-  restored request keeps its seed.
+  restored request keeps its seed, and a restarted scheduler goes on with new request numbers.
 - Eval: at step 0, every `eval_every` steps and at `max_steps`, once the trainer's newest version
   is live (so it measures that version): the first `eval_examples` prompts of each environment's
   eval split, `eval = true`, `eval_temperature` (greedy by default).
@@ -58,16 +64,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from sqlalchemy import func, select
+
 from offbeat.bus import Bus, Publication
 from offbeat.config import RunSection
 from offbeat.ledger.models import TERMINAL
-from offbeat.ledger.store import RollbackResult
+from offbeat.ledger.store import TRAJECTORIES, Ledger, RollbackResult
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_orchestrator.config import OrchestratorConfig
 from offbeat_orchestrator.events import Rows, dead_letter_trajectories, reward_status_name
 from offbeat_orchestrator.groups import Group, never_trained
 from offbeat_orchestrator.ledger_writer import LedgerWriter, Observed
-from offbeat_orchestrator.prompts import ExampleSource, Mixture, eval_prompts, set_prompt
+from offbeat_orchestrator.prompts import MAX_SKIPS, ExampleSource, Mixture, eval_prompts, set_prompt
 
 log = logging.getLogger("offbeat.orchestrator.scheduler")
 SEED_SPACING: Final = 2**16
@@ -115,8 +123,12 @@ class Scheduler:
         self.by_trajectory: dict[str, str] = {}
         self.skip: set[tuple[str, str]] = set()
         self.zero_advantage_dropped = zero_advantage_dropped
-        self.rolled_back_versions: set[int] = set()
         """The trainer drops groups whose advantages are all zero (`[trainer] filter_zero_advantage`)."""
+        self.rolled_back_versions: set[int] = set()
+        self.fence: int | None = None
+        """After a rollback, the target version until its re-announcement comes: what the trainer
+        reports before that is from the timeline the rollback undid."""
+        self._fenced_at = 0.0
         self.version_steps: dict[int, int] = {}
         self.live_version: int | None = None
         self.live_step = 0
@@ -263,6 +275,7 @@ class Scheduler:
                 reissuable=reissuable,
             )
             self.groups[gid] = group
+            self.seq = max(self.seq, _seq_of(gid))
             self.by_trajectory.update((tid, gid) for tid in set(ids) - terminal)
             if not group.eval:  # the previous scheduler may have died before it said so
                 for m in members:
@@ -271,6 +284,51 @@ class Scheduler:
         if groups:
             log.info("restored %d groups in flight from the ledger", len(groups))
         return len(groups)
+
+    async def continue_run(self, ledger: Ledger) -> None:
+        """Go on from what the run's earlier schedulers did (nothing on a fresh run): the versions
+        rolled back, request numbers after every one they used (a number used twice would give two
+        samples of the run one seed), and the prompt mixture past the prompts they drew."""
+        run_id = self.bus.run_id
+        self.rolled_back_versions |= {
+            int(p["version"]) for p in await ledger.list_policies(run_id) if p["status"] == "rolled_back"
+        }
+        t = TRAJECTORIES.c
+        async with ledger.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.group_id, func.max(t.env), func.max(t.prompt_key), func.bool_or(t.eval))
+                .where(t.run_id == run_id, t.group_id.is_not(None))
+                .group_by(t.group_id)
+            )
+            sent = sorted((_seq_of(gid), gid, env or "", key or "", bool(ev)) for gid, env, key, ev in rows)
+        if not sent:
+            return
+        self.seq = max(self.seq, sent[-1][0]) + self._published_ahead()
+        self._advance_mixture([(env, key) for _, _, env, key, ev in sent if not ev])
+        log.info("continuing after %d earlier requests from request number %d", len(sent), self.seq + 1)
+
+    def _published_ahead(self) -> int:
+        """Requests a scheduler can have sent that the ledger had not recorded when it stopped (a
+        request is finished only once recorded): the budget, a stall top-up and one eval round."""
+        g, k = self.shape.groups_per_step, self.shape.max_staleness
+        return g * (k + 2) + self.cfg.eval_examples * len(self.envs)
+
+    def _advance_mixture(self, drawn: Sequence[tuple[str, str]]) -> None:
+        """Draw again the prompts `drawn` ((env, prompt key) of the run's training groups, in the
+        order sent), passing over those the difficulty filter skipped, so a restart goes on with the
+        prompts after them. If the sequence is not the mixture's (a run restarted before schedulers
+        went on, other environments or seed), one draw per group instead."""
+        for env, key in drawn:
+            for _ in range(MAX_SKIPS):
+                name, example = self.mixture.draw()
+                if (name, example.key) == (env, key):
+                    break
+            else:
+                log.warning("the run's prompts do not follow its mixture; skipping one prompt per group")
+                self.mixture = Mixture(self.envs, seed=self.shape.seed)
+                for _ in drawn:
+                    self.mixture.draw()
+                return
 
     # --- what happened (called by the ledger writer after each commit) ---------------------------
 
@@ -298,20 +356,57 @@ class Scheduler:
             self._completed(tid, m.completion.version_spans)
             self._scored(tid, m.reward, reward_status_name(m.status))
         elif e.kind == "trainer.step":
-            self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
             self._finish([*m.consumed_trajectory_ids, *(d.trajectory_id for d in m.dropped)])
+            if self._undone(int(m.version)):
+                return
+            self.step = max(self.step, int(m.step))  # a replayed old report never moves it back
             if m.version:  # weights published after this step (the announcement may come later)
                 self._known(int(m.version), int(m.step))
         elif e.kind == "policy.weights":
+            if self.fence is not None and int(m.version) == self.fence:
+                self.fence = None  # the re-announcement: from here on the trainer is on the new timeline
+            elif self._undone(int(m.version), int(m.parent)):
+                return
             self.version_steps[int(m.version)] = int(m.step)
             self._known(int(m.version), int(m.step))
         elif e.kind == "policy.live" and m.ok:
-            self._live(int(m.version))
+            if int(m.version) == self.fence or not self._undone(int(m.version)):
+                self._live(int(m.version))
         elif e.kind == "dlq":
             kind = m.subject.removeprefix(self.bus.subjects.root + ".")
             if m.consumer != "ledger":  # the ledger's own refusals do not stop the pipeline
                 reason = f"dead letter from {m.consumer or '?'}: {m.reason}"
                 self._finish(dead_letter_trajectories(m, kind), lost=reason)
+
+    def _undone(self, version: int, parent: int | None = None) -> bool:
+        """Whether an event naming `version` (0: none) is from the timeline a rollback undid: a
+        rolled-back version or a child of one, or anything before the target's re-announcement
+        (version ids are never reused, so a version above the target published by then is undone
+        too). The trainer finishes the step it is on before it acts on a rollback, so such reports
+        can come after it; taking them in would move the step back past the rollback."""
+        if version in self.rolled_back_versions or (
+            parent is not None and parent in self.rolled_back_versions
+        ):
+            self.rolled_back_versions.add(version)
+            return True
+        if self.fence is not None and time.time() - self._fenced_at > self._fence_timeout_s():
+            log.error(
+                "no re-announcement of version %d %.0fs after the rollback (did the trainer refuse it?): "
+                "taking in the trainer's reports again",
+                self.fence,
+                self._fence_timeout_s(),
+            )
+            self.fence = None
+        if self.fence is None:
+            return False
+        if version > self.fence:
+            self.rolled_back_versions.add(version)
+        return True
+
+    def _fence_timeout_s(self) -> float:
+        """How long a rollback waits for its re-announcement: a trainer that refused the rollback (or
+        never got it) must not have every later report ignored."""
+        return max(self.cfg.request_timeout_s, 3 * self._longest_step_s)
 
     def _completed(self, tid: str, spans: Sequence[Any] = ()) -> None:
         group = self.groups.get(self.by_trajectory.get(tid, ""))
@@ -393,11 +488,13 @@ class Scheduler:
         self.wake()
 
     def rolled_back(self, result: RollbackResult) -> None:
-        """The ledger rolled back to `result.version`: the trainer restarts from its step."""
+        """The ledger rolled back to `result.version`: the trainer restarts from its step, once it
+        has re-announced that version (`fence`)."""
         self.step = result.step
         self.live_version, self.live_step = result.version, result.step
         self.newest_step, self._newest_at = result.step, None
         self.rolled_back_versions |= set(result.versions)
+        self.fence, self._fenced_at = result.version, time.time()
         self._finish(result.trajectory_ids)
         self.wake()
 
@@ -416,6 +513,8 @@ class Scheduler:
 
     async def run(self, stop: asyncio.Event) -> None:
         self.paused = await self.bus.is_paused()
+        if self.writer is not None:
+            await self.continue_run(self.writer.ledger)
         head = await self.bus.get_head()
         if head is not None:
             self._known(head.version, head.step)
