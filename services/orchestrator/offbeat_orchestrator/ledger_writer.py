@@ -13,8 +13,15 @@ A crash therefore loses nothing (unacked messages are redelivered) and a replay 
 (the upserts are idempotent and statuses only move forward). A lost database connection is
 retried; an event whose data the database refuses (say, an id too long for its column) is
 isolated by writing the batch item by item, dead-lettered with the database's reason and acked,
-so it never blocks the rest. A payload that does not parse, or that names another run, is
-dead-lettered by the bus; the dead letter then comes back here and is recorded.
+so it never blocks the rest; should that dead letter fail to publish, the event stays unacked and
+its letter is tried again with the next flush. A flush that fails otherwise is retried with
+backoff, its batch kept; after `FLUSH_ATTEMPTS` in a row the writer stops with the error (and so
+does the service), rather than buffering on without committing. A payload that does not parse,
+or that names another run, is dead-lettered by the bus; the dead letter then comes back here and
+is recorded.
+
+A starting orchestrator first calls `catch_up`, so that the scheduler restores its groups from a
+ledger that holds everything the stream does (the requests a crashed predecessor had just sent).
 
 After each commit the batch's events are handed to observers (the scheduler, WatchEvents
 streams), in stream order, so they see exactly what the ledger holds.
@@ -32,8 +39,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final, NamedTuple
 
+import nats.errors
 import sqlalchemy.exc
 from google.protobuf.message import DecodeError, Message
+from nats.js import api
 
 from offbeat.bus import Bus, Delivery, Outcome, Received, Reject
 from offbeat.config import LedgerConfig
@@ -47,6 +56,13 @@ RETRY_BACKOFF_S: Final = (0.2, 0.5, 1.0, 2.0, 5.0)
 MAX_SUBJECTS_CACHED: Final = 256
 BACKLOG_BATCHES: Final = 4
 """Batches of rows that may wait for the database before reading stops (backpressure)."""
+FLUSH_ATTEMPTS: Final = 6
+"""Failed flushes in a row after which the writer gives up (and the service exits with the error)."""
+LETTER_ATTEMPTS: Final = 3
+"""Failed publishes of a refused event's dead letter after which it is sent without its payload
+(a letter wrapping a payload near `max_payload_bytes` can never be published whole)."""
+CATCH_UP_TIMEOUT_S: Final = 60.0
+"""Longest `catch_up` reads the stream into the ledger before the scheduler restores anyway."""
 REFUSED_SQLSTATE_CLASSES: Final = ("22", "23", "42")
 """SQLSTATE classes about the data itself (data exception, integrity violation, syntax or access):
 retrying cannot help. Anything else (connection lost, shutdown, deadlock) is retried."""
@@ -87,6 +103,14 @@ class _Pending(NamedTuple):
     rows: Rows | None
 
 
+class _Letter(NamedTuple):
+    """The dead letter of an event the database refused, not yet published (its event unacked)."""
+
+    delivery: Delivery
+    letter: policy_pb2.DeadLetter
+    failures: int
+
+
 class LedgerWriter:
     """Batches bus events into ledger transactions; acks each message after its batch commits."""
 
@@ -104,6 +128,7 @@ class LedgerWriter:
         self._kinds: dict[str, str] = {}
         """Subject -> event kind, for the subjects seen (a handful)."""
         self._rows = 0
+        self._letters: list[_Letter] = []
         self._lock = asyncio.Lock()
         self._full = asyncio.Event()
         self._window_s = throughput_window_s
@@ -115,31 +140,51 @@ class LedgerWriter:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set, then write what is buffered. Cancelling it (a crash) writes
-        nothing more and acks nothing more: those messages are redelivered to the next writer."""
-        flusher = asyncio.create_task(self._flush_loop(stop))
+        nothing more and acks nothing more: those messages are redelivered to the next writer. If
+        the flush loop gives up, reading stops too and this raises its error, so the service that
+        supervises the writer exits instead of reading on without committing."""
+        flusher = asyncio.create_task(self._flush_loop(stop), name="ledger-flush")
+        reader = asyncio.create_task(
+            self.bus.consume_batches("ledger", None, self._handle_batch, stop=stop), name="ledger-read"
+        )
+        # on a stop, the commit under way finishes (and is acked) before the rest, in stream order
+        reader.add_done_callback(lambda _: self._full.set())
         try:
-            await self.bus.consume_batches("ledger", None, self._handle_batch, stop=stop)
+            await asyncio.wait((flusher, reader), return_when=asyncio.FIRST_EXCEPTION)
+            for task in (flusher, reader):
+                if task.done():
+                    task.result()
         finally:
-            if stop.is_set() and not flusher.done():  # a stop, not a crash: a commit under way
-                self._full.set()  # finishes (and is acked) before the rest, in stream order
-                await flusher
-            else:
-                flusher.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flusher
+            for task in (flusher, reader):
+                task.cancel()
+            await asyncio.gather(flusher, reader, return_exceptions=True)
         if stop.is_set():
             await self.flush()
 
     async def _flush_loop(self, stop: asyncio.Event) -> None:
         """Commit whenever a batch is full or `flush_interval_s` has passed; and what arrived while
         a commit ran goes next, at once (group commit): when the database is the bottleneck its
-        batches grow, and the last events of a burst do not wait out the interval."""
+        batches grow, and the last events of a burst do not wait out the interval. A failed flush
+        (its batch is kept) is retried after a backoff; the `FLUSH_ATTEMPTS`-th failure in a row
+        is raised: a writer that silently stopped committing would stall the scheduler."""
+        failures = 0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.cfg.flush_interval_s)
             self._full.clear()
-            while await self.flush() and self._pending and not stop.is_set():
-                pass
+            try:
+                while await self.flush() and self._pending and not stop.is_set():
+                    pass
+            except Exception:
+                failures += 1
+                if failures >= FLUSH_ATTEMPTS:
+                    log.error("ledger flush failed %d times in a row; the ledger writer stops", failures)
+                    raise
+                delay = RETRY_BACKOFF_S[min(failures - 1, len(RETRY_BACKOFF_S) - 1)]
+                log.exception("ledger flush failed (%d in a row); retrying in %.1fs", failures, delay)
+                await asyncio.sleep(delay)
+            else:
+                failures = 0
 
     async def _handle_batch(self, batch: list[Received[bytes]]) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -190,16 +235,25 @@ class LedgerWriter:
     # --- writing -----------------------------------------------------------------------------
 
     async def flush(self) -> int:
-        """Write everything buffered in one transaction, then ack and notify. Returns events written."""
+        """Write everything buffered in one transaction, then ack and notify. Returns events written.
+        If it raises, the batch goes back in front of the buffer (writing it again changes nothing)."""
         async with self._lock:
+            letters, self._letters = self._letters, []
+            for letter in letters:
+                await self._dead_letter(letter)
             if not self._pending:
                 return 0
-            batch, rows = self._pending, self._batch
+            batch, rows, count = self._pending, self._batch, self._rows
             self._pending, self._batch, self._rows = [], Rows(), 0
-            written = await self._commit(batch, rows)
-            for item in written:
-                if item.delivery is not None:
-                    await item.delivery.ack()
+            try:
+                written = await self._commit(batch, rows)
+                for item in written:
+                    if item.delivery is not None:
+                        await item.delivery.ack()
+            except Exception:
+                rows.extend(self._batch)
+                self._pending, self._batch, self._rows = batch + self._pending, rows, count + self._rows
+                raise
             events = [item.event for item in written if item.event is not None]
             self.committed_events += len(events)
             self.batches += 1
@@ -275,8 +329,113 @@ class LedgerWriter:
             msg_id=d.msg_id,
             dead_at=time.time(),
         )
-        await self.bus.publish(self.bus.subjects.dlq, letter, msg_id=f"dlq:ledger:{d.stream_seq}")
+        await self._dead_letter(_Letter(d, letter, 0))
+
+    async def _dead_letter(self, entry: _Letter) -> None:
+        """Publish a refused event's dead letter, then ack the event. If the publish fails (NATS
+        timed out, the letter is over `max_payload_bytes`), the event stays unacked and the letter
+        is tried again with the next flush; from its `LETTER_ATTEMPTS`-th try on, without payload."""
+        d, letter = entry.delivery, entry.letter
+        try:
+            await self.bus.publish(self.bus.subjects.dlq, letter, msg_id=f"dlq:ledger:{d.stream_seq}")
+        except Exception as exc:
+            failures = entry.failures + 1
+            log.warning(
+                "could not publish the dead letter of %s (stream seq %d, %d tries; retrying): %s",
+                d.subject,
+                d.stream_seq,
+                failures,
+                exc,
+            )
+            if failures + 1 >= LETTER_ATTEMPTS and letter.payload:
+                letter.payload = b""
+                letter.reason += " (payload left out: the letter could not be published with it)"
+            self._letters.append(entry._replace(failures=failures))
+            return
         await d.ack()
+
+    # --- catching up at start-up ---------------------------------------------------------------
+
+    async def catch_up(
+        self, *, stop: asyncio.Event | None = None, timeout_s: float = CATCH_UP_TIMEOUT_S
+    ) -> bool:
+        """Upsert into the ledger what the run's stream holds beyond the `ledger` consumer's ack
+        floor, so that a restarted scheduler restores from a ledger that has it all. A crashed
+        writer's last events (the requests just sent, above all) are held unacked by the server
+        until `ack_wait` passes, and those it never read are still to come: restoring without
+        them, the scheduler would count none of those groups against the budget (dispatching up
+        to twice the budget) and neither re-issue them nor announce them lost.
+
+        They are read straight from the stream (a short-lived consumer that acks nothing), in
+        chunks of `batch_size`, and written without acking and without telling observers: the
+        `ledger` consumer still delivers them, and a replay changes nothing. An event the
+        database refuses is skipped here (that consumer dead-letters it). Nothing to read (a
+        fresh run, a clean stop): one request. Returns False, after a warning, when the stream
+        was not read to the end within `timeout_s`."""
+        bus, spec = self.bus, self.bus.consumers["ledger"]
+        stream = bus.stream_of("ledger")
+        info = await bus.js.consumer_info(stream, spec.durable)
+        if not info.num_pending and not info.num_ack_pending:
+            return True
+        first = (info.ack_floor.stream_seq or 0) + 1 if info.ack_floor else 1
+        last = (await bus.js.stream_info(stream)).state.last_seq
+        started = time.monotonic()
+        deadline = started + timeout_s
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=first,
+            ack_policy=api.AckPolicy.NONE,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        sub = await bus.js.pull_subscribe(spec.filter_subject, stream=stream, config=config)
+        seq, events, done = first - 1, 0, False
+        try:
+            while not done and (stop is None or not stop.is_set()) and time.monotonic() < deadline:
+                try:
+                    msgs = await sub.fetch(self.cfg.batch_size, timeout=min(1.0, deadline - time.monotonic()))
+                except TimeoutError:  # nothing left (the last ones were acked by every consumer)
+                    done = time.monotonic() < deadline
+                    break
+                items = []
+                for msg in msgs:
+                    delivery = Delivery(msg)
+                    seq = delivery.stream_seq
+                    kind = event_kind(bus.subjects.kind(msg.subject))
+                    with contextlib.suppress(DecodeError, Reject):  # the `ledger` consumer rejects it
+                        message = decode(kind, msg.data)
+                        key = self._key(kind, delivery)
+                        items.append(to_rows(self.run_id, kind, message, key=key, root=bus.subjects.root))
+                await self._upsert(items)
+                events += len(items)
+                done = seq >= last or msgs[-1].metadata.num_pending == 0
+        finally:
+            await sub.unsubscribe()
+            with contextlib.suppress(nats.errors.Error):  # else it goes after `inactive_threshold`
+                await bus.js.delete_consumer(stream, str(config.name))  # named by `pull_subscribe`
+        elapsed = time.monotonic() - started
+        if not done:
+            log.warning(
+                "ledger catch-up read the stream to seq %d of %d in %.1fs and stopped: restoring from a "
+                "ledger without the rest (groups dispatched there are neither counted nor re-issued)",
+                seq,
+                last,
+                elapsed,
+            )
+            return False
+        log.info("ledger caught up: %d events up to stream seq %d in %.2fs", events, last, elapsed)
+        return True
+
+    async def _upsert(self, items: list[Rows]) -> None:
+        rows = Rows()
+        for item in items:
+            rows.extend(item)
+        try:
+            await self._write(rows)
+        except RefusedError:
+            for item in items:
+                with contextlib.suppress(RefusedError):
+                    await self._write(item)
 
     def _account(self, events: list[Observed]) -> None:
         now = time.time()

@@ -318,6 +318,8 @@ class Scheduler:
         order sent), passing over those the difficulty filter skipped, so a restart goes on with the
         prompts after them. If the sequence is not the mixture's (a run restarted before schedulers
         went on, other environments or seed), one draw per group instead."""
+        if not self.mixture:
+            return
         for env, key in drawn:
             for _ in range(MAX_SKIPS):
                 name, example = self.mixture.draw()

@@ -4,10 +4,14 @@ It also turns the run's messages that ran out of deliveries into dead letters
 (`Bus.dead_letter_undelivered`), since the server itself only announces them.
 
 Start-up order: Alembic `upgrade` of the ledger, the run row with the resolved config, the ledger
-writer (so every event is recorded), the scheduler (it reads its trainer step back from the
-ledger, so a restarted orchestrator continues), then the admin API. On SIGTERM the admin API
-stops first, then the scheduler, then the writer flushes and acks what it holds. The admin
-address is written to `<state_dir>/<run>/admin.address` (useful with `admin_port = 0`).
+catching up with the run's stream (`LedgerWriter.catch_up`: what a crashed orchestrator sent just
+before it died is in the ledger before anything is restored from it), the scheduler (it reads its
+trainer step and the groups in flight back from the ledger, so a restarted orchestrator
+continues), then the ledger writer (so every event is recorded) and the admin API. A task that
+fails (the writer's, when it can no longer commit) ends the service with its error, for the
+supervisor to restart it. On SIGTERM the admin API stops first, then the scheduler, then the
+writer flushes and acks what it holds. The admin address is written to
+`<state_dir>/<run>/admin.address` (useful with `admin_port = 0`).
 
 Not covered: starting the other services (`offbeat run`).
 """
@@ -51,6 +55,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
         await ledger.upsert_run(run_id, config=resolved_dump(run))
         trainer_section = (run.model_extra or {}).get("trainer", {})
         writer = LedgerWriter(ctx.bus, ledger, run.ledger, throughput_window_s=cfg.throughput_window_s)
+        await writer.catch_up(stop=ctx.stop)
         scheduler = Scheduler(
             ctx.bus,
             run.run,
@@ -91,6 +96,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
                 await asyncio.wait_for(ctx.stop.wait(), timeout=cfg.status_refresh_s)
             for task in tasks:
                 if task.done() and not task.cancelled() and task.exception() is not None:
+                    log.error("task %s failed: %r; the orchestrator stops", task.get_name(), task.exception())
                     raise task.exception()  # type: ignore[misc]
             ctx.details.update(
                 step=scheduler.step,
