@@ -32,6 +32,11 @@ class ConfigError(ValueError):
     """A configuration that does not validate; the message names every bad field and its value."""
 
 
+EX_CONFIG = 78
+"""The exit status of a service whose configuration is wrong (sysexits' EX_CONFIG): a supervisor
+that sees it knows that starting the service again cannot help."""
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from offbeat.config import ConfigError, RunConfig, Strict, load_run_config
+from offbeat.config import EX_CONFIG, ConfigError, RunConfig, Strict, load_run_config
 
 if TYPE_CHECKING:
     from offbeat.wandb_sink import WandbConfig, WandbSink
@@ -375,6 +375,13 @@ class Launcher:
                 return
             if child.service == "trainer" and code == 0:
                 self._say("trainer finished")
+                self.stopping.set()
+                return
+            if code == EX_CONFIG:  # its configuration is wrong: starting it again cannot help
+                said = child.log_path.read_text(errors="replace").strip().splitlines()
+                self.failed = (
+                    f"{child.name}: {said[-1] if said else 'configuration error'} (see {child.log_path})"
+                )
                 self.stopping.set()
                 return
             if child.restarts >= self.cfg.max_restarts:

@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from offbeat.config import ConfigError, RunConfig, ServiceConfig, load_run_config
+from offbeat.config import EX_CONFIG, ConfigError, RunConfig, ServiceConfig, load_run_config
 
 C = TypeVar("C", bound=ServiceConfig)
 log = logging.getLogger("offbeat.service")
@@ -147,7 +147,13 @@ def load_service_config(args: argparse.Namespace, name: str, model: type[C]) -> 
         run = load_run_config(args.config, sets=sets)
         return run, run.section(name, model)
     except ConfigError as exc:
-        raise SystemExit(f"offbeat-{name}: {exc}") from None
+        config_exit(name, exc)
+
+
+def config_exit(name: str, error: ConfigError) -> NoReturn:
+    """Say what is wrong with the configuration on stderr and exit with `EX_CONFIG`."""
+    print(f"offbeat-{name}: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(EX_CONFIG)
 
 
 def run_service(

@@ -12,7 +12,7 @@ import os
 import sys
 
 from offbeat.config import ConfigError
-from offbeat.service import load_service_config, run_service, service_parser
+from offbeat.service import config_exit, load_service_config, run_service, service_parser
 from offbeat_trainer.config import TrainerConfig, check_run_shape
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         check_run_shape(config, run.run)
     except ConfigError as exc:
-        raise SystemExit(f"offbeat-trainer: {exc}") from None
+        config_exit("trainer", exc)
     if int(os.environ.get("RANK", "0")) > 0:
         from offbeat_trainer.follower import run_follower
 

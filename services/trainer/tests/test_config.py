@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from offbeat_trainer.config import TrainerConfig, check_run_shape
 
-from offbeat.config import ConfigError, RunSection
+from offbeat.config import EX_CONFIG, ConfigError, RunSection
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1, 3])
@@ -33,5 +33,5 @@ def test_the_service_refuses_the_stalling_shape_before_it_starts(service_config_
     for s in sets:
         args += ["--set", s]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1, proc.stderr
+    assert proc.returncode == EX_CONFIG, proc.stderr
     assert "offbeat-trainer: [trainer] weights_every = 3 exceeds [run] max_staleness + 1 = 2" in proc.stderr
