@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 ENV_PREFIX = "OFFBEAT__"
 DEFAULT_ROLLBACK_WINDOW = 8
 """`[trainer] rollback_window` when unset: the orchestrator refuses rollbacks the trainer could not do."""
+DEFAULT_TEMPERATURE = 1.0
+"""`[orchestrator.sampling] temperature` and `[trainer] temperature` when unset (they must agree)."""
 M = TypeVar("M", bound=BaseModel)
 
 

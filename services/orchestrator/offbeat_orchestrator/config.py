@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from offbeat.config import ServiceConfig, Strict
+from offbeat.config import DEFAULT_TEMPERATURE, ServiceConfig, Strict
 
 
 class SamplingConfig(Strict):
-    temperature: float = Field(1.0, ge=0)
-    """Sampling temperature of training rollouts."""
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0)
+    """Sampling temperature of training rollouts (the trainer's `temperature` must be the same)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass of training rollouts."""
     top_k: int = Field(0, ge=0)

@@ -13,7 +13,7 @@ import sys
 
 from offbeat.config import ConfigError
 from offbeat.service import config_exit, load_service_config, run_service, service_parser
-from offbeat_trainer.config import TrainerConfig, check_run_shape
+from offbeat_trainer.config import TrainerConfig, check_run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run, config = load_service_config(args, "trainer", TrainerConfig)
     try:
-        check_run_shape(config, run.run)
+        check_run(config, run)
     except ConfigError as exc:
         config_exit("trainer", exc)
     if int(os.environ.get("RANK", "0")) > 0:

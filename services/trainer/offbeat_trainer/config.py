@@ -2,15 +2,22 @@
 
 Covers the optimizer, the loss, batching/packing, checkpoints and weight publication. The run's
 shape (`group_size`, `groups_per_step`, `max_staleness`, `max_steps`, `seed`, `state_dir`) lives
-in `[run]` and the base model in `[model]`; they are not repeated here. `check_run_shape` checks
-the fields that must agree across the two sections.
+in `[run]` and the base model in `[model]`; they are not repeated here. `check_run` checks the
+fields that must agree with other sections.
 """
 
 from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from offbeat.config import DEFAULT_ROLLBACK_WINDOW, ConfigError, RunSection, ServiceConfig
+from offbeat.config import (
+    DEFAULT_ROLLBACK_WINDOW,
+    DEFAULT_TEMPERATURE,
+    ConfigError,
+    RunConfig,
+    RunSection,
+    ServiceConfig,
+)
 
 
 class TrainerConfig(ServiceConfig):
@@ -33,8 +40,10 @@ class TrainerConfig(ServiceConfig):
     """Where the cosine decay ends, as a fraction of `lr`."""
     grad_clip: float = Field(1.0, gt=0)
     """Largest global gradient norm; gradients above it are scaled down."""
-    temperature: float = Field(1.0, gt=0)
-    """Sampling temperature of the rollouts; trainer log-probs are log_softmax(logits / T)."""
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0)
+    """Sampling temperature of the rollouts; trainer log-probs are log_softmax(logits / T). It must be
+    `[orchestrator.sampling] temperature` (checked at start): with another, every importance ratio
+    compares two different distributions."""
     loss: str = "offbeat_trainer.loss:icepop_loss"
     """Loss function as `module:function` (see `offbeat_trainer.loss.LossFn`)."""
     mask_low: float = Field(0.125, gt=0)
@@ -104,6 +113,25 @@ class TrainerConfig(ServiceConfig):
                 f"attn_implementation = 'sdpa' takes (not {self.attn_implementation!r})"
             )
         return self
+
+
+def check_run(cfg: TrainerConfig, run: RunConfig) -> None:
+    """ConfigError for a `[trainer]` section that the rest of the run's configuration contradicts."""
+    check_run_shape(cfg, run.run)
+    check_rollout_temperature(cfg, run)
+
+
+def check_rollout_temperature(cfg: TrainerConfig, run: RunConfig) -> None:
+    """ConfigError unless `temperature` is the one the orchestrator samples training rollouts at
+    (read from the raw `[orchestrator.sampling]` section: the trainer does not load its model)."""
+    orchestrator = (run.model_extra or {}).get("orchestrator") or {}
+    sampled = (orchestrator.get("sampling") or {}).get("temperature", DEFAULT_TEMPERATURE)
+    if isinstance(sampled, int | float) and float(sampled) != cfg.temperature:
+        raise ConfigError(
+            f"[trainer] temperature = {cfg.temperature} but [orchestrator.sampling] temperature = "
+            f"{sampled}: the trainer's log-probs would be of another distribution than the samples', "
+            f"and every importance ratio wrong; set both to the same value"
+        )
 
 
 def check_run_shape(cfg: TrainerConfig, run: RunSection) -> None:

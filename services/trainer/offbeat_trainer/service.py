@@ -63,7 +63,7 @@ from offbeat.service import ServiceContext
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_trainer.batching import Dropped, GroupBuffer, StepBatch, Trajectory
 from offbeat_trainer.checkpoint import Checkpoints, TrainerState, VersionRecord, save_weights
-from offbeat_trainer.config import TrainerConfig, check_run_shape
+from offbeat_trainer.config import TrainerConfig, check_run
 from offbeat_trainer.publish import (
     report_msg_id,
     resolve_store,
@@ -92,7 +92,7 @@ def _fault_point(phase: str, step: int) -> None:
 
 class Trainer:
     def __init__(self, ctx: ServiceContext[TrainerConfig], *, resume: bool) -> None:
-        check_run_shape(ctx.config, ctx.run.run)
+        check_run(ctx.config, ctx.run)
         self.ctx = ctx
         self.cfg = ctx.config
         self.run = ctx.run.run

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from offbeat_trainer.config import TrainerConfig, check_run_shape
+from offbeat_trainer.config import TrainerConfig, check_run, check_run_shape
 
-from offbeat.config import EX_CONFIG, ConfigError, RunSection
+from offbeat.config import EX_CONFIG, ConfigError, RunConfig, RunSection
 
 
 @pytest.mark.parametrize("max_staleness", [0, 1, 3])
@@ -35,3 +35,17 @@ def test_the_service_refuses_the_stalling_shape_before_it_starts(service_config_
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EX_CONFIG, proc.stderr
     assert "offbeat-trainer: [trainer] weights_every = 3 exceeds [run] max_staleness + 1 = 2" in proc.stderr
+
+
+def test_a_trainer_temperature_other_than_the_rollouts_is_refused():
+    def run(section: dict) -> RunConfig:  # type: ignore[type-arg]
+        return RunConfig.model_validate({"orchestrator": section})
+
+    check_run(TrainerConfig(), run({}))
+    check_run(TrainerConfig(temperature=0.7), run({"sampling": {"temperature": 0.7}}))
+    with pytest.raises(
+        ConfigError, match=r"\[trainer\] temperature = 1.0 but \[orchestrator.sampling\] temperature = 0.7"
+    ):
+        check_run(TrainerConfig(), run({"sampling": {"temperature": 0.7}}))
+    with pytest.raises(ConfigError, match="set both to the same value"):
+        check_run(TrainerConfig(temperature=0.7), run({}))
