@@ -1,7 +1,9 @@
 """The scheduler: which rollout requests go out, and when.
 
 - Training groups: one `rollout.request` per prompt with `n = [run] group_size` samples; the
-  trajectory ids are assigned here (`<group>-<i>`), msg id `request:{request_id}:{attempt}`.
+  trajectory ids are assigned here (`<group>-<i>`), msg id `request:{request_id}:{attempt}:{token}`
+  (`token`: this scheduler's, so a restarted one, whose restored groups count attempts from 0
+  again, is never taken by the server's dedup for a re-issue its predecessor already sent).
 - Staleness budget: with the trainer at step t, the training groups dispatched but not yet
   finished (every trajectory trained, dropped, failed or discarded) stay <= G * (max_staleness + 1),
   G = `groups_per_step`. A group dispatched now is consumed at most `max_staleness` steps later,
@@ -556,7 +558,7 @@ class Scheduler:
         self._unsent = []
         if out:
             subject = self.bus.subjects.rollout_request
-            sent = [Publication(subject, r, f"request:{r.request_id}:{r.attempt}") for r in out]
+            sent = [Publication(subject, r, f"request:{r.request_id}:{r.attempt}:{self.token}") for r in out]
             if not await self._publish(sent, "requests"):
                 self._unsent = out
                 return 0

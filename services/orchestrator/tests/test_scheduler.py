@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from offbeat_orchestrator.config import OrchestratorConfig
 from offbeat_orchestrator.scheduler import Scheduler, request_seed
 from orch_helpers import CountingEnv, completion, live, scored, step, trajectory_rows, weights
@@ -330,6 +331,50 @@ async def test_a_restarted_scheduler_takes_over_the_groups_in_flight(bus, ledger
         stop.set()
         await task
         await sub.unsubscribe()
+
+
+async def test_a_restarted_scheduler_re_issues_even_what_its_predecessor_had_re_issued(
+    bus, ledger, writer, run_id
+):
+    # restored groups count attempts from 0 again: with msg ids `request:{id}:{attempt}` the new
+    # scheduler's attempt 1 was the one its predecessor had sent, and the server dropped it as a
+    # duplicate, so the group waited out a whole time-out (or failed) for nothing
+    run = RunSection(id=run_id, group_size=2, groups_per_step=2, max_staleness=0, max_steps=5)
+    cfg = _cfg(request_timeout_s=1.0, max_attempts=5)
+    async with running(bus, writer, run, cfg) as (_, before):
+        await announce(bus, run_id, 0, 0)
+        await wait_for(lambda: len({r.request_id for r in before.seen if r.attempt == 1}) == 2, timeout_s=60)
+    first = {r.request_id for r in before.seen}
+    assert {r.request_id for r in before.seen if r.attempt == 1} == first
+    await wait_for(lambda: _len(lambda: trajectory_rows(ledger, run_id), 4), timeout_s=60)
+    stream = bus.stream_of("inference")
+    since = (await bus.js.stream_info(stream)).state.last_seq
+    sched = Scheduler(bus, run, cfg, [("count", 1.0, CountingEnv())], writer=writer)
+    assert sched.restore(await ledger.unfinished_groups(run_id)) == 2
+    stop = asyncio.Event()
+    task = asyncio.create_task(sched.run(stop))
+    try:
+        # what the stream stored (inference's view), not what a plain subscription sees
+        stored = bus.js.pull_subscribe(
+            bus.subjects.rollout_request,
+            stream=stream,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=since + 1,
+                ack_policy=AckPolicy.NONE,
+            ),
+        )
+        sub, got = await stored, []
+        deadline = asyncio.get_running_loop().time() + 20
+        while {r.request_id for r in got if r.attempt == 1} != first:
+            assert asyncio.get_running_loop().time() < deadline, "a re-issue was dropped as a duplicate"
+            with contextlib.suppress(TimeoutError):
+                msgs = await sub.fetch(10, timeout=1)
+                got += [rollout_pb2.RolloutRequest.FromString(m.data) for m in msgs]
+        await sub.unsubscribe()
+    finally:
+        stop.set()
+        await task
 
 
 async def test_a_version_never_reported_live_delays_dispatch_only_for_live_wait_timeout(bus, writer, run_id):
