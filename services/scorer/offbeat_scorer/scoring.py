@@ -23,7 +23,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -431,23 +431,37 @@ class Scorer:
         return (await group.done)[completion.trajectory_id]
 
     async def _finish_group(self, env: Environment, key: str, group: _Group) -> None:
+        """Score the group's members together and resolve `group.done`, whatever happens: members
+        in other batches wait on it with no timer of their own."""
         if self.groups.get(key) is not group or group.done.done():
             return
         del self.groups[key]
         ids = list(group.texts)
         texts = [group.texts[i] for i in ids]
+        rewards: list[Reward] | None = None
         try:
-            async with self.slots, asyncio.timeout(self.config.score_timeout_s):
-                rewards = await env.score_group(group.example, texts)
-        except TimeoutError:
-            rewards = [Reward.failed(RewardStatus.TIMEOUT, "group scoring timed out")] * len(ids)
-        except Exception as exc:  # as in _guarded
-            log.exception("group rubric failed")
-            rewards = [Reward.failed(RewardStatus.ERROR, f"{type(exc).__name__}: {exc}")] * len(ids)
-        if len(ids) < group.size:
-            for r in rewards:
-                r.reason = (r.reason + "; " if r.reason else "") + f"partial group {len(ids)}/{group.size}"
-        group.done.set_result(dict(zip(ids, rewards, strict=True)))
+            try:
+                async with self.slots, asyncio.timeout(self.config.score_timeout_s):
+                    got = await env.score_group(group.example, texts)
+                if not isinstance(got, Sequence) or len(got) != len(ids):
+                    raise TypeError(f"score_group gave {type(got).__name__} for {len(ids)} completions")
+                if not all(isinstance(r, Reward) for r in got):
+                    raise TypeError("score_group gave something that is not a Reward")
+                rewards = list(got)
+            except TimeoutError:
+                rewards = [Reward.failed(RewardStatus.TIMEOUT, "group scoring timed out") for _ in ids]
+            except Exception as exc:  # as in _rubric: a rubric bug must not crash the scorer
+                log.exception("group rubric failed")
+                rewards = [Reward.failed(RewardStatus.ERROR, f"{type(exc).__name__}: {exc}") for _ in ids]
+            if len(ids) < group.size:
+                partial = f"partial group {len(ids)}/{group.size}"
+                rewards = [
+                    replace(r, reason=f"{r.reason}; {partial}" if r.reason else partial) for r in rewards
+                ]
+        finally:
+            if rewards is None:  # cancelled: the members waiting elsewhere are answered, not left hanging
+                rewards = [Reward.failed(RewardStatus.ERROR, "group scoring was cancelled") for _ in ids]
+            group.done.set_result(dict(zip(ids, rewards, strict=True)))
 
     def details(self) -> dict[str, Any]:
         """Numbers for /healthz: scored/s, totals by status, environments loaded (and the counters

@@ -119,3 +119,29 @@ async def test_a_completion_that_cannot_be_scored_fails_alone():
     assert isinstance(outcomes[1], Reject) and "missing" in str(outcomes[1])
     assert sorted(emitted) == [0, 2]
     assert emitted[0].completion == good[0], "the completion was not carried through unchanged"
+
+
+class Miscounting(Sleepy):
+    """A group rubric with a bug: one reward short for the group it is given."""
+
+    group_reward = True
+
+    async def score_group(self, example: Example, completions: list[str]) -> list[Reward]:
+        return [Reward(1.0, {}, RewardStatus.OK, "", "a")] * (len(completions) - 1)
+
+
+async def test_a_group_rubric_that_fails_answers_every_member_even_in_other_batches():
+    # members of one group in two batches: the rubric's bug once left the second batch's member
+    # waiting forever (its batch never settled, its ack deadline extended for good)
+    scorer, _ = _scorer(group_timeout_s=0.3)
+    scorer.envs["sleepy"] = Miscounting()
+    first, second = _completions(scorer, [0.0, 0.0])
+    for c in (first, second):
+        c.group_id, c.group_size = "G", 3  # the third never comes: the group is scored partial
+    (_, a), (_, b) = await asyncio.wait_for(
+        asyncio.gather(_score(scorer, [first]), _score(scorer, [second])), 10
+    )
+    for scored in (a[0], b[0]):
+        assert scored.status == rollout_pb2.REWARD_STATUS_ERROR
+        assert scored.status_reason.count("partial group 2/3") == 1, scored.status_reason
+        assert "score_group gave list for 2 completions" in scored.status_reason
