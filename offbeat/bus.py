@@ -758,8 +758,26 @@ class Bus:
             dead_at=time.time(),
         )
         log.error("dead-lettered from %s: %s", consumer, reason)
-        await self.publish(self.subjects.dlq, letter, msg_id=f"dlq:{consumer}:{delivery.stream_seq}")
-        await msg.term()
+        msg_id = f"dlq:{consumer}:{delivery.stream_seq}"
+        try:
+            try:
+                await self.publish(self.subjects.dlq, letter, msg_id=msg_id)
+            except Exception:
+                if not letter.payload:
+                    raise
+                # a letter around a payload near max_payload can never be published whole
+                letter.payload, letter.reason = (
+                    b"",
+                    f"{reason} (payload left out: the letter was not accepted)",
+                )
+                await self.publish(self.subjects.dlq, letter, msg_id=msg_id)
+            await msg.term()
+        except Exception as exc:
+            # not lost: redelivered, and dead-lettered then (a dead consumer loop would stall them all)
+            log.warning("could not dead-letter from %s (%s); it will be redelivered", consumer, exc)
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=self.cfg.reconnect_wait_s)
+            return
         HANDLED.labels(consumer, "dead_letter").inc()
 
     # --- fan-out subscriptions, request/reply ----------------------------------------------

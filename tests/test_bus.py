@@ -52,6 +52,39 @@ async def test_publish_is_deduplicated_by_msg_id(bus: Bus, run_id):
     assert await bus.consumer_pending("inference") == (1, 0)
 
 
+async def test_a_dead_letter_that_cannot_be_published_leaves_the_consumer_running(
+    bus: Bus, run_id, monkeypatch
+):
+    # the publish of the letter timed out once (then was refused whole): the exception used to end
+    # the consume loop, leaving every later message unhandled
+    await bus.js.publish(bus.subjects.rollout_request, b"\xff garbage", headers={"Nats-Msg-Id": "bad-1"})
+    await bus.publish(bus.subjects.rollout_request, _request(run_id, 1), msg_id="good")
+    publish, tries = bus.publish, []
+
+    async def flaky(subject, message, **kwargs):  # type: ignore[no-untyped-def]
+        if subject == bus.subjects.dlq:
+            tries.append(len(message.payload))
+            if len(tries) <= 2:
+                raise TimeoutError("nats: timeout")
+        return await publish(subject, message, **kwargs)
+
+    monkeypatch.setattr(bus, "publish", flaky)
+    handled: list[str] = []
+    stop = asyncio.Event()
+
+    async def handle(req: rollout_pb2.RolloutRequest, delivery: Delivery) -> None:
+        handled.append(req.request_id)
+
+    task = asyncio.create_task(bus.consume("inference", rollout_pb2.RolloutRequest, handle, stop=stop))
+    [letter] = await _dead_letters(bus, 1, timeout_s=30)
+    await wait_for(lambda: "req-1" in handled)
+    stop.set()
+    await task
+    assert tries[:2] == [len(b"\xff garbage"), 0], "the second try goes without the payload"
+    assert letter.msg_id == "bad-1" and "malformed RolloutRequest" in letter.reason
+    assert await bus.consumer_pending("inference") == (0, 0)
+
+
 @pytest.mark.slow
 async def test_sigkilled_consumer_loses_nothing(bus: Bus, run_id, postgres_server, tmp_path):
     dsn = postgres_server.dsn
