@@ -299,7 +299,7 @@ def _records(unit: dict[str, Any], nonce: str, index: int) -> tuple[list[dict[st
     for line in unit_bytes(unit, "records").splitlines()[:MAX_RECORDS]:
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # the run writes these lines: nested 5,000 deep, say
             return [], "malformed test record"
         if type(rec) is not dict or rec.get("n") != nonce:
             return [], "forged test record (wrong nonce)"
@@ -334,7 +334,7 @@ def grade_test(plan: TestPlan, unit: dict[str, Any], nonce: str, limits: dict[st
         try:
             got = decode(values[0]["v"])
             ok = typed(got, json_view=True) == typed(plan.expected, json_view=True)
-        except (ValueError, TypeError, OverflowError) as exc:
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
             result.message = f"returned value not gradable: {exc}"
             return result
         result.message = "" if ok else f"returned {str(got)[:200]}, expected {str(plan.expected)[:200]}"
@@ -350,6 +350,13 @@ def grade_test(plan: TestPlan, unit: dict[str, Any], nonce: str, limits: dict[st
         if len(checks) != len(records) - 1:
             result.message = "unexpected records"
             return result
+        # the completion record proves only that the snippet's end was reported, and the run can
+        # report it (it can read the nonce off the harness's stack): every assert must have run
+        ran = {rec["a"] for rec in checks if type(rec["a"]) is int}
+        skipped = sorted(set(plan.asserts) - ran)
+        if skipped:
+            result.message = f"assert {skipped[0]} never ran (every assert of a test must run)"
+            return result
         ok = True
         for rec in checks:
             assert_plan = plan.asserts.get(rec["a"]) if type(rec["a"]) is int else None
@@ -358,7 +365,7 @@ def grade_test(plan: TestPlan, unit: dict[str, Any], nonce: str, limits: dict[st
                 break
             try:
                 values = [decode(v) for v in rec["v"]]
-            except (ValueError, TypeError, OverflowError) as exc:
+            except (ValueError, TypeError, OverflowError, RecursionError) as exc:
                 ok, result.message = False, f"assert operand not gradable: {exc}"
                 break
             ok, result.message = check_assert(assert_plan, values)

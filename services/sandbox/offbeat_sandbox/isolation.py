@@ -102,7 +102,7 @@ _DENIED = (
     "syslog vhangup setuid setgid setreuid setregid setresuid setresgid setfsuid setfsgid setgroups "
     "shmget shmat shmctl shmdt semget semop semctl semtimedop msgget msgsnd msgrcv msgctl "
     "uselib nfsservctl create_module get_kernel_syms query_module mbind set_mempolicy migrate_pages "
-    "move_pages"
+    "move_pages memfd_create memfd_secret"
 ).split()
 _CLONE_NS_FLAGS = (
     0x00020000,  # CLONE_NEWNS

@@ -160,6 +160,12 @@ class Sandbox:
             log.warning("request %s: %s", req.request_id, exc)
             result.status = pb.EXEC_STATUS_RUNTIME_ERROR
             result.error = f"the run took down its sandbox worker: {exc}"[:2000]
+        except Exception as exc:
+            # grading reads what the run wrote; whatever in it breaks the grader is the run's
+            # failure too (an exception here would leave the request unanswered: SANDBOX_ERROR)
+            log.exception("request %s: grading failed", req.request_id)
+            result.status = pb.EXEC_STATUS_RUNTIME_ERROR
+            result.error = f"the run's output could not be graded: {type(exc).__name__}: {exc}"[:2000]
         if req.tests and len(result.tests) != len(req.tests):  # executed == given, or nothing passes
             del result.tests[:]
             result.tests.extend(

@@ -361,6 +361,9 @@ def _run_unit(job, unit):
     if not exited:
         _sweep()
     wall = time.monotonic() - started
+    # a run that stopped this worker (SIGSTOP to its parent) and had it continued after the run
+    # exited finds the pidfd readable before the deadline is looked at: the clock decides
+    timeout = timeout or wall > lim["wall"]
     for fd in open_reads:  # what a killed run wrote before it died: every writer is gone now
         os.set_blocking(fd, False)
         while len(bufs[fd]) <= caps[fd]:

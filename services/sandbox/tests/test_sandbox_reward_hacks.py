@@ -225,3 +225,72 @@ def add(a, b):
     assert report["list"] == 13 and report["written"] == [], report  # EACCES
     assert (await grade(client, code)).tests_passed == 0
     await still_grades_correctly(client)
+
+
+async def test_a_record_that_breaks_the_json_parser_fails_the_test_and_is_still_judged(
+    client: SandboxClient,
+) -> None:
+    # a line nested 5,000 deep raised RecursionError in the grader, the request went unanswered,
+    # and the scorer's SANDBOX_ERROR turned a zero into "not judged"
+    code = "import os\ndef add(a, b):\n    os.write(3, b'[' * 5000 + b'\\n')\n    return a + b\n"
+    result = await grade(client, code)
+    assert result.status != pb.EXEC_STATUS_SANDBOX_ERROR, result.error
+    assert [t.passed for t in result.tests[:3]] == [False, False, False]
+    assert "malformed test record" in result.tests[0].message
+    await still_grades_correctly(client)
+
+
+async def test_stopping_the_worker_does_not_stop_the_clock(client: SandboxClient) -> None:
+    # the run stops its worker (its parent) while it works past the wall limit, and has a child
+    # continue it after the run exited: the worker then saw only an exited run, never the deadline
+    code = """
+import os, signal, sys, time
+worker = os.getppid()
+os.kill(worker, signal.SIGSTOP)
+t = time.monotonic()
+while time.monotonic() - t < 4:
+    pass
+print(9)
+sys.stdout.flush()
+if os.fork() == 0:
+    time.sleep(0.3)
+    os.kill(worker, signal.SIGCONT)
+    os._exit(0)
+"""
+    result = await client.run_tests(
+        code, [pb.TestCase(stdin=b"4 5\n", expected_stdout=b"9\n")], limits=pb.ExecLimits(wall_timeout_s=1)
+    )
+    assert result.tests_passed == 0, [(t.status, t.wall_s, t.message) for t in result.tests]
+    assert result.tests[0].status in (pb.EXEC_STATUS_TIMEOUT, pb.EXEC_STATUS_RUNTIME_ERROR)
+    await still_grades_correctly(client)
+
+
+async def test_reporting_the_end_of_an_assert_snippet_after_its_first_assert_passes_nothing(
+    client: SandboxClient,
+) -> None:
+    # right for the first assert only, then the completion record forged with the stolen nonce
+    code = """
+import json, os, sys
+def add(a, b):
+    if (a, b) == (2, 3):
+        return 5
+    f = sys._getframe()
+    while "nonce" not in f.f_locals:
+        f = f.f_back
+    os.write(3, (json.dumps({"done": True, "n": f.f_locals["nonce"], "i": f.f_locals["unit"]["test"]}) + "\\n").encode())
+    os._exit(0)
+"""
+    tests = [
+        pb.TestCase(assert_code="assert add(2, 3) == 5\nassert add(10, 20) == 30\nassert add(1, 1) == 2")
+    ]
+    result = await client.run_tests(code, tests)
+    assert result.tests_passed == 0, [t.message for t in result.tests]
+    assert "never ran" in result.tests[0].message
+    await still_grades_correctly(client)
+
+
+async def test_memory_outside_the_address_space_limit_is_refused(client: SandboxClient) -> None:
+    # memfd pages count against neither RLIMIT_AS nor the size-limited /tmp
+    code = "import os\ntry:\n    os.memfd_create('x')\n    print('made')\nexcept OSError as e:\n    print('refused', e.errno)\n"
+    result = await client.run(code)
+    assert result.stdout.startswith(b"refused"), result.stdout
