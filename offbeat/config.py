@@ -27,6 +27,10 @@ DEFAULT_ROLLBACK_WINDOW = 8
 """`[trainer] rollback_window` when unset: the orchestrator refuses rollbacks the trainer could not do."""
 DEFAULT_TEMPERATURE = 1.0
 """`[orchestrator.sampling] temperature` and `[trainer] temperature` when unset (they must agree)."""
+MIN_TEMPERATURE = 1e-3
+"""The smallest positive sampling temperature. Below it sampling is greedy in all but name, a
+plain `logits / T` leaves float32 (a logit of 40 over 1e-40 is inf, its log-prob NaN) and the
+engines part ways (vLLM treats T < 1e-5 as greedy); greedy is asked for with 0."""
 M = TypeVar("M", bound=BaseModel)
 
 

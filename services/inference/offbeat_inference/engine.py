@@ -25,7 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from offbeat import config
 from offbeat.weights import ChunkDigests
+
+MIN_TEMPERATURE = config.MIN_TEMPERATURE
+"""`offbeat.config.MIN_TEMPERATURE`: the service refuses a request for less (but 0, greedy)."""
 
 
 @dataclass(frozen=True)

@@ -410,7 +410,9 @@ class HFEngine(Engine):
         return DynamicCache(config=self.model.config)
 
     def _step(self) -> None:
-        self.steps += 1
+        """Decode the running rows and prefill the admitted ones; with no rows, and nothing but
+        cancelled samples waiting (all discarded by `_admit`), there is nothing to run and the
+        thread goes back to waiting."""
         parts: list[torch.Tensor] = []
         if self._rows:
             parts.append(self._decode())
@@ -418,6 +420,9 @@ class HFEngine(Engine):
         if admitted:
             parts.append(self._prefill(admitted))
         self._admitting = []
+        if not parts:
+            return
+        self.steps += 1
         rows = self._rows
         tokens, logprobs = sample(torch.cat(parts) if len(parts) > 1 else parts[0], [s.row for s in rows])
         version = self._version

@@ -31,7 +31,9 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[torch.Tensor,
     device = logits.device
     temps = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device)
     greedy = temps <= 0
-    scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
+    # shifted so the row's top logit is 0 before scaling: nothing overflows for any T > 0
+    shifted = logits - logits.amax(dim=-1, keepdim=True)
+    scaled = shifted / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
     logprobs = torch.log_softmax(scaled, dim=-1)
     tokens = torch.argmax(scaled, dim=-1)
     if not bool(greedy.all()):

@@ -8,12 +8,13 @@ request's n samples go to the engine together; each finished sample is published
 request, go out in one pipelined batch, `BatchPublisher`), and the request is acked when the
 server has stored all n. A redelivered request is generated again; the server's dedup drops the repeats.
 
-Requests that can never succeed (n < 1, trajectory ids that do not match n, no prompt, a prompt
-that does not fit the context length, prompt token ids outside the vocabulary, a temperature that
-is not a number) are dead-lettered with the reason; none of them reaches the engine. Pause stops
-pulling new requests while the ones held finish (a request that the pull open at the moment of the pause still
-delivers is nak'ed back, unstarted; that costs it one of its `max_deliver` deliveries); resume pulls
-again; stop drains and exits.
+Requests that can never succeed (n < 1, trajectory ids that do not match n, no prompt, a chat
+template that fails, a prompt that does not fit the context length, prompt token ids outside the
+vocabulary, a temperature that is not a number or is positive but below `MIN_TEMPERATURE`) are
+dead-lettered with the reason; none of them reaches the engine. Pause stops pulling new requests
+while the ones held finish (a request that the pull open at the moment of the pause still delivers
+is nak'ed back, unstarted; that costs it one of its `max_deliver` deliveries); resume pulls again;
+stop drains and exits.
 
 Not covered: choosing what to generate (the orchestrator) or scoring it (the scorer).
 """
@@ -35,7 +36,7 @@ from offbeat.config import RunConfig
 from offbeat.service import ServiceContext
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_inference.config import InferenceConfig
-from offbeat_inference.engine import Engine, Generation, Sampling
+from offbeat_inference.engine import MIN_TEMPERATURE, Engine, Generation, Sampling
 from offbeat_inference.updates import WeightFollower
 
 log = logging.getLogger("offbeat.inference")
@@ -89,9 +90,12 @@ def render_prompt(tokenizer: Any, request: rollout_pb2.RolloutRequest) -> list[i
         return list(tokenizer.encode(request.text, add_special_tokens=True))
     if kind == "chat":
         messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
+        try:
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # a template's raise_exception, or any bug in it: retrying cannot help
+            raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
         return [int(t) for t in ids]
     raise Reject("request has no prompt (text, chat or tokens)")
 
@@ -266,9 +270,13 @@ class InferenceService:
             raise Reject(
                 f"request {request.request_id}: prompt token id {outside} is outside the vocabulary [0, {vocab})"
             )
-        if not math.isfinite(request.sampling.temperature):
+        temperature = request.sampling.temperature
+        if not math.isfinite(temperature):
+            raise Reject(f"request {request.request_id}: temperature {temperature} is not finite")
+        if 0 < temperature < MIN_TEMPERATURE:
             raise Reject(
-                f"request {request.request_id}: temperature {request.sampling.temperature} is not finite"
+                f"request {request.request_id}: temperature {temperature} is below {MIN_TEMPERATURE} "
+                "(0 asks for greedy)"
             )
         self.requests_in_flight += 1
         heartbeat = asyncio.create_task(self._heartbeat(delivery))

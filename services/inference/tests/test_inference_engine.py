@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from offbeat_inference import weightfile
-from offbeat_inference.engine import Sampling, WeightLoadError
+from offbeat_inference.engine import MIN_TEMPERATURE, Sampling, WeightLoadError
 from offbeat_inference.hf_engine import HFEngine
+from offbeat_inference.sampling import RowSampling, sample
 from offbeat_inference.weightfile import read_safetensors
 
 from offbeat.testing import wait_for
@@ -351,3 +353,38 @@ async def test_a_group_shares_its_prompt_prefill_and_samples_as_if_alone(tiny_mo
         assert len({tuple(g.token_ids) for g in together[:4]}) > 1, "the rows are copies of one sample"
     finally:
         await engine.close()
+
+
+async def test_cancelling_running_and_queued_samples_leaves_the_engine_serving(tiny_model):
+    # a group of 4 on capacity 2, all cancelled (a sibling's publish failed): the step after the
+    # running rows were dropped found only cancelled samples waiting, and the engine thread died
+    engine = await started(tiny_model, capacity=2)
+    try:
+        tasks = [
+            asyncio.ensure_future(engine.generate([5, 6, 7], Sampling(max_tokens=400, seed=i)))
+            for i in range(4)
+        ]
+        await wait_for(lambda: engine.steps >= 3, timeout_s=30)
+        assert engine._waiting, "the samples beyond capacity should still be queued"
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await wait_for(lambda: engine.in_flight == 0, timeout_s=30)
+        gen = await asyncio.wait_for(engine.generate([5, 6], Sampling(max_tokens=3, seed=9)), 30)
+        assert len(gen.token_ids) == 3 and gen.finish_reason == "length"
+        assert engine.failure is None
+    finally:
+        await engine.close()
+
+
+def test_the_smallest_accepted_temperature_samples_the_argmax_with_a_finite_logprob():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 300) * 5
+    top = torch.tensor([17, 123, 250])
+    logits[torch.arange(3), top] = logits.amax(dim=-1) + 1
+    logits[2] *= 1e35  # logits / T would overflow float32 here even at MIN_TEMPERATURE
+    for temperature in (MIN_TEMPERATURE, 1e-40):
+        rows = [RowSampling(temperature, 1.0, 0, random.Random(i)) for i in range(3)]
+        tokens, logprobs = sample(logits, rows)
+        assert tokens.tolist() == top.tolist()
+        assert torch.isfinite(logprobs).all() and logprobs.abs().max() < 1e-6, logprobs

@@ -193,6 +193,32 @@ async def test_a_prompt_the_engine_cannot_take_is_dead_lettered_and_the_engine_l
     assert service.engine.failure is None and service.failure is None
 
 
+async def test_a_vanishing_temperature_and_a_failing_chat_template_are_dead_lettered_at_once(
+    bus, run_id, start_service
+):
+    # 1e-40 passed as finite, logits / T overflowed and a NaN log-prob reached the trainer; a
+    # template's raise_exception was retried max_deliver times
+    from offbeat_inference.engine import MIN_TEMPERATURE
+
+    service = await start_service()
+    service.engine.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'user' %}{{ raise_exception('Unknown role') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}"
+    )
+    letters = await collect(bus, bus.subjects.dlq, policy_pb2.DeadLetter)
+    completions = await collect(bus, bus.subjects.rollout_completion, rollout_pb2.RolloutCompletion)
+    tiny = request(run_id, tokens=[3, 4], temperature=1e-40)
+    tool = request(run_id, chat=[("tool", "hi")])
+    smallest = request(run_id, tokens=[5, 6], temperature=MIN_TEMPERATURE, max_tokens=3)
+    await publish(bus, tiny, tool, smallest)
+    await wait_for(lambda: len(letters) == 2 and len(completions) == 1, timeout_s=30)
+    reasons = " | ".join(sorted(letter.reason for letter in letters))
+    assert f"below {MIN_TEMPERATURE}" in reasons and "TemplateError: Unknown role" in reasons, reasons
+    assert all(letter.deliveries == 1 for letter in letters), "a refusal was retried"
+    assert all(torch.isfinite(torch.tensor(list(completions[0].logprobs))))
+    assert service.engine.failure is None and service.failure is None
+
+
 @pytest.mark.slow
 async def test_weights_published_with_64_requests_in_flight(
     bus, run_id, start_service, tiny_model, tiny_model_v1, tmp_path

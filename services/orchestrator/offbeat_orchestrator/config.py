@@ -11,14 +11,22 @@ Not covered: the admin token itself. It comes from `OFFBEAT_ADMIN_TOKEN` or the 
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from offbeat.config import DEFAULT_TEMPERATURE, ServiceConfig, Strict
+from offbeat.config import DEFAULT_TEMPERATURE, MIN_TEMPERATURE, ServiceConfig, Strict
+
+
+def sampleable_temperature(value: float) -> float:
+    """`value` if inference will sample at it: 0 (greedy) or at least `MIN_TEMPERATURE`."""
+    if 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"a temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}")
+    return value
 
 
 class SamplingConfig(Strict):
     temperature: float = Field(DEFAULT_TEMPERATURE, ge=0)
-    """Sampling temperature of training rollouts (the trainer's `temperature` must be the same)."""
+    """Sampling temperature of training rollouts (the trainer's `temperature` must be the same):
+    0 (greedy) or at least `offbeat.config.MIN_TEMPERATURE`."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass of training rollouts."""
     top_k: int = Field(0, ge=0)
@@ -27,6 +35,11 @@ class SamplingConfig(Strict):
     """Most completion tokens per sample."""
     stop: list[str] = Field(default_factory=list)
     """Stop strings; generation ends at the first one."""
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampleable(cls, value: float) -> float:
+        return sampleable_temperature(value)
 
 
 class OrchestratorConfig(ServiceConfig):
@@ -63,7 +76,7 @@ class OrchestratorConfig(ServiceConfig):
     eval_samples: int = Field(1, ge=1)
     """Samples per eval prompt."""
     eval_temperature: float = Field(0.0, ge=0)
-    """Sampling temperature of eval requests; 0 is greedy."""
+    """Sampling temperature of eval requests; 0 is greedy (else at least `MIN_TEMPERATURE`)."""
     difficulty_filter: bool = False
     """Skip prompts whose training group came back all right or all wrong (no learning signal)."""
     difficulty_threshold: float = 0.5
@@ -76,3 +89,8 @@ class OrchestratorConfig(ServiceConfig):
     """Window over which GetStatus reports tokens/s and trajectories/s."""
     watch_queue_size: int = Field(1024, ge=1)
     """Events buffered per WatchEvents stream; a slower client loses the oldest ones."""
+
+    @field_validator("eval_temperature")
+    @classmethod
+    def _sampleable(cls, value: float) -> float:
+        return sampleable_temperature(value)

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 from offbeat.config import (
     DEFAULT_ROLLBACK_WINDOW,
     DEFAULT_TEMPERATURE,
+    MIN_TEMPERATURE,
     ConfigError,
     RunConfig,
     RunSection,
@@ -40,7 +41,7 @@ class TrainerConfig(ServiceConfig):
     """Where the cosine decay ends, as a fraction of `lr`."""
     grad_clip: float = Field(1.0, gt=0)
     """Largest global gradient norm; gradients above it are scaled down."""
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=MIN_TEMPERATURE)
     """Sampling temperature of the rollouts; trainer log-probs are log_softmax(logits / T). It must be
     `[orchestrator.sampling] temperature` (checked at start): with another, every importance ratio
     compares two different distributions."""
