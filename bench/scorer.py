@@ -57,6 +57,7 @@ import nats.errors
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from offbeat_scorer.config import ScorerConfig
 from offbeat_scorer.scoring import Scorer
+from offbeat_scorer.service import Settled
 
 from offbeat.bus import BatchPublisher, Bus, Outcome, Publication, Received
 from offbeat.config import BusConfig, EnvSpec
@@ -300,27 +301,17 @@ async def bus_cpu(url: str, items: list[tuple[str, list[int]]], texts: list[str]
     sent = itertools.count()
 
     async def handle(batch: list[Received[bytes]]) -> list[Outcome]:
-        outcomes: list[Outcome] = [None] * len(batch)
-        done = asyncio.get_running_loop().create_future()
-        waiting = len(batch)
-
-        def stored(index: int, error: BaseException | None) -> None:
-            nonlocal waiting
-            outcomes[index] = error
-            waiting -= 1
-            if not waiting:
-                done.set_result(None)
-
+        settled = Settled([None] * len(batch))  # the service's: acks wait for the stored scores
         for index in range(len(batch)):
             n = next(sent)
+            settled.publishing += 1
             publisher.add(
                 Publication(bus.subjects.rollout_scored, None, f"s:{n}", outs[n]),
-                functools.partial(stored, index),
+                functools.partial(settled.published, index),
             )
             if n + 1 == len(ins):
                 stop.set()
-        await done
-        return outcomes
+        return await settled.wait()
 
     cpu = time.process_time()
     await bus.consume_batches("scorer", None, handle, stop=stop, max_in_flight=ScorerConfig().max_in_flight)
@@ -429,30 +420,23 @@ async def scorer_cpu(
             owner.extend([index] * len(got))
             sizes.append(len(got))
         scored: list[list[bytes]] = [[] for _ in batch]
-        done = asyncio.get_running_loop().create_future()
-        waiting = len(batch)
-
-        def stored(index: int, error: BaseException | None) -> None:
-            nonlocal waiting
-            outcomes[index] = error
-            waiting -= 1
-            if not waiting:
-                done.set_result(None)
+        settled = Settled(outcomes)
 
         def emit(i: int, data: bytes) -> None:
             index = owner[i]
             scored[index].append(data)
             if len(scored[index]) == sizes[index]:
                 msg_id = f"scored:{members[i].group_id}"
+                settled.publishing += 1
                 publisher.add(
                     Publication(bus.subjects.rollout_scored, None, msg_id, field1_entries(scored[index])),
-                    functools.partial(stored, index),
+                    functools.partial(settled.published, index),
                 )
 
         for outcome in await scorer.score_batch(members, emit, payloads=payloads):
             if outcome is not None:
                 raise outcome
-        await done
+        await settled.wait()
         handled += len(batch)
         if handled >= len(ins):
             stop.set()
