@@ -301,11 +301,18 @@ class FileWeightStore(WeightStore):
         return Path(urlparse(uri).path)
 
     async def delete(self, uri: str) -> None:
-        path = self.local_path(uri)
-        assert path is not None
-        if self.root not in path.parents:
-            raise ValueError(f"{uri} is not under {self.root}")
-        await asyncio.to_thread(shutil.rmtree, path.parent, True)
+        """Delete one version's directory (`<root>/<run>/v<version>/`), and nothing else: the uri
+        comes from the trainer's saved state, and a path that is not exactly a version's file of
+        this store (`..` in it, a run's or the store's own directory) is refused."""
+        path = Path(urlparse(uri).path).resolve()
+        version_dir = path.parent
+        if (
+            path.name != "model.safetensors"
+            or version_dir.parent.parent != self.root
+            or not version_dir.name.startswith("v")
+        ):
+            raise ValueError(f"{uri} is not a version's weights under {self.root}")
+        await asyncio.to_thread(shutil.rmtree, version_dir, True)
 
     async def fetch(self, uri: str, dest: Path, *, sha256: str, chunks: ChunkDigests | None = None) -> Path:
         source = self.local_path(uri)

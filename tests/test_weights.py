@@ -122,6 +122,31 @@ async def test_file_store_puts_atomically_and_refuses_a_changed_file(tmp_path: P
     assert not (tmp_path / "copy.safetensors").exists()
 
 
+async def test_file_store_deletes_one_version_and_nothing_outside_it(tmp_path: Path, run_id: str) -> None:
+    # the uri comes from the trainer's saved state: `..` once deleted a directory outside the store,
+    # and a run's own directory (every version in it, rollback targets too) passed the check
+    source = random_file(tmp_path / "w.safetensors", 1000)
+    store = FileWeightStore(tmp_path / "store")
+    kept = await store.put(source, run_id=run_id, version=1)
+    gone = await store.put(source, run_id=run_id, version=2)
+    victim = tmp_path / "outside" / "victim"
+    victim.mkdir(parents=True)
+    (victim / "model.safetensors").write_bytes(b"x")
+    root = (tmp_path / "store").resolve()
+    for uri in (
+        (root / ".." / "outside" / "victim" / "model.safetensors").as_uri(),
+        (root / run_id / "model.safetensors").as_uri(),
+        (root / "model.safetensors").as_uri(),
+        (root / run_id / "v000002" / "other.bin").as_uri(),
+    ):
+        with pytest.raises(ValueError, match="is not a version's weights"):
+            await store.delete(uri)
+    assert victim.exists() and (root / run_id / "v000001").exists() and (root / run_id / "v000002").exists()
+    await store.delete(gone.uri)
+    assert not (root / run_id / "v000002").exists()
+    assert store.local_path(kept.uri).exists()  # type: ignore[union-attr]
+
+
 async def test_both_stores_fetch_by_chunk_digests_and_refuse_bytes_that_are_not_theirs(
     js, run_id: str, tmp_path: Path
 ) -> None:
