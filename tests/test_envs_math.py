@@ -46,6 +46,14 @@ async def test_no_boxed_answer_is_a_parse_error_not_a_silent_zero(math_env):
     assert "no answer" in reward.reason
 
 
+async def test_a_comparison_that_times_out_is_a_timeout_not_a_silent_zero():
+    # math-verify's verify() quietly answers "not equal" when its comparison times out
+    env = envs.load("math", timeout_s=1)
+    reward = await env.score(env.get("m000"), "\\boxed{9^{9^{9}}}")
+    assert reward.status is RewardStatus.TIMEOUT and reward.total == 0.0, (reward.status, reward.reason)
+    assert "math-verify took over 1s" in reward.reason
+
+
 async def test_parser_is_configurable():
     env = envs.load("math", parser="answer_tag")
     assert (await env.score(env.get("m000"), "<answer>0.5</answer>")).total == 1.0

@@ -62,5 +62,7 @@ def test_format_rewards():
     assert think_answer_format("<think>hm</think>\n<answer>3</answer>") == 1.0
     assert think_answer_format("<answer>3</answer>") == 0.0
     assert think_answer_format("<think>a</think><answer>1</answer><answer>2</answer>") == 0.0
+    assert think_answer_format("<think>x</think><answer></answer>") == 0.0  # no answer, no credit
+    assert think_answer_format("<think>x</think><answer> </answer>") == 0.0
     has = make_format("has_answer", make_parser("boxed"))
     assert has("\\boxed{1}") == 1.0 and has("1") == 0.0

@@ -84,8 +84,15 @@ class MathEnv(Environment):
                 pred, reason = [], f"{type(exc).__name__}: {exc}"
             if not pred:
                 status, reason = RewardStatus.PARSE_ERROR, reason or f"answer {answer[:80]!r} is not math"
-            elif verify(gold, pred, timeout_seconds=timeout):
-                components["correctness"] = 1.0
+            else:
+                try:  # without raise_on_error, a comparison that times out is quietly "not equal"
+                    same = verify(gold, pred, timeout_seconds=timeout, raise_on_error=True)
+                except TimeoutException:
+                    return Reward.failed(RewardStatus.TIMEOUT, f"math-verify took over {self.timeout_s}s")
+                except Exception as exc:  # sympy cannot compare them: not the reference answer
+                    same, reason = False, f"not comparable with the reference: {type(exc).__name__}: {exc}"
+                if same:
+                    components["correctness"] = 1.0
         total = components["correctness"]
         if self.format is not None:
             total = self.format.apply(components, total, completion)

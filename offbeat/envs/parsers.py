@@ -100,8 +100,10 @@ _THINK_ANSWER = re.compile(r"^\s*<think>.*?</think>\s*<answer>(?:(?!<answer>).)*
 
 
 def think_answer_format(completion: str) -> float:
-    """1.0 when the completion is `<think>...</think>` then exactly one `<answer>...</answer>`, else 0."""
-    return 1.0 if _THINK_ANSWER.match(completion) and completion.count("<answer>") == 1 else 0.0
+    """1.0 when the completion is `<think>...</think>` then exactly one `<answer>...</answer>` with
+    something in it, else 0 (an empty answer earns no format credit)."""
+    shaped = _THINK_ANSWER.match(completion) and completion.count("<answer>") == 1
+    return 1.0 if shaped and AnswerTag()(completion) else 0.0
 
 
 def has_answer_format(parser: Parser) -> Callable[[str], float]:
