@@ -225,3 +225,36 @@ async def test_an_id_too_long_is_refused_not_cut_short(ledger: Ledger, run_id):
             [{"run_id": run_id, "trajectory_id": "x" * 80, "status": "requested"}]
         )
     assert await ledger.count_trajectories(run_id) == 0
+
+
+async def test_a_rollback_chosen_as_a_deadlock_victim_runs_again(ledger: Ledger, run_id, monkeypatch):
+    # the ledger writer's batches lock trainer_steps before trajectories, a rollback the other way
+    # round: PostgreSQL aborts one of them, and the admin's Rollback must not fail for it
+    from sqlalchemy.exc import DBAPIError
+
+    from offbeat.ledger.store import RollbackResult
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    calls = []
+
+    async def once_a_victim(run: str, version: int, *, window: int) -> RollbackResult:
+        calls.append(version)
+        if len(calls) == 1:
+            raise DBAPIError("UPDATE trainer_steps ...", {}, Deadlock("deadlock detected"))
+        return RollbackResult(version=version, step=1, versions=[], trajectory_ids=[], steps=0)
+
+    monkeypatch.setattr(ledger, "_rollback_to", once_a_victim)
+    assert (await ledger.rollback_to(run_id, 1)).version == 1
+    assert calls == [1, 1]
+
+    class Other(Exception):
+        sqlstate = "23505"
+
+    async def refused(run: str, version: int, *, window: int) -> RollbackResult:
+        raise DBAPIError("UPDATE ...", {}, Other("unique violation"))
+
+    monkeypatch.setattr(ledger, "_rollback_to", refused)
+    with pytest.raises(DBAPIError):
+        await ledger.rollback_to(run_id, 1)

@@ -16,6 +16,9 @@ statement, where an executemany runs (and SQLAlchemy prepares parameters for) a 
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +27,7 @@ from typing import Any
 from sqlalchemy import String, Table, TextClause, func, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from offbeat.ledger.models import (
@@ -39,6 +43,10 @@ from offbeat.ledger.models import (
 )
 
 TRAJECTORIES: Table = Trajectory.__table__  # type: ignore[assignment]
+log = logging.getLogger("offbeat.ledger")
+RETRIED_SQLSTATES = ("40P01", "40001")
+"""Deadlock detected, serialization failure: the transaction was a victim and can run again."""
+ROLLBACK_ATTEMPTS = 3
 TRAJECTORY_COLUMNS = tuple(c.name for c in TRAJECTORIES.columns)
 KEY = ("run_id", "trajectory_id")
 FIXED_WHEN_TERMINAL = ("reason", "finished_at")
@@ -340,7 +348,22 @@ class Ledger:
         when it was itself rolled back, and `PrunedVersionError` when `window` (the trainer's
         `rollback_window`; 0: unlimited) or more active versions are newer, so the trainer no
         longer keeps its checkpoint. "After" means a higher id that is still active.
+
+        The ledger writer's batches lock the same tables in another order, so PostgreSQL may
+        abort this transaction as a deadlock's victim: it is then run again (a few times).
         """
+        for attempt in itertools.count(1):
+            try:
+                return await self._rollback_to(run_id, version, window=window)
+            except DBAPIError as exc:
+                state = str(getattr(exc.orig, "sqlstate", "") or "")
+                if state not in RETRIED_SQLSTATES or attempt >= ROLLBACK_ATTEMPTS:
+                    raise
+                log.warning("rollback to %d: %s (attempt %d); running it again", version, state, attempt)
+                await asyncio.sleep(0.05 * attempt)
+        raise AssertionError("unreachable")
+
+    async def _rollback_to(self, run_id: str, version: int, *, window: int) -> RollbackResult:
         pv = PolicyVersion.__table__.c  # type: ignore[attr-defined]
         ts_ = TrainerStep.__table__.c  # type: ignore[attr-defined]
         t = TRAJECTORIES.c
