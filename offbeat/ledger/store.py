@@ -459,6 +459,17 @@ class Ledger:
             rows = await conn.execute(query.order_by(t.trajectory_id).limit(limit))
             return [dict(r._mapping) for r in rows]
 
+    async def sent_groups(self, run_id: str) -> list[tuple[str, str, str, bool]]:
+        """(group id, env, prompt key, eval) of every group the run's requests recorded."""
+        t = TRAJECTORIES.c
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(t.group_id, func.max(t.env), func.max(t.prompt_key), func.bool_or(t.eval))
+                .where(t.run_id == run_id, t.group_id.is_not(None))
+                .group_by(t.group_id)
+            )
+            return [(gid, env or "", key or "", bool(ev)) for gid, env, key, ev in rows]
+
     async def unfinished_groups(self, run_id: str) -> list[dict[str, Any]]:
         """Every trajectory of each group that still has one in flight (requested, generated or
         scored), ordered by group and sample index: what a restarted orchestrator still waits for."""

@@ -66,12 +66,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
-from sqlalchemy import func, select
-
 from offbeat.bus import Bus, Publication
 from offbeat.config import RunSection
 from offbeat.ledger.models import TERMINAL
-from offbeat.ledger.store import TRAJECTORIES, Ledger, RollbackResult
+from offbeat.ledger.store import Ledger, RollbackResult
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_orchestrator.config import OrchestratorConfig
 from offbeat_orchestrator.events import Rows, dead_letter_trajectories, reward_status_name
@@ -295,14 +293,9 @@ class Scheduler:
         self.rolled_back_versions |= {
             int(p["version"]) for p in await ledger.list_policies(run_id) if p["status"] == "rolled_back"
         }
-        t = TRAJECTORIES.c
-        async with ledger.engine.connect() as conn:
-            rows = await conn.execute(
-                select(t.group_id, func.max(t.env), func.max(t.prompt_key), func.bool_or(t.eval))
-                .where(t.run_id == run_id, t.group_id.is_not(None))
-                .group_by(t.group_id)
-            )
-            sent = sorted((_seq_of(gid), gid, env or "", key or "", bool(ev)) for gid, env, key, ev in rows)
+        sent = sorted(
+            (_seq_of(gid), gid, env, key, ev) for gid, env, key, ev in await ledger.sent_groups(run_id)
+        )
         if not sent:
             return
         self.seq = max(self.seq, sent[-1][0]) + self._published_ahead()
