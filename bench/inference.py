@@ -6,8 +6,12 @@ baseline measured alongside it (this machine is shared; absolute numbers mean li
 - `service_tokens_per_s` / `direct_tokens_per_s` = `service_ratio` (goal >= 0.9): 256 prompts
   through a real nats-server and an `offbeat-inference` process, against the same transformers
   engine called directly in this process with the same prompts and settings. Both are warmed up
-  with a full batch first (the service process is fresh: its first calls of new shapes are slow),
-  and three rounds alternate, the best of each kept.
+  with a full batch first (the service process is fresh: its first calls of new shapes are slow).
+  Five pairs of runs (three with --quick), each pair in the other order than the last, so that a
+  drift of the shared machine cancels; `service_ratio` is the median of the pairs' ratios (a
+  one-off stall of either side moves one pair, not the figure), `service_ratio_best` the best
+  service run over the best direct run, and `direct_tokens_per_s` / `service_tokens_per_s` the
+  medians.
 - `cb_tokens_per_s` / `static_tokens_per_s` = `cb_speedup` (goal >= 1.5): the transformers
   engine's continuous batching against `model.generate` in static batches of the same size, on a
   long-tailed mix of completion lengths (most short, some long), sampling at temperature 1.
@@ -258,17 +262,25 @@ async def main() -> None:
     results["cb_speedup_same_engine"] = results["cb_tokens_per_s"] / results["static_engine_tokens_per_s"]
 
     uniform = prompts_and_budgets(n, seed=2, long_tail=False)
-    direct = []
-    service = []
-    for _ in range(rounds + 1):
-        d_tokens, d_s = await run_direct(model, uniform)
-        direct.append(d_tokens / d_s)
-        s_tokens, s_s = await run_service(model, uniform, Path(tempfile.mkdtemp(dir=tmp)))
-        service.append(s_tokens / s_s)
-        print(f"direct: {d_tokens} tokens in {d_s:.2f}s; service: {s_tokens} tokens in {s_s:.2f}s")
-    results["direct_tokens_per_s"] = max(direct)
-    results["service_tokens_per_s"] = max(service)
-    results["service_ratio"] = results["service_tokens_per_s"] / results["direct_tokens_per_s"]
+    direct: list[float] = []
+    service: list[float] = []
+    for i in range(2 * rounds + 1):  # pairs, each in the other order than the last: drift cancels
+
+        async def one_direct() -> None:
+            d_tokens, d_s = await run_direct(model, uniform)
+            direct.append(d_tokens / d_s)
+
+        async def one_service() -> None:
+            s_tokens, s_s = await run_service(model, uniform, Path(tempfile.mkdtemp(dir=tmp)))
+            service.append(s_tokens / s_s)
+
+        for one in (one_direct, one_service) if i % 2 == 0 else (one_service, one_direct):
+            await one()
+        print(f"pair {i}: direct {direct[-1]:.0f} tokens/s, service {service[-1]:.0f} tokens/s")
+    results["direct_tokens_per_s"] = statistics.median(direct)
+    results["service_tokens_per_s"] = statistics.median(service)
+    results["service_ratio"] = statistics.median(s / d for s, d in zip(service, direct, strict=True))
+    results["service_ratio_best"] = max(service) / max(direct)
 
     weights = await run_weights(
         tmp, hidden=512 if not args.quick else 256, layers=8, repeats=5 if not args.quick else 3
