@@ -23,7 +23,12 @@ reachable) and each weight store (`file`: `FileWeightStore`, `nats`: `NatsObject
    the baseline): the store's own receive loop alone, every chunk of the object through nats-py on
    a fresh connection in this process, nothing written or hashed. No `nats` update can go live
    faster than its object arrives, so where this ratio is over 2 the goal is out of reach with
-   this client, whatever the rest of the update costs.
+   this client, whatever the rest of the update costs;
+6. the CPU under that floor (`<m>_nats_receive_client_cpu_s`, `<m>_nats_receive_server_cpu_s`):
+   the CPU seconds this process and the nats-server process spent on that fetch (the server reads
+   its stream's blocks, frames them and writes the socket). Spread over every core of the machine,
+   their sum is the least wall time any fetch through this server and client can take here:
+   `<m>_nats_cpu_floor_ratio` = (client + server CPU) / cores / baseline.
 
 `<m>_<store>_ratio` = median live / median baseline; goal <= 2. `<m>_<store>_over_sha256` = median
 live / median sha256. Every byte is hashed before a version goes live, and a load from the page
@@ -61,6 +66,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from offbeat_trainer.checkpoint import save_weights
 from offbeat_trainer.publish import resolve_store, version_record, weight_version
@@ -129,19 +135,26 @@ def plain_load(path: Path) -> float:
     return elapsed
 
 
-async def nats_receive(url: str, uri: str) -> float:
-    """Seconds for the `nats` store's fetch to receive every chunk of `uri` on a fresh connection
-    in this process, with nothing written or hashed: that store's floor with this client."""
+async def nats_receive(url: str, uri: str, server_pid: int) -> tuple[float, float, float]:
+    """The `nats` store's fetch of `uri` receiving every chunk on a fresh connection in this
+    process, with nothing written or hashed: its seconds (that store's floor with this client),
+    and the CPU seconds this process and the nats-server spent on it."""
     import nats as nats_client
 
     bucket, _, name = uri.removeprefix("nats://").partition("/")
+    server = psutil.Process(server_pid)
     nc = await nats_client.connect(url)
     try:
         store = NatsObjectWeightStore(nc.jetstream(), bucket)
         info = await (await store._obs()).get_info(name)
+        server_before, client_before = server.cpu_times(), time.process_time()
         started = time.perf_counter()
         await store._receive(info, Path(os.devnull), lambda _: None)
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_before
+        server_after = server.cpu_times()
+        server_cpu = server_after.user + server_after.system - server_before.user - server_before.system
+        return elapsed, client_cpu, server_cpu
     finally:
         await nc.close()
 
@@ -201,6 +214,7 @@ async def bench_model(
     stores: list[str],
     repeats: int,
     cfg: BusConfig,
+    server_pid: int,
     tmp: Path,
 ) -> dict[str, float]:
     run = f"{RUN}-{name}"  # a run per model: its own subjects and KV head
@@ -232,7 +246,8 @@ async def bench_model(
         for store_name in stores:
             uri = (tmp / f"{name}-store").as_uri() if store_name == "file" else f"nats://w_{name}"
             store = resolve_store(uri, str(tmp), js=trainer_bus.js)
-            puts, live_s, applies, loads, hashes, receives = [], [], [], [], [], []
+            puts, live_s, applies, loads, hashes = [], [], [], [], []
+            receives, receive_cpu, server_cpus = [], [], []
             for i in range(repeats):
                 version += 1
                 local = await asyncio.to_thread(
@@ -260,7 +275,10 @@ async def bench_model(
                     loads.append(await asyncio.to_thread(plain_load, local))
                 hashes.append(await asyncio.to_thread(plain_sha256, local))
                 if store_name == "nats":
-                    receives.append(await nats_receive(cfg.nats_url, stored.uri))
+                    receive, client_cpu, server_cpu = await nats_receive(cfg.nats_url, stored.uri, server_pid)
+                    receives.append(receive)
+                    receive_cpu.append(client_cpu)
+                    server_cpus.append(server_cpu)
                 print(
                     f"{name} {store_name} v{version}: put {puts[-1]:.3f}s, announce->live "
                     f"{live_s[-1]:.3f}s (engine apply {live.apply_s:.3f}s), safetensors {loads[-1]:.3f}s",
@@ -286,6 +304,13 @@ async def bench_model(
                 results[f"{key}_receive_floor_ratio"] = (
                     results[f"{key}_receive_only_s"] / results[f"{key}_safetensors_s"]
                 )
+                results[f"{key}_receive_client_cpu_s"] = statistics.median(receive_cpu)
+                results[f"{key}_receive_server_cpu_s"] = statistics.median(server_cpus)
+                results[f"{key}_cpu_floor_ratio"] = (
+                    (results[f"{key}_receive_client_cpu_s"] + results[f"{key}_receive_server_cpu_s"])
+                    / len(os.sched_getaffinity(0))
+                    / results[f"{key}_safetensors_s"]
+                )
         results[f"{name}_bytes"] = float(stored.size_bytes)
     finally:
         await stop_replica(replica)
@@ -309,13 +334,29 @@ async def main() -> None:
         if "tiny" in models:
             tiny = build_tiny_model(tmp / "tiny")
             results.update(
-                await bench_model("tiny", tiny, dtype="float32", stores=stores, repeats=7, cfg=cfg, tmp=tmp)
+                await bench_model(
+                    "tiny",
+                    tiny,
+                    dtype="float32",
+                    stores=stores,
+                    repeats=7,
+                    cfg=cfg,
+                    server_pid=nats.pid,
+                    tmp=tmp,
+                )
             )
         if "qwen05b" in models:
             large = build_qwen05b(Path(tempfile.gettempdir()) / "offbeat-bench-qwen05b")
             results.update(
                 await bench_model(
-                    "qwen05b", large, dtype="bfloat16", stores=stores, repeats=7, cfg=cfg, tmp=tmp
+                    "qwen05b",
+                    large,
+                    dtype="bfloat16",
+                    stores=stores,
+                    repeats=7,
+                    cfg=cfg,
+                    server_pid=nats.pid,
+                    tmp=tmp,
                 )
             )
     finally:
