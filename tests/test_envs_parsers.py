@@ -28,6 +28,56 @@ def test_last_number(text, expected):
     assert last_number(text) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1,234,567", "1234567"),
+        ("12,345 and 1,000.25", "1000.25"),
+        ("1,2,3", "3"),
+        ("1,23", "23"),
+        ("1,2,345", "345"),
+        ("-5", "-5"),
+        ("= -5", "-5"),
+        ("(-5)", "-5"),
+        ("answer: -3.5", "-3.5"),
+        ("1/2", "2"),
+        ("1e-5", "1e-5"),
+    ],
+)
+def test_last_number_commas_only_in_thousands_groups_and_signs_kept(text, expected):
+    assert last_number(text) == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1-5", "5"), ("x-5", "5"), ("2024-01-15", "15")])
+def test_last_number_a_minus_after_a_digit_or_letter_is_not_a_sign(text, expected):
+    assert last_number(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("答案是１２３", "123"),
+        ("答案是－５", "-5"),
+        ("x = \u22125", "-5"),
+        ("\u22122.5e\u22123", "-2.5e-3"),
+        ("الجواب ١٢٣", "123"),
+        ("۴۲", "42"),
+        ("area 25 m²", "25"),
+        ("½", None),
+    ],
+)
+def test_last_number_normalises_unicode_digits_but_not_superscripts(text, expected):
+    assert last_number(text) == expected
+
+
+def test_answer_parsers_normalise_unicode_digits():
+    assert boxed("\\boxed{１２３}") == "123"
+    assert boxed("＼boxed｛٤٢｝") == "42"
+    assert boxed("\\boxed{25 m²}") == "25 m²"
+    assert AnswerTag()("<answer>１２３</answer>") == "123"
+    assert code_block("```python\nprint('１２３')\n```") == "print('１２３')\n"
+
+
 def test_answer_tag_takes_the_last_closed_tag():
     parse = AnswerTag()
     assert parse("<answer>1</answer> <answer> 2 </answer>") == "2"
@@ -41,6 +91,11 @@ def test_boxed_balances_braces():
     assert boxed("\\boxed{\\frac{1}{2}") is None
     assert boxed("no box") is None
     assert boxed("\\fbox{3}") == "3"
+
+
+def test_boxed_is_none_when_the_last_box_is_cut_off_after_a_complete_one():
+    assert boxed("\\boxed{5}, no wait: \\boxed{\\frac{7}{") is None
+    assert boxed("\\boxed{5}, no wait: \\fbox{7") is None
 
 
 def test_code_block_prefers_the_last_python_block():

@@ -6,6 +6,12 @@ reasoning-gym's `extract_answer`), `boxed` (the last `\\boxed{...}` with balance
 `code_block` (the last fenced code block, preferring ```python). `make_parser("answer_tag")` or
 `make_parser({"kind": "answer_tag", "tag": "final"})` builds one from config.
 
+The answer parsers (not `code_block`: NFKC would rewrite a program's string literals) read the
+text NFKC-normalised, with every Unicode decimal digit made ASCII, so a model writing full-width
+`１２３` or Arabic-Indic `١٢٣` gives `123` (NFKC alone leaves Arabic-Indic digits as they are), and `−5` (U+2212) gives `-5`.
+Superscripts, subscripts and vulgar fractions are left alone: NFKC would turn `25 m²` into `25 m2`
+(whose last number is 2, and which math-verify no longer reads as 25) and `½` into `1⁄2`.
+
 Format rewards score the shape of a completion (0..1), not its correctness:
 `think_answer_format` (a `<think>` block followed by one `<answer>` block) and
 `has_answer_format` (the parser found something).
@@ -16,21 +22,46 @@ Not covered: judging the answer (each environment's rubric does that).
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 Parser = Callable[[str], str | None]
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:[eE][-+]?\d+)?|-?\.\d+")
+_KEEP = ("<super>", "<sub>", "<fraction>")
+_NON_ASCII_DIGIT = re.compile(r"(?![0-9])\d")
+
+
+def _normalize(text: str) -> str:
+    """NFKC, except superscripts, subscripts and vulgar fractions; then U+2212 as `-` and Unicode
+    decimal digits as ASCII."""
+    if text.isascii():
+        return text
+    if not unicodedata.is_normalized("NFKC", text):
+        runs = groupby(text, key=lambda ch: unicodedata.decomposition(ch).startswith(_KEEP))
+        text = "".join("".join(r) if kept else unicodedata.normalize("NFKC", "".join(r)) for kept, r in runs)
+    text = text.replace("\u2212", "-")  # the minus sign (typeset maths) is a hyphen-minus to the parsers
+    return _NON_ASCII_DIGIT.sub(lambda m: str(unicodedata.decimal(m.group())), text)
+
+
+_NUMBER = re.compile(
+    r"(?:(?<![0-9A-Za-z])-)?"
+    r"(?:(?:(?<!\d,)\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+)"
+)
 
 
 def last_number(text: str) -> str | None:
-    """The last number in the text, with thousands separators removed (`1,234.5` -> `1234.5`)."""
-    matches = _NUMBER.findall(text)
-    if not matches:
-        return None
-    return str(matches[-1]).replace(",", "").rstrip(".")
+    """The last number in the (normalised) text: an integer or decimal, optionally with an exponent
+    (`1e3`) or a leading `-`, with thousands separators removed (`1,234.5` -> `1234.5`).
+
+    Commas count as thousands separators only in proper groups (`1,234,567`); otherwise they separate
+    a list (`1,2,3` -> `3`). A `-` directly after an ASCII letter or digit is a range or a difference,
+    not a sign (`1-5`, `x-5` -> `5`). A fraction `1/2` reads as its last number, `2`.
+    """
+    matches = _NUMBER.findall(_normalize(text))
+    return matches[-1].replace(",", "") if matches else None
 
 
 @dataclass(frozen=True)
@@ -40,12 +71,18 @@ class AnswerTag:
     tag: str = "answer"
 
     def __call__(self, text: str) -> str | None:
-        matches = re.findall(rf"<{re.escape(self.tag)}>\s?(.*?)\s?</{re.escape(self.tag)}>", text, re.DOTALL)
+        tag = re.escape(self.tag)
+        matches = re.findall(rf"<{tag}>\s?(.*?)\s?</{tag}>", _normalize(text), re.DOTALL)
         return matches[-1].strip() if matches else None
 
 
 def boxed(text: str) -> str | None:
-    """The content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if absent."""
+    """The content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if absent.
+
+    Also None when the last box is never closed, even after a complete earlier one: a completion cut
+    off inside its last box has not given its final answer, and the earlier box is one it moved past.
+    """
+    text = _normalize(text)
     start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
     if start < 0:
         return None
