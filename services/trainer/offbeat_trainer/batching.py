@@ -3,7 +3,9 @@
 - `Trajectory` is the in-process form of a `ScoredTrajectory` (converted at the edge).
 - `GroupBuffer` holds trajectories until their group is complete (`group_size` members by
   `group_id`, counting members dropped on arrival), and forms a step from `groups_per_step`
-  complete groups, oldest group first.
+  complete groups, oldest group first. An id counts once towards its group: a valid member that
+  arrives after a malformed copy of it was refused (and departed) takes that copy's place; after
+  its group was taken, the service drops it (`group_finished`).
 - Staleness of a trajectory trained by the update from step t is `t - step(oldest version)`;
   over `max_staleness` it is dropped (`stale`). `ok` and `parse_error` rewards are judgements
   of the completion and are trained (no parseable answer earns the rubric's reward for none);
@@ -144,12 +146,20 @@ class GroupBuffer:
     """Group id -> its `group_size`."""
     finished: dict[str, None] = field(default_factory=dict)
     """Ids of the newest `FINISHED_KEPT` groups taken or dropped whole (an ordered set): a member
-    reported departed after its group is gone (a LOST notice for a member refused earlier) must
-    not start a group that can never complete."""
+    reported departed after its group is gone (a LOST notice for a member refused earlier), or a
+    valid copy of one whose malformed copy it counted, must not start a group that can never complete."""
 
     def add(self, traj: Trajectory) -> None:
-        self.groups.setdefault(traj.group_id, {})[traj.trajectory_id] = traj
-        self.sizes[traj.group_id] = traj.group_size
+        """A member arrived; if it departed before (a malformed copy of it was refused), it now
+        counts as arrived instead."""
+        gid, tid = traj.group_id, traj.trajectory_id
+        self.groups.setdefault(gid, {})[tid] = traj
+        self.sizes[gid] = traj.group_size
+        departed = self.departed.get(gid)
+        if departed is not None and tid in departed:
+            departed.discard(tid)
+            if not departed:
+                del self.departed[gid]
 
     def depart(self, group_id: str, trajectory_id: str, group_size: int) -> None:
         """A member was dropped (or refused) before its group was taken; the group counts it as

@@ -261,7 +261,8 @@ class Trainer:
         except ValueError as exc:  # dead-lettered; the rest of its group is trained without it
             c = msg.completion
             # unless a valid message of that id was accounted or is held: that one owns the id, and
-            # taking it out of its group would leave its delivery held and heartbeated forever
+            # taking it out of its group would leave its delivery held and heartbeated forever; a
+            # valid one arriving later takes this departure's place (`GroupBuffer.add`)
             if not c.eval and c.trajectory_id not in self.accounted and c.trajectory_id not in self.held:
                 self.buffer.depart(c.group_id, c.trajectory_id, c.group_size)
             raise Reject(str(exc)) from None
@@ -293,6 +294,8 @@ class Trainer:
         lag = self.state.step - steps[traj.oldest_version]
         if lag > self.run.max_staleness:
             return Dropped(traj.trajectory_id, "stale", lag)
+        if traj.group_id in self.buffer.finished:  # taken counting a refused copy of it as departed
+            return Dropped(traj.trajectory_id, "group_finished", 0)
         return None
 
     async def heartbeat(self) -> None:
