@@ -156,6 +156,16 @@ def config_exit(name: str, error: ConfigError) -> NoReturn:
     raise SystemExit(EX_CONFIG)
 
 
+def check_model_path(name: str, path: str, *, what: str = "[model] path") -> None:
+    """`config_exit` for an empty model path, or a local one (absolute, `./`, `../`, `~`) that is not a
+    directory; anything else may be a Hugging Face id, which only loading can check."""
+    if not path:
+        config_exit(name, ConfigError(f"{what} is empty: set a Hugging Face id or a local directory"))
+    local = path.startswith(("/", "./", "../", "~"))
+    if local and not os.path.isdir(os.path.expanduser(path)):
+        config_exit(name, ConfigError(f"{what} {path!r} is not a directory"))
+
+
 def run_service(
     name: str,
     run: RunConfig,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from offbeat.service import load_service_config, run_service, service_parser
+from offbeat.service import check_model_path, load_service_config, run_service, service_parser
 from offbeat_inference.config import InferenceConfig
 
 
@@ -11,10 +11,7 @@ def main() -> None:
         "inference", "Samples the policy: engines, continuous batching, in-flight weight updates."
     ).parse_args()
     run, config = load_service_config(args, "inference", InferenceConfig)
-    if not run.model.path:
-        raise SystemExit(
-            "offbeat-inference: [model] path is empty: set a Hugging Face id or a local directory"
-        )
+    check_model_path("inference", run.model.path)
     from offbeat_inference.service import serve
 
     run_service("inference", run, config, serve)

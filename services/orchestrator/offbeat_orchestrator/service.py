@@ -44,7 +44,10 @@ def load_envs(specs: list[EnvSpec]) -> list[tuple[str, float, Any]]:
     return [(spec.name, spec.weight, load(spec.name, **spec.args)) for spec in specs]
 
 
-async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
+async def serve(
+    ctx: ServiceContext[OrchestratorConfig], envs: list[tuple[str, float, Any]] | None = None
+) -> None:
+    """The orchestrator until `ctx.stop`; `envs` as `load_envs` built them (loaded here if not given)."""
     run, cfg = ctx.run, ctx.config
     run_id = run.run.id
     await asyncio.to_thread(upgrade, run.ledger.database_url)
@@ -60,7 +63,7 @@ async def serve(ctx: ServiceContext[OrchestratorConfig]) -> None:
             ctx.bus,
             run.run,
             cfg,
-            await asyncio.to_thread(load_envs, run.envs),
+            envs if envs is not None else await asyncio.to_thread(load_envs, run.envs),
             writer=writer,
             start_step=await ledger.latest_step(run_id),
             zero_advantage_dropped=bool(trainer_section.get("filter_zero_advantage", False)),
