@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import html
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from offbeat.wandb_sink import WandbMissingError, require_wandb
+
+    if args.wandb or args.wandb_project:
+        try:
+            require_wandb()  # before a server is started or a file written
+        except WandbMissingError as exc:
+            print(f"offbeat report: {exc}", file=sys.stderr)
+            return 1
     url = args.database_url
     started = None
     if url is None:
@@ -41,14 +50,15 @@ def main(args: argparse.Namespace) -> int:
 
         infra = Infra.load(Path(args.state_dir) / "infra")
         if infra is None:
-            print(f"no --database-url and no embedded ledger under {args.state_dir}/infra")
+            print(
+                f"offbeat report: no --database-url and no embedded ledger under {args.state_dir}/infra",
+                file=sys.stderr,
+            )
             return 1
         if not infra.postgres.running():
             infra.postgres.restart()
             started = infra.postgres
         url = infra.postgres.url
-    from offbeat.wandb_sink import WandbMissingError
-
     out = Path(args.out) if args.out else Path(args.state_dir) / "runs" / args.run / "report"
     try:
         page = asyncio.run(write_report(url, args.run, out))
@@ -64,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
             )
             print(f"W&B: {where}")
     except (ValueError, WandbMissingError) as exc:
-        print(f"offbeat report: {exc}")
+        print(f"offbeat report: {exc}", file=sys.stderr)
         return 1
     finally:
         if started is not None:
@@ -108,6 +118,13 @@ async def log_to_wandb(
 
 
 async def _fetch(ledger: Ledger, run_id: str) -> dict[str, Any]:
+    """Everything the report shows of `run_id`; ValueError if the ledger has no such run."""
+    async with ledger.engine.connect() as conn:
+        if (await conn.execute(text("SELECT 1 FROM runs WHERE id=:r"), {"r": run_id})).first() is None:
+            known = [
+                r[0] for r in await conn.execute(text("SELECT id FROM runs ORDER BY created_at DESC LIMIT 5"))
+            ]
+            raise ValueError(f"no run {run_id!r} in the ledger (latest: {', '.join(known) or 'none'})")
     history = await ledger.step_metrics(run_id)
     q: dict[str, Any] = {
         "history": history,
@@ -190,12 +207,12 @@ def _save(fig: Any, out: Path, name: str) -> str:
 
 
 async def write_report(database_url: str, run_id: str, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger.connect(database_url, pool_size=1)
     try:
         q = await _fetch(ledger, run_id)
     finally:
         await ledger.close()
+    out.mkdir(parents=True, exist_ok=True)
     images = await asyncio.to_thread(_plots, q, out)
     evals = q["evals"]
     rows = [
