@@ -321,3 +321,101 @@ def test_nats_values_three_node_jetstream_with_auth():
     assert secret == {"name": "offbeat-nats", "key": "password"}
     # the services connect as that user to the release's Service
     assert "nats://offbeat:$(NATS_PASSWORD)@nats:4222" in (K8S / "base" / "inference.yaml").read_text()
+
+
+# --- probes, stream replicas, the ledger's network policy -------------------------------------
+
+
+def main_env(container: dict[str, Any]) -> dict[str, str | None]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_trainer_probes_hit_the_port_every_rank_zero_process_serves(rendered):
+    """Each trainer pod's probes go to the named port `health`, which is the port the image tells
+    the trainer to serve /healthz on: the service (rank 0) and each pod's LOCAL_RANK 0 follower
+    read the same `[trainer] health_port` (services/trainer/tests/test_follower.py)."""
+    dockerfile = (ROOT / "services" / "trainer" / "Dockerfile").read_text()
+    port = int(re.search(r"OFFBEAT__TRAINER__HEALTH_PORT=(\d+)", dockerfile).group(1))  # type: ignore[union-attr]
+    assert "OFFBEAT__TRAINER__HEALTH_HOST=0.0.0.0" in dockerfile
+    for overlay, objects in rendered.items():
+        (c,) = by_kind(objects, "StatefulSet")["trainer"]["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["health"] == port, overlay
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["httpGet"]["port"] == "health", f"{overlay}: {probe}"
+        env = main_env(c)
+        assert "OFFBEAT__TRAINER__HEALTH_PORT" not in env, "one port per pod: the image's"
+
+
+def test_services_agree_on_stream_replicas_and_h200_uses_r3(rendered):
+    """Every service creates or updates the run's streams at start with `[bus] stream_replicas`:
+    all of them must say the same, and on the 3-node JetStream cluster of deploy/nats that is 3."""
+    nats_nodes = yaml.safe_load((ROOT / "deploy" / "nats" / "values.yaml").read_text())["config"]["cluster"][
+        "replicas"
+    ]
+    for overlay, objects in rendered.items():
+        replicas = {}
+        for obj in (o for o in objects if o["kind"] in WORKLOADS):
+            for c in obj["spec"]["template"]["spec"]["containers"]:
+                env = main_env(c)
+                if "OFFBEAT__BUS__NATS_URL" in env:
+                    replicas[obj["metadata"]["name"]] = env.get("OFFBEAT__BUS__STREAM_REPLICAS")
+        assert set(replicas) == {"orchestrator", "inference", "scorer", "sandbox", "trainer"}, replicas
+        assert len(set(replicas.values())) == 1, f"{overlay}: services disagree: {replicas}"
+        if overlay == "overlays/h200":
+            assert set(replicas.values()) == {str(nats_nodes)} == {"3"}, replicas
+
+
+def test_only_the_ledger_clients_reach_postgresql(rendered):
+    """A NetworkPolicy selects the CloudNativePG pods of deploy/postgres/cluster.yaml; on 5432 it
+    admits exactly the workloads given the database URL, the instances themselves and the operator."""
+    cluster = yaml.safe_load((ROOT / "deploy" / "postgres" / "cluster.yaml").read_text())
+    pg_labels = {"cnpg.io/cluster": cluster["metadata"]["name"]}
+    for overlay, objects in rendered.items():
+        policies = [
+            p["spec"]
+            for p in by_kind(objects, "NetworkPolicy").values()
+            if selects(p["spec"]["podSelector"], pg_labels)
+        ]
+        assert len(policies) == 1, f"{overlay}: {len(policies)} NetworkPolicies select the ledger's pods"
+        (policy,) = policies
+        assert "Ingress" in policy["policyTypes"]
+        workloads = {o["metadata"]["name"]: o for o in objects if o["kind"] in WORKLOADS}
+        clients = {
+            name
+            for name, obj in workloads.items()
+            if any("OFFBEAT__LEDGER__DATABASE_URL" in main_env(c) for c in containers(obj))
+        }
+        assert clients == {"orchestrator"}, clients
+        admitted: set[str] = set()
+        operator = peers_of_pg = False
+        for rule in policy["ingress"]:
+            assert rule.get("from"), f"{overlay}: an ingress rule without `from` admits every pod"
+            ports = {p["port"] for p in rule["ports"]}
+            for peer in rule["from"]:
+                assert "ipBlock" not in peer, peer
+                if "namespaceSelector" in peer:
+                    assert peer["namespaceSelector"]["matchLabels"] == {
+                        "kubernetes.io/metadata.name": "cnpg-system"
+                    }, peer
+                    assert peer["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "cloudnative-pg"}
+                    operator = ports == {5432, 8000}
+                    continue
+                if selects(peer["podSelector"], pg_labels):
+                    peers_of_pg = ports >= {5432}
+                    continue
+                assert ports == {5432}, rule
+                admitted |= {
+                    name
+                    for name, obj in workloads.items()
+                    if selects(peer["podSelector"], obj["spec"]["template"]["metadata"]["labels"])
+                }
+        assert admitted == clients, (
+            f"{overlay}: PostgreSQL admits {admitted}, the ledger's clients are {clients}"
+        )
+        assert operator and peers_of_pg, f"{overlay}: the operator and the instances must reach the instances"

@@ -2,7 +2,8 @@
 
 `offbeat-trainer --config run.toml [--resume]` runs the service; `offbeat-trainer sft ...` runs
 supervised fine-tuning (see `offbeat_trainer.sft`). Under torchrun, ranks above 0 become
-followers of rank 0 (see `offbeat_trainer.ranks`).
+followers of rank 0 (see `offbeat_trainer.ranks`); a follower with LOCAL_RANK 0 serves its host's
+/healthz (see `offbeat_trainer.follower`).
 """
 
 from __future__ import annotations
