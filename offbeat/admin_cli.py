@@ -49,7 +49,8 @@ def _address(args: argparse.Namespace) -> str:
     return "127.0.0.1:50151"
 
 
-def _token(args: argparse.Namespace) -> str:
+def _token(args: argparse.Namespace) -> tuple[str, str]:
+    """The bearer token and where it came from (for the message when the server refuses it)."""
     if not args.token_file and args.run_dir and not os.environ.get("OFFBEAT_ADMIN_TOKEN"):
         args.token_file = str(Path(args.run_dir) / "admin.token")
     if args.token_file:
@@ -58,13 +59,13 @@ def _token(args: argparse.Namespace) -> str:
         token = Path(args.token_file).read_text().strip()
         if not token:
             raise SystemExit(f"offbeat admin: token file {args.token_file} is empty")
-        return token
+        return token, args.token_file
     token = os.environ.get("OFFBEAT_ADMIN_TOKEN", "").strip()
     if not token:
         raise SystemExit(
             "offbeat admin: no token: pass --token-file or --run-dir, or set OFFBEAT_ADMIN_TOKEN"
         )
-    return token
+    return token, "$OFFBEAT_ADMIN_TOKEN (it wins over --run-dir)"
 
 
 def _when(unix: float) -> str:
@@ -85,10 +86,14 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "rollback" and args.version is None:
         console.print("[red]offbeat admin rollback needs a VERSION[/red]")
         return 2
+    token, token_source = _token(args)
     metadata = (
-        ("authorization", f"Bearer {_token(args)}"),
+        ("authorization", f"Bearer {token}"),
         ("x-offbeat-actor", f"{getpass.getuser()}@{socket.gethostname()}"),
     )
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        console.print(f"[red]--tls-ca {args.tls_ca}: no such file[/red]")
+        return 2
     if args.tls_ca:
         channel = grpc.secure_channel(
             _address(args), grpc.ssl_channel_credentials(root_certificates=Path(args.tls_ca).read_bytes())
@@ -191,7 +196,18 @@ def main(args: argparse.Namespace) -> int:
             console.print(t)
     except grpc.RpcError as exc:
         code = exc.code()  # type: ignore[attr-defined]
-        print(f"offbeat admin {args.action}: {code.name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        hint = ""
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            hint = (
+                f"\n  the token sent came from {token_source}; the run's is in <run dir>/admin.token "
+                "(or the orchestrator's [orchestrator] admin_token_file)"
+            )
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            hint = (
+                f"\n  no orchestrator answered at {_address(args)}: is the run up? "
+                "pass --run-dir (it holds admin.address) or --address"
+            )
+        print(f"offbeat admin {args.action}: {code.name}: {exc.details()}{hint}", file=sys.stderr)  # type: ignore[attr-defined]
         return 1
     finally:
         channel.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,11 @@ def main(args: argparse.Namespace) -> int:
         if not sep:
             raise SystemExit(f"--arg {item!r}: expected key=value")
         kwargs[key] = parse_value(value)
-    env = envs.load(args.name, **kwargs)
+    try:
+        env = envs.load(args.name, **kwargs)
+    except (KeyError, ValueError, TypeError) as exc:
+        print(f"offbeat env show: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
     shown = 0
     for example in env.examples(args.split, args.seed):
         if shown >= args.n:

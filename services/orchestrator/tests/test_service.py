@@ -138,6 +138,7 @@ async def test_orchestrator_process_records_the_run_dispatches_and_answers_offbe
         assert out.returncode == 1 and "NOT_FOUND" in out.stderr
         out = _admin("status", "--address", address, token="wrong")
         assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr and "wrong" not in out.stderr
+        assert "came from $OFFBEAT_ADMIN_TOKEN" in out.stderr, "the refusal says which token was sent"
         out = _admin("status", "--address", address)
         assert out.returncode != 0 and "no token" in out.stderr
     finally:

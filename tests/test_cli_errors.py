@@ -1,0 +1,44 @@
+"""The `offbeat` CLI turns a user's mistake into one line that says what to do, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OFFBEAT = str(Path(sys.executable).parent / "offbeat")
+
+
+def _offbeat(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([OFFBEAT, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("no_such_env", "offbeat env show: no environment 'no_such_env'; known: math, code"),
+        ("reasoning_gym:no_such_task", "offbeat env show: "),
+    ],
+)
+def test_env_show_of_an_unknown_environment(name: str, message: str) -> None:
+    out = _offbeat("env", "show", name)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_admin_with_a_missing_ca_file(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("t\n")
+    out = _offbeat("admin", "status", "--tls-ca", str(tmp_path / "ca.pem"), "--token-file", str(token))
+    assert out.returncode == 2 and "--tls-ca" in out.stdout + out.stderr and "Traceback" not in out.stderr
+
+
+def test_admin_with_no_orchestrator_says_where_it_looked(tmp_path: Path) -> None:
+    token = tmp_path / "admin.token"
+    token.write_text("t\n")
+    out = _offbeat(
+        "admin", "status", "--address", "127.0.0.1:1", "--token-file", str(token), "--timeout", "5"
+    )
+    assert out.returncode == 1
+    assert "no orchestrator answered at 127.0.0.1:1" in out.stderr and "--run-dir" in out.stderr
