@@ -158,10 +158,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def _exec(args: argparse.Namespace) -> int:
     import nats
 
+    from offbeat.config import mask_url
+
+    for given in (args.file, args.stdin):
+        if given and given != "-" and not Path(given).is_file():
+            print(f"offbeat sandbox exec: {given}: no such file", file=sys.stderr)
+            return 2
     code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text()
     stdin = Path(args.stdin).read_bytes() if args.stdin else b""
     limits = sandbox_pb2.ExecLimits(wall_timeout_s=args.timeout_s, memory_bytes=args.memory_mb * 1024**2)
-    nc = await nats.connect(args.nats_url, connect_timeout=5, max_reconnect_attempts=2)
+    try:
+        nc = await nats.connect(
+            args.nats_url, connect_timeout=5, max_reconnect_attempts=2, error_cb=_said_below
+        )
+    except (nats.errors.NoServersError, OSError) as exc:
+        print(
+            f"offbeat sandbox exec: no NATS server at {mask_url(args.nats_url)} ({exc}): pass the run's "
+            "--nats-url (`offbeat infra status --state-dir <run state_dir>/infra` prints it)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         client = SandboxClient(nc, subject=args.subject)
         result = await client.run(code, language=args.lang, stdin=stdin, args=args.arg, limits=limits)
@@ -172,6 +188,10 @@ async def _exec(args: argparse.Namespace) -> int:
         await nc.close()
     print(json.dumps(result_to_dict(result), indent=2))
     return 0 if result.status == sandbox_pb2.EXEC_STATUS_OK else 1
+
+
+async def _said_below(exc: Exception) -> None:
+    """nats-py's error callback: a failed connect is reported once, by `_exec`."""
 
 
 def main(args: argparse.Namespace) -> int:

@@ -42,3 +42,13 @@ def test_admin_with_no_orchestrator_says_where_it_looked(tmp_path: Path) -> None
     )
     assert out.returncode == 1
     assert "no orchestrator answered at 127.0.0.1:1" in out.stderr and "--run-dir" in out.stderr
+
+
+def test_sandbox_exec_of_a_missing_program_or_with_no_server(tmp_path: Path) -> None:
+    out = _offbeat("sandbox", "exec", str(tmp_path / "nope.py"))
+    assert out.returncode == 2 and "nope.py: no such file" in out.stderr
+    program = tmp_path / "p.py"
+    program.write_text("print(1)\n")
+    out = _offbeat("sandbox", "exec", str(program), "--nats-url", "nats://u:secret@127.0.0.1:1")
+    assert out.returncode == 2 and "no NATS server at nats://u:***@127.0.0.1:1" in out.stderr
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr
