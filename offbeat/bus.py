@@ -45,7 +45,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from prometheus_client import Counter, Histogram
 
-from offbeat.config import BusConfig
+from offbeat.config import BusConfig, mask_url
 from offbeat.jetstream import PubAcks, Puller, ack_info
 from offbeat.jetstream import PublishError as PublishError
 from offbeat.v1 import policy_pb2
@@ -64,7 +64,8 @@ NO_STORAGE_ERR_CODE: Final = 10047
 
 
 class BusConfigError(RuntimeError):
-    """The server refused the run's declared stream, consumers or bucket; the message says why."""
+    """The server does not fit the run's bus config (a smaller max_payload) or refused its declared
+    stream, consumers or bucket; the message says why."""
 
 
 PUBLISHED = Counter("offbeat_bus_published_total", "Messages published through JetStream", ["kind"])
@@ -334,6 +335,13 @@ class Bus:
             reconnected_cb=on_reconnect,
             error_cb=on_error,
         )
+        if nc.max_payload < cfg.max_payload_bytes:  # the stream and weight chunks are sized by the setting
+            await nc.close()
+            raise BusConfigError(
+                f"the NATS server at {mask_url(cfg.nats_url)} allows max_payload {nc.max_payload} bytes, "
+                f"less than [bus] max_payload_bytes = {cfg.max_payload_bytes}: raise the server's "
+                "max_payload or lower the setting"
+            )
         return cls(nc, cfg, subjects, name)
 
     async def __aenter__(self) -> Bus:

@@ -30,14 +30,22 @@ def _infra_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--state-dir", default=".offbeat", help="where the servers keep their data")
     p.add_argument("--json", action="store_true", help="print the URLs as JSON")
+    p.add_argument("--config", help="up: a run TOML whose [bus] max_payload_bytes the NATS server allows")
+    p.add_argument("--max-payload-bytes", type=int, help="up: largest NATS message (default: from --config)")
 
 
 def _infra_main(args: argparse.Namespace) -> int:
-    from offbeat.infra import Infra
+    from offbeat.config import ConfigError, load_run_config, mask_url
+    from offbeat.infra import Infra, InfraError
 
     state = Path(args.state_dir)
     if args.action == "up":
-        infra = Infra.up(state)
+        try:
+            max_payload = args.max_payload_bytes or load_run_config(args.config).bus.max_payload_bytes
+            infra = Infra.up(state, max_payload_bytes=max_payload)
+        except (ConfigError, InfraError) as exc:
+            print(f"offbeat infra up: {exc}", file=sys.stderr)
+            return 1
         print(json.dumps(infra.urls) if args.json else "\n".join(f"{k}: {v}" for k, v in infra.urls.items()))
         return 0
     existing = Infra.load(state)
@@ -49,7 +57,8 @@ def _infra_main(args: argparse.Namespace) -> int:
         print("stopped")
         return 0
     status = existing.status()
-    print(json.dumps(status) if args.json else "\n".join(f"{k}: {v}" for k, v in status.items()))
+    shown = {k: mask_url(v) if isinstance(v, str) else v for k, v in status.items()}
+    print(json.dumps(shown) if args.json else "\n".join(f"{k}: {v}" for k, v in shown.items()))
     return 0 if status["nats_running"] and status["postgres_running"] else 1
 
 
