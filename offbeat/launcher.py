@@ -5,10 +5,20 @@ warm-starts the tiny model when the config asks for one (cached under the state 
 runs the five services as child processes through the same console scripts the containers run
 (`offbeat-<service>`), restarts any that die, shows live progress from the ledger and the bus
 (logged to Weights & Biases too when `[wandb]` sets a project: `offbeat.wandb_sink`),
-and stops everything cleanly when the trainer reaches `[run] max_steps` or on Ctrl-C. A second
-`offbeat run --resume` continues the same run from the trainer's checkpoint and the ledger.
+and stops everything cleanly when the trainer reaches `[run] max_steps` or on Ctrl-C, SIGTERM or
+SIGHUP (a closed terminal). A second `offbeat run --resume` continues the same run from the
+trainer's checkpoint and the ledger.
 
-Not covered: multi-machine placement (compose and Kubernetes run the same services, see deploy/).
+No service outlives the launcher: on Linux the kernel sends each child SIGTERM when the launcher
+dies, even by SIGKILL (once per launcher thread; a service drains once, as for one SIGTERM). One
+launcher at a time runs a run: it holds an exclusive lock on `<state_dir>/runs/<id>.lock` for its
+life (released by the kernel however it ends), and a second `offbeat run` of the same run fails at
+once, naming the first one's pid. At its end it stops only the embedded servers it started. The services get the NATS and PostgreSQL URLs (credentials included) in their
+environment, never on their command line, where any local user could read them (`ps`).
+
+Not covered: multi-machine placement (compose and Kubernetes run the same services, see deploy/);
+the embedded servers outliving a launcher killed by SIGKILL (the next `offbeat run` reuses them);
+two launchers of the same run id on different state directories.
 """
 
 from __future__ import annotations
@@ -16,6 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +36,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +49,9 @@ if TYPE_CHECKING:
     from offbeat.wandb_sink import WandbConfig, WandbSink
 
 SERVICES = ("sandbox", "inference", "scorer", "trainer", "orchestrator")
+URL_ENV = {"bus.nats_url": "OFFBEAT__BUS__NATS_URL", "ledger.database_url": "OFFBEAT__LEDGER__DATABASE_URL"}
+"""The server URLs and the environment variables the services get them in (not argv: `ps` shows it)."""
+PR_SET_PDEATHSIG = 1
 
 
 class TinyModelSpec(Strict):
@@ -90,7 +107,10 @@ class LauncherConfig(Strict):
     replicas: dict[str, int] = Field(default_factory=dict)
     """Replicas per service, e.g. {scorer = 2}; the trainer and orchestrator are always one."""
     max_restarts: int = Field(5, ge=0)
-    """Restarts of one service before the run is stopped as failed."""
+    """Restarts of one service within `restart_window_s` before the run is stopped as failed."""
+    restart_window_s: float = Field(3600.0, gt=0)
+    """Seconds a restart counts against `max_restarts`: a service crashing in a loop fails the run,
+    one that crashes now and then over a long run does not."""
     progress_interval_s: float = Field(2.0, gt=0)
     """Seconds between progress refreshes."""
     tiny_model: TinyModelSpec | None = None
@@ -127,12 +147,38 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, WandbMissingError) as exc:
         print(f"offbeat run: {exc}", file=sys.stderr)
         return 2
-    return asyncio.run(Launcher(run, launcher, args, wandb=wandb).run())
+    from offbeat.infra import InfraError
+
+    try:
+        return asyncio.run(Launcher(run, launcher, args, wandb=wandb).run())
+    except InfraError as exc:
+        print(f"offbeat run: the embedded NATS/PostgreSQL servers: {exc}", file=sys.stderr)
+        return 1
 
 
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else (shutil.which(name) or name)
+
+
+@functools.cache
+def _prctl() -> Any:
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A `preexec_fn` by which the kernel sends the child SIGTERM when the launcher dies, however it
+    dies (SIGKILL too); the child keeps it across exec. Linux only: None elsewhere."""
+    if sys.platform != "linux":
+        return None
+    prctl, launcher, term = _prctl(), os.getpid(), int(signal.SIGTERM)
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, term)
+        if os.getppid() != launcher:  # it died before the prctl
+            os._exit(1)
+
+    return preexec
 
 
 @dataclass
@@ -143,6 +189,8 @@ class Child:
     log_path: Path
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    restarted: list[float] = field(default_factory=list)
+    """time.monotonic() of the restarts within the launcher's restart window."""
     expected_exit: bool = False
     started: list[float] = field(default_factory=list)
 
@@ -167,7 +215,9 @@ class Launcher:
         self.state = Path(run.run.state_dir).resolve()
         self.run_dir = self.state / "runs" / run.run.id
         # services keep their state (checkpoints, weights) per run; the embedded servers are shared
-        self.sets: list[str] = [*args.set, f"run.state_dir={json.dumps(str(self.run_dir))}"]
+        own = [s for s in args.set if s.partition("=")[0].strip() not in URL_ENV]  # the launcher's URLs win
+        self.sets: list[str] = [*own, f"run.state_dir={json.dumps(str(self.run_dir))}"]
+        self.child_env: dict[str, str] = {}
         self.children: list[Child] = []
         self.stopping = asyncio.Event()
         self.failed: str | None = None
@@ -175,6 +225,24 @@ class Launcher:
         self.infra: Any = None
 
     # --- preparation -------------------------------------------------------------------------
+
+    def _lock(self) -> int:
+        """Take the run's lock (an open fd holding it) or exit naming the launcher that holds it."""
+        path = self.state / "runs" / f"{self.run_cfg.run.id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SystemExit(
+                f"offbeat run: run {self.run_cfg.run.id!r} in {self.state} is already running "
+                f"(offbeat run pid {holder}); stop that one first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
 
     def _prepare_dirs(self) -> None:
         if self.args.fresh and self.run_dir.exists():
@@ -194,8 +262,9 @@ class Launcher:
         self.infra = Infra.up(self.state / "infra", max_payload_bytes=self.run_cfg.bus.max_payload_bytes)
         return self.args.nats_url or self.infra.nats.url, self.args.database_url or self.infra.postgres.url
 
-    def _model_path(self) -> str | None:
-        """Build/warm-start the tiny model if asked; return the path services should load."""
+    async def _model_path(self) -> str | None:
+        """Build/warm-start the tiny model if asked; return the path services should load (None
+        also when the run is stopped during the warm start)."""
         spec = self.cfg.tiny_model
         if spec is None:
             return None
@@ -214,7 +283,7 @@ class Launcher:
         if warm is None:
             return str(base)
         out = self.state / "models" / f"sft-{self._warm_start_key(key, warm)}"
-        if (out / "config.json").exists():
+        if (out / "sft.json").exists():  # SFT writes it last: a finished warm start
             self._say(f"warm start cached: {out}")
             return str(out)
         cmd = [
@@ -244,12 +313,33 @@ class Launcher:
         self._say(f"warm start: {' '.join(cmd[1:])}")
         log = self.run_dir / "logs" / "sft.log"
         with log.open("ab") as out_f:
-            import subprocess
-
-            result = subprocess.run(cmd, stdout=out_f, stderr=subprocess.STDOUT, check=False)
-        if result.returncode != 0:
-            raise SystemExit(f"offbeat run: warm start failed (exit {result.returncode}); see {log}")
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, stdout=out_f, stderr=asyncio.subprocess.STDOUT, preexec_fn=_die_with_launcher()
+            )
+        code = await self._exit_or_stop(proc)
+        if code is None:
+            return None
+        if code != 0:
+            raise SystemExit(f"offbeat run: warm start failed (exit {code}); see {log}")
         return str(out)
+
+    async def _exit_or_stop(self, proc: asyncio.subprocess.Process) -> int | None:
+        """`proc`'s exit status; None if the run is stopped first (`proc` is then terminated)."""
+        exited = asyncio.ensure_future(proc.wait())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        await asyncio.wait({exited, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if exited.done():
+            return exited.result()
+        with contextlib.suppress(ProcessLookupError):
+            proc.terminate()
+        try:
+            await asyncio.wait_for(exited, timeout=self.cfg.stop_grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        return None
 
     async def _forget_run(self, nats_url: str, database_url: str) -> None:
         """--fresh: remove the run's stream, KV bucket and ledger rows (its directory is already gone)."""
@@ -337,16 +427,8 @@ class Launcher:
 
     # --- children ----------------------------------------------------------------------------
 
-    def _child_argv(self, service: str, nats_url: str, database_url: str, model: str | None) -> list[str]:
-        argv = [
-            _bin(f"offbeat-{service}"),
-            "--config",
-            str(Path(self.args.config).resolve()),
-            "--nats-url",
-            nats_url,
-            "--database-url",
-            database_url,
-        ]
+    def _child_argv(self, service: str, model: str | None) -> list[str]:
+        argv = [_bin(f"offbeat-{service}"), "--config", str(Path(self.args.config).resolve())]
         for item in self.sets:
             argv += ["--set", item]
         if model:
@@ -356,16 +438,36 @@ class Launcher:
         return argv
 
     async def _spawn(self, child: Child) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.child_env}
         argv = list(child.argv)
         if child.restarts and "--resume" not in argv:
             argv.append("--resume")
         out = child.log_path.open("ab")
         child.proc = await asyncio.create_subprocess_exec(
-            *argv, stdout=out, stderr=out, env=env, start_new_session=True
+            *argv,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,  # Ctrl-C reaches the launcher only: it stops them in order
+            preexec_fn=_die_with_launcher(),
         )
         out.close()
         child.started.append(time.time())
+
+    async def _start_services(self, model: str | None) -> None:
+        for service in self.cfg.services:
+            count = 1 if service in ("trainer", "orchestrator") else max(1, self.cfg.replicas.get(service, 1))
+            for i in range(count):
+                if self.stopping.is_set():
+                    return
+                child = Child(
+                    service,
+                    i,
+                    self._child_argv(service, model),
+                    self.run_dir / "logs" / f"{service}{'' if i == 0 else f'-{i}'}.log",
+                )
+                self.children.append(child)
+                await self._spawn(child)
 
     async def _supervise(self, child: Child) -> None:
         while not self.stopping.is_set():
@@ -384,15 +486,24 @@ class Launcher:
                 )
                 self.stopping.set()
                 return
-            if child.restarts >= self.cfg.max_restarts:
+            now, window = time.monotonic(), self.cfg.restart_window_s
+            child.restarted = [t for t in child.restarted if now - t < window]
+            if len(child.restarted) >= self.cfg.max_restarts:
                 self.failed = (
-                    f"{child.name} exited {code} after {child.restarts} restarts; see {child.log_path}"
+                    f"{child.name} exited {code} after {len(child.restarted)} restarts in {window:g}s; "
+                    f"see {child.log_path}"
                 )
                 self.stopping.set()
                 return
             child.restarts += 1
-            self._say(f"{child.name} exited {code}; restarting ({child.restarts}/{self.cfg.max_restarts})")
-            await asyncio.sleep(min(2.0 * child.restarts, 10.0))
+            child.restarted.append(now)
+            self._say(
+                f"{child.name} exited {code}; restarting "
+                f"({len(child.restarted)}/{self.cfg.max_restarts} in {window:g}s)"
+            )
+            await asyncio.sleep(min(2.0 * len(child.restarted), 10.0))
+            if self.stopping.is_set():
+                return
             await self._spawn(child)
 
     async def _stop_children(self) -> None:
@@ -440,33 +551,31 @@ class Launcher:
         print(f"[offbeat] {text}", flush=True)
 
     async def run(self) -> int:
+        lock = self._lock()
+        try:
+            return await self._run()
+        finally:
+            os.close(lock)
+
+    async def _run(self) -> int:
         self._prepare_dirs()
-        nats_url, database_url = self._start_infra()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._interrupt)
+        nats_url, database_url = self._start_infra()
+        self.child_env = {URL_ENV["bus.nats_url"]: nats_url, URL_ENV["ledger.database_url"]: database_url}
         sink = None
         try:
             sink = await self._open_wandb()  # a W&B misconfiguration fails before any service starts
-            model = self._model_path()
+            model = await self._model_path()
+            if self.stopping.is_set():
+                return 0
             from offbeat.ledger import upgrade
 
             await asyncio.to_thread(upgrade, database_url)
             if self.args.fresh:
                 await self._forget_run(nats_url, database_url)
-            for service in self.cfg.services:
-                count = (
-                    1 if service in ("trainer", "orchestrator") else max(1, self.cfg.replicas.get(service, 1))
-                )
-                for i in range(count):
-                    child = Child(
-                        service,
-                        i,
-                        self._child_argv(service, nats_url, database_url, model),
-                        self.run_dir / "logs" / f"{service}{'' if i == 0 else f'-{i}'}.log",
-                    )
-                    self.children.append(child)
-                    await self._spawn(child)
+            await self._start_services(model)
             self._say(
                 f"run {self.run_cfg.run.id}: {len(self.children)} processes; logs in {self.run_dir / 'logs'}"
             )
@@ -496,7 +605,7 @@ class Launcher:
             if sink is not None:  # finished already unless the run failed half-way
                 await asyncio.to_thread(sink.close)
             if self.infra is not None:
-                self.infra.down()
+                self.infra.down(only_started_here=True)  # servers another run uses stay up
         if self.failed:
             print(f"offbeat run: {self.failed}", file=sys.stderr)
             return 1

@@ -182,8 +182,10 @@ def run_service(
 
 def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, deadline_s: float) -> None:
     """SIGTERM/SIGINT set `stop`; the process exits by `deadline_s` after the first signal whatever
-    it is doing, and at once on a second. A plain `signal.signal` handler (not the loop's) runs
-    even while the event loop is blocked, so the watchdog is armed in every case."""
+    it is doing, and at once on a second SIGINT (Ctrl-C twice). A repeated SIGTERM is the same
+    request: a supervisor that dies sends one per thread it had (`PR_SET_PDEATHSIG`), and the drain
+    it asks for must still happen. A plain `signal.signal` handler (not the loop's) runs even while
+    the event loop is blocked, so the watchdog is armed in every case."""
     signals: list[int] = []
 
     def hard_exit(reason: str) -> None:
@@ -195,7 +197,9 @@ def _stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event, deadl
     def on_signal(signum: int, _frame: object) -> None:
         signals.append(signum)
         if len(signals) > 1:
-            hard_exit(f"second signal ({signal.Signals(signum).name})")
+            if signum == signal.SIGINT:
+                hard_exit(f"second signal ({signal.Signals(signum).name})")
+            return
         loop.call_soon_threadsafe(stop.set)
         watchdog = threading.Timer(
             deadline_s,

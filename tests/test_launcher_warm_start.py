@@ -1,16 +1,22 @@
-"""The launcher's warm-start pairs: what SFT trains on and what its stopping check holds out."""
+"""The launcher's warm start: what SFT trains on and what its stopping check holds out, what
+counts as a finished (cached) warm start, and a stop request ending a warm start under way."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
+import offbeat.launcher
+import offbeat.tinymodel
 from offbeat.config import EnvSpec, RunConfig
-from offbeat.launcher import Launcher, LauncherConfig, WarmStartSpec
+from offbeat.launcher import Launcher, LauncherConfig, TinyModelSpec, WarmStartSpec
 
 ENV = EnvSpec(
     name="reasoning_gym:basic_arithmetic",
@@ -110,3 +116,58 @@ def test_the_cache_key_changes_with_what_the_warm_start_trains_on(tmp_path):  # 
     missing = WarmStartSpec(data=str(tmp_path / "nope.jsonl"))
     with pytest.raises(SystemExit, match=r"nope\.jsonl' is not a file"):
         launcher(tmp_path, missing)._warm_start_key("base", missing)
+
+
+def fake_sft(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, sleep_s: float = 0) -> Launcher:
+    """A launcher whose tiny model is a directory and whose `offbeat-trainer sft` is a script that
+    records its pid, sleeps, then writes what SFT writes, `sft.json` last."""
+    script = tmp_path / "offbeat-trainer"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        "import os, pathlib, sys, time\n"
+        f"pathlib.Path({str(tmp_path / 'sft.pids')!r}).open('a').write(f'{{os.getpid()}}\\n')\n"
+        f"time.sleep({sleep_s})\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1])\n"
+        "out.mkdir(parents=True, exist_ok=True)\n"
+        "(out / 'config.json').write_text('{}')\n"
+        "(out / 'sft.json').write_text('{}')\n"
+    )
+    script.chmod(0o755)
+    monkeypatch.setattr(offbeat.launcher, "_bin", lambda name: str(script))
+    monkeypatch.setattr(offbeat.tinymodel, "ensure_tiny_model", lambda path, **kwargs: Path(path))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    run = RunConfig.model_validate({"run": {"state_dir": str(tmp_path / "state")}})
+    cfg = LauncherConfig(tiny_model=TinyModelSpec(), warm_start=WarmStartSpec(data=str(data)), stop_grace_s=5)
+    launcher = Launcher(run, cfg, argparse.Namespace(set=[]))
+    (launcher.run_dir / "logs").mkdir(parents=True)
+    return launcher
+
+
+def sft_pids(tmp_path: Path) -> list[int]:
+    path = tmp_path / "sft.pids"
+    return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+async def test_a_warm_start_interrupted_while_saving_is_not_taken_for_a_cached_one(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    # save_pretrained writes config.json first: an SFT killed while saving was later "cached"
+    launcher = fake_sft(tmp_path, monkeypatch)
+    out = Path(await launcher._model_path())
+    assert len(sft_pids(tmp_path)) == 1 and (out / "sft.json").exists()
+    assert await launcher._model_path() == str(out) and len(sft_pids(tmp_path)) == 1  # cached now
+    (out / "sft.json").unlink()  # as an SFT killed before its last write leaves it
+    assert await launcher._model_path() == str(out) and len(sft_pids(tmp_path)) == 2
+
+
+async def test_a_stop_request_ends_a_warm_start_under_way(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    # the SFT ran on the event loop: SIGTERM or Ctrl-C waited for it to finish, then started the run
+    launcher = fake_sft(tmp_path, monkeypatch, sleep_s=30)
+    task = asyncio.ensure_future(launcher._model_path())
+    for _ in range(200):
+        if sft_pids(tmp_path):
+            break
+        await asyncio.sleep(0.05)
+    sft = psutil.Process(sft_pids(tmp_path)[0])
+    launcher._interrupt()
+    assert await asyncio.wait_for(task, timeout=10) is None
+    assert not sft.is_running()
