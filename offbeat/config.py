@@ -13,6 +13,7 @@ credentials) and are never stored in the resolved config that goes to the ledger
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -20,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "OFFBEAT__"
 DEFAULT_ROLLBACK_WINDOW = 8
@@ -146,6 +147,11 @@ class ServiceConfig(Strict):
     """How long a SIGTERM'd service may take to drain before it exits anyway."""
 
 
+SERVICE_SECTIONS = ("orchestrator", "inference", "scorer", "sandbox", "trainer", "launcher", "wandb")
+"""Sections kept raw by `RunConfig` and validated by their own component (`RunConfig.section`); a
+top-level name that is neither one of these nor a shared section is a typo, refused by name."""
+
+
 class RunConfig(BaseModel):
     """The whole TOML file: shared sections validated here, service sections kept raw."""
 
@@ -162,6 +168,16 @@ class RunConfig(BaseModel):
     envs: list[EnvSpec] = Field(default_factory=list)
     """The environments prompts are drawn from, with mixture weights."""
 
+    @model_validator(mode="after")
+    def _known_sections(self) -> RunConfig:
+        known = [*type(self).model_fields, *SERVICE_SECTIONS]
+        for name in sorted(self.model_extra or {}):
+            if name not in SERVICE_SECTIONS:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean [{close[0]}]?)" if close else f"; known: {', '.join(known)}"
+                raise ValueError(f"unknown section [{name}]{hint}")
+        return self
+
     def section(self, name: str, model: type[M]) -> M:
         """Validate the raw `[name]` section with the service's own model."""
         raw = (self.model_extra or {}).get(name, {})
@@ -177,7 +193,8 @@ def _describe(exc: ValidationError, *, prefix: str = "") -> str:
         loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
         value = err.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"{loc}: {err['msg']}{shown}")
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}{shown}" if loc else f"{msg}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -29,10 +29,22 @@ def test_service_section_is_validated_by_its_own_model():
     class Section(ServiceConfig):
         workers: int = 1
 
-    cfg = load_run_config(None, sets=["demo.workers=zero"], environ={})
-    with pytest.raises(ConfigError, match=r"demo\.workers.*'zero'"):
-        cfg.section("demo", Section)
-    assert load_run_config(None, sets=["demo.workers=4"], environ={}).section("demo", Section).workers == 4
+    cfg = load_run_config(None, sets=["sandbox.workers=zero"], environ={})
+    with pytest.raises(ConfigError, match=r"sandbox\.workers.*'zero'"):
+        cfg.section("sandbox", Section)
+    assert (
+        load_run_config(None, sets=["sandbox.workers=4"], environ={}).section("sandbox", Section).workers == 4
+    )
+
+
+def test_an_unknown_section_is_refused_by_name(tmp_path):
+    # a misspelt [trainr] was kept raw and never read: the run trained with the defaults
+    path = tmp_path / "run.toml"
+    path.write_text("[trainr]\nlr = 1e-5\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[trainr\] \(did you mean \[trainer\]\?\)"):
+        load_run_config(path, environ={})
+    with pytest.raises(ConfigError, match=r"unknown section \[zzz\]; known: run, bus, ledger"):
+        load_run_config(None, sets=["zzz.x=1"], environ={})
 
 
 def test_bad_set_syntax_and_missing_file(tmp_path):
