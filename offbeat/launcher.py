@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from offbeat.config import EX_CONFIG, ConfigError, RunConfig, Strict, load_run_config
 
@@ -106,6 +106,15 @@ class LauncherConfig(Strict):
     """Services to start (all five for a full run)."""
     replicas: dict[str, int] = Field(default_factory=dict)
     """Replicas per service, e.g. {scorer = 2}; the trainer and orchestrator are always one."""
+
+    @field_validator("services", "replicas")
+    @classmethod
+    def _known_services(cls, value: Any) -> Any:
+        unknown = sorted(set(value) - set(SERVICES))
+        if unknown:
+            raise ValueError(f"unknown service {unknown[0]!r}: the services are {', '.join(SERVICES)}")
+        return value
+
     max_restarts: int = Field(5, ge=0)
     """Restarts of one service within `restart_window_s` before the run is stopped as failed."""
     restart_window_s: float = Field(3600.0, gt=0)
@@ -132,6 +141,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="delete the run's previous state first")
     p.add_argument("--no-progress", action="store_true", help="plain log lines instead of the live table")
     p.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    p.add_argument("--check", action="store_true", help="validate the configuration and exit")
+
+
+SERVICE_CONFIGS = {
+    "orchestrator": "offbeat_orchestrator.config:OrchestratorConfig",
+    "inference": "offbeat_inference.config:InferenceConfig",
+    "scorer": "offbeat_scorer.config:ScorerConfig",
+    "sandbox": "offbeat_sandbox.config:SandboxConfig",
+    "trainer": "offbeat_trainer.config:TrainerConfig",
+}
+"""Each service's own config model, validated up front by `check_config`."""
+
+
+def check_config(run: RunConfig, launcher: LauncherConfig) -> None:
+    """ConfigError for anything the services would refuse at their start, found before a server
+    starts or a model is built: each started service's section, the trainer's shape checks, and
+    the environments (built, as the orchestrator builds them)."""
+    import importlib
+
+    for service in launcher.services:
+        module, _, name = SERVICE_CONFIGS[service].partition(":")
+        try:
+            model = getattr(importlib.import_module(module), name)
+        except ImportError as exc:
+            raise ConfigError(f"launcher.services: {service} is not installed ({exc})") from None
+        config = run.section(service, model)
+        if service == "trainer":
+            from offbeat_trainer.config import check_run
+
+            check_run(config, run)
+    if "orchestrator" in launcher.services:
+        from offbeat import envs
+
+        for spec in run.envs:
+            try:
+                envs.load(spec.name, **spec.args)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise ConfigError(f"envs: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -144,9 +191,13 @@ def main(args: argparse.Namespace) -> int:
         wandb = run.section("wandb", WandbConfig)
         if wandb.enabled:
             require_wandb()  # before any server or service starts
+        check_config(run, launcher)
     except (ConfigError, WandbMissingError) as exc:
         print(f"offbeat run: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"offbeat run: {args.config}: the configuration is valid")
+        return 0
     from offbeat.infra import InfraError
 
     try:

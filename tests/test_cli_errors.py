@@ -52,3 +52,33 @@ def test_sandbox_exec_of_a_missing_program_or_with_no_server(tmp_path: Path) -> 
     out = _offbeat("sandbox", "exec", str(program), "--nats-url", "nats://u:secret@127.0.0.1:1")
     assert out.returncode == 2 and "no NATS server at nats://u:***@127.0.0.1:1" in out.stderr
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
+
+
+EXAMPLE = str(Path(__file__).parents[1] / "examples" / "arithmetic.toml")
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (['launcher.services=["trainr"]'], "launcher.services: unknown service 'trainr'"),
+        (['envs=[{name = "arithmetic"}]'], "offbeat run: envs: no environment 'arithmetic'"),
+        (["trainer.lrr=1"], "trainer.lrr: Extra inputs are not permitted"),
+        (["trainer.weights_every=9"], "weights_every = 9 exceeds [run] max_staleness + 1"),
+    ],
+)
+def test_run_refuses_a_service_section_before_it_starts_anything(
+    tmp_path: Path, sets: list[str], message: str
+) -> None:
+    # these were found only when each service started: after the servers, the model and the SFT
+    args = ["run", EXAMPLE, "--set", f"run.state_dir={tmp_path / 'state'}"]
+    for s in sets:
+        args += ["--set", s]
+    out = _offbeat(*args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "state").exists(), "something was started before the refusal"
+
+
+def test_run_check_validates_and_starts_nothing(tmp_path: Path) -> None:
+    out = _offbeat("run", EXAMPLE, "--check", "--set", f"run.state_dir={tmp_path / 'state'}")
+    assert out.returncode == 0 and "the configuration is valid" in out.stdout
+    assert not (tmp_path / "state").exists()
