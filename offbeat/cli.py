@@ -28,7 +28,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _infra_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["up", "down", "status"])
-    p.add_argument("--state-dir", default=".offbeat", help="where the servers keep their data")
+    p.add_argument(
+        "--state-dir",
+        default=".offbeat",
+        help="state directory of local runs: the servers live in <state-dir>/infra, where offbeat run and "
+        "offbeat report find them",
+    )
     p.add_argument("--json", action="store_true", help="print the URLs as JSON")
     p.add_argument("--config", help="up: a run TOML whose [bus] max_payload_bytes the NATS server allows")
     p.add_argument("--max-payload-bytes", type=int, help="up: largest NATS message (default: from --config)")
@@ -38,7 +43,7 @@ def _infra_main(args: argparse.Namespace) -> int:
     from offbeat.config import ConfigError, load_run_config, mask_url
     from offbeat.infra import Infra, InfraError
 
-    state = Path(args.state_dir)
+    state = Path(args.state_dir) / "infra"
     if args.action == "up":
         try:
             max_payload = args.max_payload_bytes or load_run_config(args.config).bus.max_payload_bytes
@@ -69,12 +74,20 @@ def _ledger_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _ledger_main(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import OperationalError
+
+    from offbeat.config import mask_url
     from offbeat.ledger import downgrade, upgrade
 
-    if args.action == "upgrade":
-        upgrade(args.database_url, args.revision or "head")
-    else:
-        downgrade(args.database_url, args.revision or "base")
+    try:
+        if args.action == "upgrade":
+            upgrade(args.database_url, args.revision or "head")
+        else:
+            downgrade(args.database_url, args.revision or "base")
+    except OperationalError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        print(f"offbeat ledger {args.action}: {mask_url(args.database_url)}: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 

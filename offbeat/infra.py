@@ -577,7 +577,7 @@ class Infra:
                 raise InfraError(
                     f"the nats-server running at {nats.host}:{nats.port} (pid {nats.pid}, from {state}) allows "
                     f"max_payload {allowed} bytes, less than the {max_payload_bytes} asked for "
-                    f"([bus] max_payload_bytes): stop it (`offbeat infra down --state-dir {state}`) "
+                    f"([bus] max_payload_bytes): stop it (`offbeat infra down --state-dir {state.parent}`) "
                     "or lower the setting"
                 )
         started: set[str] = set()

@@ -174,7 +174,7 @@ async def _exec(args: argparse.Namespace) -> int:
     except (nats.errors.NoServersError, OSError) as exc:
         print(
             f"offbeat sandbox exec: no NATS server at {mask_url(args.nats_url)} ({exc}): pass the run's "
-            "--nats-url (`offbeat infra status --state-dir <run state_dir>/infra` prints it)",
+            "--nats-url (`offbeat infra status --state-dir <the run's state_dir>` prints it)",
             file=sys.stderr,
         )
         return 2

@@ -82,3 +82,9 @@ def test_run_check_validates_and_starts_nothing(tmp_path: Path) -> None:
     out = _offbeat("run", EXAMPLE, "--check", "--set", f"run.state_dir={tmp_path / 'state'}")
     assert out.returncode == 0 and "the configuration is valid" in out.stdout
     assert not (tmp_path / "state").exists()
+
+
+def test_ledger_upgrade_of_an_unreachable_database() -> None:
+    out = _offbeat("ledger", "upgrade", "--database-url", "postgresql://u:secret@127.0.0.1:1/x")
+    assert out.returncode == 1 and "offbeat ledger upgrade: postgresql://u:***@127.0.0.1:1/x" in out.stderr
+    assert "Traceback" not in out.stderr and "secret" not in out.stderr

@@ -204,7 +204,7 @@ def test_infra_up_uses_the_configured_max_payload(state: Path, tmp_path: Path) -
     run_toml = tmp_path / "run.toml"
     run_toml.write_text(f"[bus]\nmax_payload_bytes = {16 * MIB}\n")
     with pytest.raises(SystemExit) as done:
-        cli_main(["infra", "up", "--state-dir", str(state), "--config", str(run_toml)])
+        cli_main(["infra", "up", "--state-dir", str(state.parent), "--config", str(run_toml)])
     assert done.value.code == 0
     infra = Infra.load(state)
     assert infra is not None
@@ -261,7 +261,7 @@ async def test_servers_need_the_state_dirs_password(
     await bus.close()
 
     with pytest.raises(SystemExit):
-        cli_main(["infra", "status", "--state-dir", str(state)])
+        cli_main(["infra", "status", "--state-dir", str(state.parent)])
     shown = capsys.readouterr().out
     assert "nats_running: True" in shown and password not in shown
 
