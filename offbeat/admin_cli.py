@@ -68,6 +68,10 @@ def _token(args: argparse.Namespace) -> tuple[str, str]:
     return token, "$OFFBEAT_ADMIN_TOKEN (it wins over --run-dir)"
 
 
+UNSCORED = ("requested", "generated")
+"""Ledger statuses of trajectories that have no reward yet (the proto's 0 is not one)."""
+
+
 def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%d %H:%M:%S") if unix else ""
 
@@ -166,7 +170,9 @@ def main(args: argparse.Namespace) -> int:
                     break
         else:
             t = Table(title="trajectories" + (f" ({args.status})" if args.status else ""))
-            for col in ("id", "group", "env", "status", "reward", "versions", "step", "staleness", "reason"):
+            for col in ("id", "group"):  # whole, to be copied: folded rather than cut in a narrow terminal
+                t.add_column(col, overflow="fold")
+            for col in ("env", "status", "reward", "versions", "step", "staleness", "reason"):
                 t.add_column(col)
             shown, token = 0, ""
             while shown < args.limit:
@@ -183,7 +189,7 @@ def main(args: argparse.Namespace) -> int:
                         tr.group_id,
                         tr.env,
                         tr.status,
-                        f"{tr.reward:g}",
+                        "" if tr.status in UNSCORED else f"{tr.reward:g}",
                         versions,
                         "" if tr.consumed_step < 0 else str(tr.consumed_step),
                         "" if tr.staleness < 0 else str(tr.staleness),
