@@ -321,7 +321,7 @@ class Bus:
             log.info("nats reconnected", extra={"service": name})
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats error: %s", exc, extra={"service": name})
+            log.warning("nats error (%s): %s", mask_url(cfg.nats_url), exc, extra={"service": name})
 
         nc = await nats.connect(
             servers=[s.strip() for s in cfg.nats_url.split(",")],

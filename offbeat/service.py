@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from typing import Any, Generic, NoReturn, TypeVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from offbeat.config import EX_CONFIG, ConfigError, RunConfig, ServiceConfig, load_run_config
+from offbeat.config import EX_CONFIG, ConfigError, RunConfig, ServiceConfig, load_run_config, mask_url
 
 C = TypeVar("C", bound=ServiceConfig)
 log = logging.getLogger("offbeat.service")
@@ -231,7 +232,17 @@ async def _run(
         if connect_bus:
             from offbeat.bus import Bus
 
-            bus = await Bus.connect(run.bus, run.run.id, name=f"offbeat-{name}")
+            connecting = asyncio.create_task(Bus.connect(run.bus, run.run.id, name=f"offbeat-{name}"))
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait({connecting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not connecting.done():  # a stop while NATS is unreachable: nothing to drain yet
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
+                log.info("stopped before NATS (%s) answered", mask_url(run.bus.nats_url))
+                return
+            bus = connecting.result()
             await bus.ensure()
         ctx = ServiceContext(
             name=name, run=run, config=config, bus=bus, stop=stop, health=health, details=details

@@ -82,3 +82,37 @@ def test_a_service_that_drains_exits_cleanly(signum: int) -> None:
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     proc.send_signal(signum)
     assert proc.wait(timeout=10) == 0
+
+
+UNREACHABLE = """
+import asyncio
+from offbeat.config import BusConfig, RunConfig, ServiceConfig
+from offbeat.service import run_service
+
+async def main(ctx):
+    raise AssertionError("the bus never connected")
+
+run = RunConfig(bus=BusConfig(nats_url="nats://user:secret@127.0.0.1:1"))
+run_service("waiting", run, ServiceConfig(health_port=0), main)
+"""
+
+
+def test_a_service_waiting_for_nats_stops_at_once_on_sigterm() -> None:
+    # it retried the connection until the watchdog's hard exit, 20 s later
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UNREACHABLE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stderr is not None
+        line = ""
+        while "nats error" not in line:  # it is trying
+            line = proc.stderr.readline()
+            assert line, "exited before trying NATS"
+        assert "127.0.0.1:1" in line and "secret" not in line, line
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - sent < 5
+        assert "stopped before NATS" in proc.stderr.read()
+    finally:
+        proc.kill()
