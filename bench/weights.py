@@ -326,32 +326,26 @@ async def main() -> None:
     args = parser.parse_args()
     stores = args.stores.split(",")
     models = ["tiny"] if args.quick else args.models.split(",")
+    if unknown := set(models) - {"tiny", "qwen05b"}:
+        parser.error(f"--models: unknown {sorted(unknown)} (tiny, qwen05b)")
     tmp = Path(tempfile.mkdtemp(prefix="offbeat-bench-weights-"))
     nats = NatsServer.start(tmp / "infra")
     cfg = BusConfig(nats_url=nats.url, stream_max_bytes=256 * 1024**2)
     results: dict[str, float] = {}
     try:
-        if "tiny" in models:
-            tiny = build_tiny_model(tmp / "tiny")
-            results.update(
-                await bench_model(
-                    "tiny",
-                    tiny,
-                    dtype="float32",
-                    stores=stores,
-                    repeats=7,
-                    cfg=cfg,
-                    server_pid=nats.pid,
-                    tmp=tmp,
+        for name in models:
+            if name == "tiny":
+                model_dir, dtype = build_tiny_model(tmp / "tiny"), "float32"
+            else:
+                model_dir, dtype = (
+                    build_qwen05b(Path(tempfile.gettempdir()) / "offbeat-bench-qwen05b"),
+                    "bfloat16",
                 )
-            )
-        if "qwen05b" in models:
-            large = build_qwen05b(Path(tempfile.gettempdir()) / "offbeat-bench-qwen05b")
             results.update(
                 await bench_model(
-                    "qwen05b",
-                    large,
-                    dtype="bfloat16",
+                    name,
+                    model_dir,
+                    dtype=dtype,
                     stores=stores,
                     repeats=7,
                     cfg=cfg,

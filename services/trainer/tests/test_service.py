@@ -51,15 +51,7 @@ async def test_a_malformed_duplicate_of_a_held_trajectory_is_refused_without_tou
     assert trainer.held["t-0"] == [first]
 
     await trainer.on_scored(make_scored("r", "t-1", "g", group_size=2, reward=0.0), FakeDelivery())  # type: ignore[arg-type]
-    batch = trainer.buffer.take_step(
-        step=0,
-        version_steps={0: 0},
-        max_staleness=0,
-        groups_per_step=1,
-        std_normalize=False,
-        filter_zero_advantage=False,
-    )
-    assert sorted(t.trajectory_id for t in batch.samples) == ["t-0", "t-1"]
+    assert sorted(t.trajectory_id for t in _take(trainer).samples) == ["t-0", "t-1"]
 
 
 async def test_a_malformed_trajectory_nobody_holds_leaves_its_group(tmp_path, make_scored):  # type: ignore[no-untyped-def]
