@@ -21,6 +21,7 @@ from typing import Any, Final
 from google.protobuf.message import DecodeError, Message
 
 from offbeat.bus import Reject
+from offbeat.ids import storable_id
 from offbeat.v1 import policy_pb2, rollout_pb2
 
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
@@ -34,8 +35,6 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     "dlq": policy_pb2.DeadLetter,
 }
 
-MAX_ID: Final = 64
-"""Longest trajectory id the ledger holds."""
 DROP_STATUS: Final = {"stale": "discarded_stale", "rolled_back": "discarded_rolled_back"}
 
 
@@ -192,6 +191,7 @@ def step_rows(run_id: str, st: policy_pb2.TrainerStep) -> Rows:
             "finished_at": done,
         }
         for tid in st.consumed_trajectory_ids
+        if storable_id(tid)  # a hostile id in a report must not cost the whole step its accounting
     ]
     trajectories += [
         {
@@ -203,6 +203,7 @@ def step_rows(run_id: str, st: policy_pb2.TrainerStep) -> Rows:
             "finished_at": done,
         }
         for d in st.dropped
+        if storable_id(d.trajectory_id)
     ]
     step = {
         "run_id": run_id,
@@ -277,7 +278,7 @@ def dead_letter_rows(run_id: str, letter: policy_pb2.DeadLetter, *, key: str, le
             for tid in dead_letter_trajectories(letter, letter_kind)
             # the ledger's own refusals say nothing of the sample's fate; an id the ledger cannot
             # hold was never recorded
-            if letter.consumer != "ledger" and len(tid) <= MAX_ID
+            if letter.consumer != "ledger" and storable_id(tid)
         ],
     )
 

@@ -8,6 +8,8 @@
 - A reward status the enum does not define (proto3 enums are open) is `unknown:<n>`: naming it
   raised in the writer's handler and in the scheduler's observer, which then skipped the rest of
   the committed batch and held the budget until the requests timed out.
+- An id the ledger cannot hold (a NUL, over 64 characters) in a step report is skipped: PostgreSQL
+  refused the whole report, so the step and the trained state of its samples went missing.
 """
 
 import math
@@ -84,3 +86,27 @@ async def test_one_event_the_scheduler_cannot_take_in_does_not_hide_the_rest(bus
     odd = Observed("trainer.step", "x", rollout_pb2.RolloutRequest(), 0.0)  # no step field: raises
     sched.observe([odd, Observed("trainer.step", "x", step(run_id, 3, consumed=[]), 0.0)])
     assert sched.step == 3
+
+
+async def test_a_step_report_naming_an_id_the_ledger_cannot_hold_is_recorded_without_it(
+    bus, ledger, writer, run_id
+):
+    await bus.publish(
+        bus.subjects.rollout_request,
+        rollout_pb2.RolloutRequest(run_id=run_id, request_id="q", group_id="q", n=1, trajectory_ids=["q-0"]),
+        msg_id="request:q:0",
+    )
+    report = policy_pb2.TrainerStep(
+        run_id=run_id,
+        step=1,
+        consumed_trajectory_ids=["q-0", "x" * 65],
+        dropped=[policy_pb2.DroppedTrajectory(trajectory_id="fz\x00-0", reason="group_finished")],
+    )
+    await bus.publish(bus.subjects.trainer_step, report, msg_id="step:1:q-0")
+
+    async def trained() -> bool:
+        fates = await ledger.trajectory_fates(run_id)
+        return fates.get("trained") == 1
+
+    await wait_for(trained, timeout_s=60)
+    assert await ledger.latest_step(run_id) == 1

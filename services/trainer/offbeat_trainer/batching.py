@@ -25,6 +25,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from offbeat.ids import MAX_ID, storable_id
 from offbeat.v1 import rollout_pb2
 
 FINISHED_KEPT = 100_000
@@ -57,6 +58,9 @@ class Trajectory:
         a log-prob above 0): one such sample in a batch would crash the step or turn the weights to
         NaN. A finite but absurd log-prob below 0 is left to the loss's mask."""
         c = msg.completion
+        for name, value in (("trajectory_id", c.trajectory_id), ("group_id", c.group_id)):
+            if not storable_id(value):  # it was never requested: the ledger cannot hold it
+                raise ValueError(f"{name} {value[:80]!r} is not an id (over {MAX_ID} characters, or a NUL)")
         status = rollout_pb2.RewardStatus.Name(msg.status).removeprefix("REWARD_STATUS_").lower()
         if len(c.logprobs) != len(c.completion_token_ids):
             raise ValueError(

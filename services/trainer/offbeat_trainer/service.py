@@ -59,6 +59,7 @@ import nats.js.errors
 import torch
 
 from offbeat.bus import Delivery, Reject
+from offbeat.ids import storable_id
 from offbeat.service import ServiceContext
 from offbeat.v1 import policy_pb2, rollout_pb2
 from offbeat_trainer.batching import Dropped, GroupBuffer, StepBatch, Trajectory
@@ -263,7 +264,13 @@ class Trainer:
             # unless a valid message of that id was accounted or is held: that one owns the id, and
             # taking it out of its group would leave its delivery held and heartbeated forever; a
             # valid one arriving later takes this departure's place (`GroupBuffer.add`)
-            if not c.eval and c.trajectory_id not in self.accounted and c.trajectory_id not in self.held:
+            if (
+                not c.eval
+                and storable_id(c.trajectory_id)  # else no member of any requested group
+                and storable_id(c.group_id)
+                and c.trajectory_id not in self.accounted
+                and c.trajectory_id not in self.held
+            ):
                 self.buffer.depart(c.group_id, c.trajectory_id, c.group_size)
             raise Reject(str(exc)) from None
         tid = traj.trajectory_id

@@ -63,6 +63,15 @@ async def test_a_malformed_trajectory_nobody_holds_leaves_its_group(tmp_path, ma
     assert trainer.buffer.departed == {"g": {"t-0"}} and not trainer.held
 
 
+@pytest.mark.parametrize(("tid", "gid"), [("t\x00-0", "g"), ("t-0", "g" * 65)])
+async def test_an_id_the_ledger_cannot_hold_is_refused_and_leaves_no_group(tmp_path, make_scored, tid, gid):  # type: ignore[no-untyped-def]
+    # a step report naming it was refused by PostgreSQL whole: the step went missing from the ledger
+    trainer = _trainer(tmp_path)
+    with pytest.raises(Reject, match="is not an id"):
+        await trainer.on_scored(make_scored("r", tid, gid, group_size=2, reward=1.0), FakeDelivery())  # type: ignore[arg-type]
+    assert not trainer.buffer.departed and not trainer.held and tid not in trainer.buffer
+
+
 def _take(trainer: Trainer):  # type: ignore[no-untyped-def]
     return trainer.buffer.take_step(
         step=0,
