@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, WandbMissingError) as exc:
         print(f"offbeat run: {exc}", file=sys.stderr)
         return 2
-    if args.check:
+    if getattr(args, "check", False):  # callers that build the namespace themselves leave it out
         print(f"offbeat run: {args.config}: the configuration is valid")
         return 0
     from offbeat.infra import InfraError
