@@ -88,3 +88,18 @@ def test_ledger_upgrade_of_an_unreachable_database() -> None:
     out = _offbeat("ledger", "upgrade", "--database-url", "postgresql://u:secret@127.0.0.1:1/x")
     assert out.returncode == 1 and "offbeat ledger upgrade: postgresql://u:***@127.0.0.1:1/x" in out.stderr
     assert "Traceback" not in out.stderr and "secret" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nowhere/model", "--data", __file__], "--model /nowhere/model: not a directory"),
+        (["--model", ".", "--data", "/nowhere/pairs.jsonl"], "--data /nowhere/pairs.jsonl: no such file"),
+    ],
+)
+def test_trainer_sft_with_a_missing_model_or_data_file(tmp_path: Path, args: list[str], message: str) -> None:
+    trainer = str(Path(sys.executable).parent / "offbeat-trainer")
+    out = subprocess.run(
+        [trainer, "sft", *args, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

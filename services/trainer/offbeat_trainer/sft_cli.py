@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,6 +61,11 @@ def main(argv: list[str]) -> None:
         p.error(f"--target-match {args.target_match}: a probability in (0, 1]")
     if args.check_every < 1 or args.steps < 1 or args.match_temperature < 0:
         p.error("--check-every and --steps must be >= 1, --match-temperature >= 0")
+    for flag, path in (("--data", args.data), ("--held-out", args.held_out)):
+        if path and not os.path.isfile(path):
+            p.error(f"{flag} {path}: no such file")
+    if args.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        p.error(f"--model {args.model}: not a directory")  # anything else may be a hub id
     from offbeat_trainer.sft import run_sft
 
     run_sft(args)
