@@ -178,7 +178,7 @@ def check_config(run: RunConfig, launcher: LauncherConfig) -> None:
             try:
                 envs.load(spec.name, **spec.args)
             except (KeyError, ValueError, TypeError) as exc:
-                raise ConfigError(f"envs: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+                raise ConfigError(f"envs: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:

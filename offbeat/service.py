@@ -162,9 +162,14 @@ def check_model_path(name: str, path: str, *, what: str = "[model] path") -> Non
     directory; anything else may be a Hugging Face id, which only loading can check."""
     if not path:
         config_exit(name, ConfigError(f"{what} is empty: set a Hugging Face id or a local directory"))
-    local = path.startswith(("/", "./", "../", "~"))
-    if local and not os.path.isdir(os.path.expanduser(path)):
+    if missing_local_dir(path):
         config_exit(name, ConfigError(f"{what} {path!r} is not a directory"))
+
+
+def missing_local_dir(path: str) -> bool:
+    """Whether `path` is written as a local directory (absolute, `./`, `../`, `~`) that does not exist;
+    anything else may be a Hugging Face id."""
+    return path.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(path))
 
 
 def run_service(

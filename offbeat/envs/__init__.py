@@ -80,6 +80,13 @@ def _factory(name: str) -> Callable[..., Environment] | None:
     return BUILTINS.get(name) or _entry_point_factory(name)
 
 
+class UnknownEnvironment(KeyError):
+    """No environment is registered under the name; its `str` is the message (a KeyError's is quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def load(name: str, **kwargs: Any) -> Environment:
     """The environment registered as `name` (a built-in or an `offbeat.envs` entry point)."""
     args: tuple[Any, ...] = ()
@@ -89,7 +96,7 @@ def load(name: str, **kwargs: Any) -> Environment:
         factory = _factory(family)
         args = (variant,)
     if factory is None:
-        raise KeyError(f"no environment {name!r}; known: {', '.join(available(expand=False))}")
+        raise UnknownEnvironment(f"no environment {name!r}; known: {', '.join(available(expand=False))}")
     env = factory(*args, **kwargs)
     if not isinstance(env, Environment):
         raise TypeError(f"environment {name!r} resolved to {type(env).__name__}, not an Environment")

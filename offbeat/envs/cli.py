@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         env = envs.load(args.name, **kwargs)
     except (KeyError, ValueError, TypeError) as exc:
-        print(f"offbeat env show: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        print(f"offbeat env show: {exc}", file=sys.stderr)
         return 2
     shown = 0
     for example in env.examples(args.split, args.seed):

@@ -27,7 +27,7 @@ def main() -> None:
     try:
         envs = load_envs(run.envs)
     except (KeyError, ValueError, TypeError) as exc:
-        config_exit("orchestrator", ConfigError(f"envs: {exc.args[0] if isinstance(exc, KeyError) else exc}"))
+        config_exit("orchestrator", ConfigError(f"envs: {exc}"))
     run_service("orchestrator", run, config, functools.partial(serve, envs=envs))
 
 

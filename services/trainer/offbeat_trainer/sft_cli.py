@@ -64,8 +64,10 @@ def main(argv: list[str]) -> None:
     for flag, path in (("--data", args.data), ("--held-out", args.held_out)):
         if path and not os.path.isfile(path):
             p.error(f"{flag} {path}: no such file")
-    if args.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
-        p.error(f"--model {args.model}: not a directory")  # anything else may be a hub id
+    from offbeat.service import missing_local_dir
+
+    if missing_local_dir(args.model):
+        p.error(f"--model {args.model}: not a directory")
     from offbeat_trainer.sft import run_sft
 
     run_sft(args)
